@@ -1,0 +1,286 @@
+"""Datasets: reading IDX files, finding or downloading MNIST and Fashion-MNIST, and users' own images.
+
+A dataset is looked for, in order: in --data_dir; in the user cache that downloads
+write to; in /usr/share/datasets/<name>/ (Debian's dataset-fashion-mnist); in the copy
+of MNIST bundled with this package; and last it is downloaded from the official
+mirrors, each file checked against its published MD5.
+"""
+
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .config import UserError
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+DATASETS = {
+    "mnist": {
+        "classes": [str(digit) for digit in range(10)],
+        "mirrors": [
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ],
+        "md5": {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    },
+    "fashion-mnist": {
+        "classes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "md5": {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    },
+}
+
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class DataError(UserError):
+    """A problem with the user's data or files, reported as one line without a traceback."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list
+    train_images: np.ndarray  # (n, 28, 28) uint8
+    train_labels: np.ndarray  # (n,) uint8
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str  # where the files were found, for the user and config.json
+
+
+# ---------------------------------------------------------------- IDX files
+
+def read_idx(path):
+    """Read an IDX file (gzipped or raw) of unsigned bytes into a numpy array, checking its header."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except OSError as e:  # includes gzip.BadGzipFile
+        raise DataError(f"{path}: cannot read it ({e}); replace the file with a good copy") from None
+    except EOFError:
+        raise DataError(f"{path}: the gzip stream is truncated; replace the file with a good copy") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number); replace it with a good copy")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{raw[2]:02x} is not unsigned byte (0x08)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: IDX header is truncated; replace the file with a good copy")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: header promises {expected} bytes of data for shape {shape} "
+                        f"but the file holds {len(raw) - header}; replace it with a good copy")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _check_pair(images, labels, images_path, labels_path):
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path}: images have shape {images.shape}, expected (n, 28, 28)")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: labels have shape {labels.shape}, expected (n,)")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds "
+                        f"{len(labels)} labels; the files do not belong together")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{labels_path}: label {int(labels.max())} is outside 0..9")
+
+
+# ---------------------------------------------------------------- finding a dataset
+
+def cache_dir(name):
+    """Where downloads go: $XDG_CACHE_HOME/mnist-vae/<name>, or ~/.cache/mnist-vae/<name>."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mnist-vae" / name
+
+
+def bundled_dir(name):
+    """The copy of the dataset shipped inside this package (MNIST only), or None."""
+    folder = resources.files("mnist_vae") / "datasets" / name
+    return Path(str(folder)) if folder.is_dir() else None
+
+
+def _file_in(folder, stem):
+    """The IDX file `stem` in `folder`, gzipped or raw, or None."""
+    for candidate in (folder / (stem + ".gz"), folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _complete(folder):
+    return folder is not None and all(_file_in(folder, stem) for stem in FILES.values())
+
+
+def find_dataset(name, data_dir=None, download=True, log=print):
+    """The folder holding the four IDX files of `name`, and a phrase saying where it came from."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if data_dir is not None:
+        folder = Path(data_dir)
+        if not _complete(folder):
+            missing = [s for s in FILES.values() if not _file_in(folder, s)]
+            raise DataError(f"--data_dir {folder} lacks {', '.join(missing)} (.gz or raw); "
+                            f"put the four IDX files of {name} there")
+        return folder, f"--data_dir {folder}"
+    candidates = [
+        (cache_dir(name), "user cache"),
+        (SYSTEM_DATA_DIR / name, "system folder"),
+        (bundled_dir(name), "copy bundled with mnist-vae"),
+    ]
+    for folder, what in candidates:
+        if _complete(folder):
+            return folder, f"{what} {folder}"
+    if not download:
+        raise DataError(f"{name} is not on this machine; pass --data_dir with its four IDX files")
+    folder = cache_dir(name)
+    download_dataset(name, folder, log=log)
+    return folder, f"downloaded to {folder}"
+
+
+def load_dataset(name, data_dir=None, log=print):
+    """Find, read and check the train and test sets of `name`."""
+    folder, source = find_dataset(name, data_dir, log=log)
+    paths = {key: _file_in(folder, stem) for key, stem in FILES.items()}
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        _check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"],
+                    paths[f"{split}_images"], paths[f"{split}_labels"])
+    return Dataset(name=name, classes=DATASETS[name]["classes"], source=source, **arrays)
+
+
+# ---------------------------------------------------------------- downloading
+
+def download_dataset(name, folder, mirrors=None, timeout=None, log=print):
+    """Fetch the four .gz files of `name` into `folder`, each checked by MD5, trying mirrors in turn.
+
+    Each file is written to a temporary name in `folder` and renamed into place only
+    once its checksum is right, so a failed or interrupted download leaves nothing behind.
+    """
+    spec = DATASETS[name]
+    mirrors = spec["mirrors"] if mirrors is None else mirrors
+    timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, md5 in spec["md5"].items():
+        target = folder / filename
+        if target.is_file() and _md5(target) == md5:
+            continue
+        failures = []
+        for mirror in mirrors:
+            url = mirror + filename
+            log(f"downloading {url}")
+            try:
+                _fetch(url, target, md5, timeout)
+                break
+            except (OSError, ValueError) as e:  # URLError, timeouts and HTTP errors are OSErrors
+                failures.append(f"{url}: {_reason(e)}")
+        else:
+            raise DataError(f"could not download {name} ({'; '.join(failures)}); if this machine is "
+                            f"offline, copy the four IDX files into a folder and pass --data_dir")
+
+
+def _fetch(url, target, md5, timeout):
+    digest = hashlib.md5()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 16):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != md5:
+            raise ValueError(f"MD5 {digest.hexdigest()} does not match the published {md5}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _reason(error):
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code}"
+    if isinstance(error, urllib.error.URLError):
+        return f"unreachable ({error.reason})"
+    return str(error) or type(error).__name__
+
+
+def _md5(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+# ---------------------------------------------------------------- users' own images
+
+def load_user_image(path):
+    """A user's PNG or JPEG as a float32 array of 784 pixels in [0, 1], prepared like MNIST.
+
+    Any size and colour: converted to grey, inverted when the background is light
+    (ink on paper), the ink cropped, scaled to fit 20x20 and centred by its centre of
+    mass in a 28x28 frame, as the MNIST digits were made.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image Pillow can read; give a PNG or JPEG file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the image ({e}); give a readable PNG or JPEG") from None
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if np.median(border) > 0.5:
+        grey = 1.0 - grey
+    grey = grey - grey.min()
+    if grey.max() <= 0:
+        raise DataError(f"{path}: the image is blank; give an image with a visible digit or object")
+    grey = grey / grey.max()
+    rows, cols = np.nonzero(grey > 0.2)
+    grey = grey[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+    height, width = grey.shape
+    scale = 20.0 / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    ink = np.asarray(Image.fromarray(np.uint8(grey * 255)).resize(size, Image.LANCZOS),
+                     dtype=np.float32) / 255.0
+    frame = np.zeros((28, 28), dtype=np.float32)
+    total = ink.sum()
+    ys, xs = np.indices(ink.shape)
+    centre_y = (ys * ink).sum() / total if total > 0 else ink.shape[0] / 2
+    centre_x = (xs * ink).sum() / total if total > 0 else ink.shape[1] / 2
+    top = int(np.clip(round(14 - centre_y), 0, 28 - ink.shape[0]))
+    left = int(np.clip(round(14 - centre_x), 0, 28 - ink.shape[1]))
+    frame[top: top + ink.shape[0], left: left + ink.shape[1]] = ink
+    return frame.reshape(-1)
