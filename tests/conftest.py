@@ -1,0 +1,87 @@
+"""Shared fixtures: the real datasets, small IDX folders made on the fly, and ways to run the CLI."""
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path, array, gz=True):
+    """Write a uint8 array as an IDX file (the format the datasets use)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.tobytes()
+    path = Path(path)
+    if gz:
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def make_idx_dataset(folder, n_train=256, n_test=64, seed=0, gz=True):
+    """A small dataset in the four canonical IDX files: random blobs, labels 0..9."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = (rng.random((n, 28, 28)) ** 4 * 255).astype(np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images, gz)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels, gz)
+    return folder
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    return make_idx_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture
+def mnist_dir():
+    """The real MNIST: the shared copy, else the one bundled in the package."""
+    if (SHARED_DATA / "mnist").is_dir():
+        return SHARED_DATA / "mnist"
+    return ROOT / "src" / "mnist_vae" / "datasets" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Keep every test away from the user's real download cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+def run_cli(*args, cwd=None, timeout=300, env=None):
+    """Run `python main.py ARGS` in a subprocess; return the CompletedProcess (text output)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_command(*args, cwd=None, timeout=300, env=None):
+    """Run the installed `mnist-vae` console script (next to this Python) in a subprocess."""
+    script = Path(sys.executable).with_name("mnist-vae")
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def assert_one_line_error(result, *needles, code=None):
+    """A user error: non-zero exit, no traceback, one line on stderr mentioning each needle."""
+    assert result.returncode != 0, result
+    if code is not None:
+        assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
