@@ -8,6 +8,7 @@ mirrors, each file checked against its published MD5.
 
 import gzip
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -202,7 +203,9 @@ def download_dataset(name, folder, mirrors=None, timeout=None, log=print):
             try:
                 _fetch(url, target, md5, timeout)
                 break
-            except (OSError, ValueError) as e:  # URLError, timeouts and HTTP errors are OSErrors
+            # URLError, timeouts and HTTP errors are OSErrors; a server that does not speak HTTP, or
+            # a transfer cut short, raises http.client.HTTPException: try the next mirror for all.
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 failures.append(f"{url}: {_reason(e)}")
         else:
             raise DataError(f"could not download {name} ({'; '.join(failures)}); if this machine is "
