@@ -1,0 +1,197 @@
+"""`mnist-vae bench`: training speed against the matrix-multiply floor, evaluation speed, memory, start-up.
+
+The floor of an epoch is the time of its matrix products alone: for every batch, the
+forward product of each of the six layers, the weight-gradient product of each, and
+the input-gradient product of all but the first (the images need no gradient); same
+shapes, batch sizes, dtype, device and threads as training. Floors and epochs are
+measured in one process, interleaved, so their ratio compares like with like.
+"""
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .config import Config
+
+SETTINGS = {
+    "defaults": {},
+    "dim_z 2": {"dim_z": 2},
+    "batch 64": {"batch_size": 64},
+}
+
+
+def main(prog, args):
+    parser = argparse.ArgumentParser(prog=f"{prog} bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per setting, after one warm-up (3)")
+    parser.add_argument("--k", type=int, default=1000,
+                        help="importance samples for the log-likelihood timing; 0 skips it (1000)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: 3000 training and 500 test images, one timed epoch, k=10")
+    args = parser.parse_args(args)
+    import torch
+
+    from .reproduce import machine
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    base = Config(device=str(device))
+    settings = SETTINGS
+    epochs, k = args.epochs, args.k
+    if args.quick:
+        base = replace(base, n_train=3000, n_test=500)
+        settings, epochs, k = {"defaults": {}}, 1, min(k, 10)
+
+    results = {"machine": {**machine(), "device": str(device)}, "training": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, changes in settings.items():
+            config = replace(base, output=f"{tmp}/{name.replace(' ', '_')}", num_epochs=epochs + 1, **changes)
+            print(f"bench: training, {name} ...", file=sys.stderr)
+            row = bench_training(config, device)
+            results["training"].append({"setting": name, **row})
+        run_dir = f"{tmp}/defaults"
+        print("bench: evaluation ...", file=sys.stderr)
+        results["evaluation"] = bench_evaluation(run_dir, device, k)
+        print("bench: memory of a default training run ...", file=sys.stderr)
+        results["peak_rss_mb"] = peak_rss_of_training_run(base, f"{tmp}/memory")
+    results["startup_help_s"] = startup_seconds()
+
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def bench_training(config, device):
+    """Median training seconds per epoch (after a warm-up epoch) and the floor measured around it."""
+    from .train import train
+
+    n_train = config.n_train or 60000
+    floors = floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device, repeats=2)
+    history = []
+    train(config, log=lambda *a: None)
+    with open(Path(config.output) / "metrics.csv") as f:
+        import csv
+
+        history = [float(row["seconds"]) for row in csv.DictReader(f)]
+    floors += floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device, repeats=2)
+    epoch = statistics.median(history[1:])  # the first epoch is the warm-up
+    floor = statistics.median(floors)
+    return {"dim_z": config.dim_z, "batch_size": config.batch_size, "epoch_s": epoch, "epochs_s": history[1:],
+            "floor_s": floor, "floors_s": floors, "ratio": epoch / floor, "images_per_s": n_train / epoch}
+
+
+def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3):
+    """Seconds of one epoch's matrix products alone, `repeats` times."""
+    import torch
+
+    layers = [(784, n_hidden), (n_hidden, n_hidden), (n_hidden, 2 * dim_z),
+              (dim_z, n_hidden), (n_hidden, n_hidden), (n_hidden, 784)]
+    batches = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size else [])
+
+    def buffers(batch):
+        return [dict(x=torch.randn(batch, n_in, device=device), weight=torch.randn(n_out, n_in, device=device),
+                     grad=torch.randn(batch, n_out, device=device), y=torch.empty(batch, n_out, device=device),
+                     grad_weight=torch.empty(n_out, n_in, device=device),
+                     grad_x=torch.empty(batch, n_in, device=device)) for n_in, n_out in layers]
+
+    by_size = {size: buffers(size) for size in set(batches)}
+
+    def products(batch):
+        for index, b in enumerate(by_size[batch]):
+            torch.mm(b["x"], b["weight"].t(), out=b["y"])  # forward
+            torch.mm(b["grad"].t(), b["x"], out=b["grad_weight"])  # dL/dW
+            if index > 0:  # dL/dx; the images need none
+                torch.mm(b["grad"], b["weight"], out=b["grad_x"])
+
+    for _ in range(20):  # warm-up
+        products(batches[0])
+    seconds = []
+    for _ in range(repeats):
+        _synchronize(device)
+        started = time.perf_counter()
+        for batch in batches:
+            products(batch)
+        _synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def _synchronize(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def bench_evaluation(run_dir, device, k):
+    from . import checkpoint
+    from .train import evaluate, load_tensors, log_likelihood_estimate
+
+    config, _, tensors = checkpoint.load(run_dir)
+    model = checkpoint.build_model(config, tensors).to(device)
+    test = load_tensors(config, device, log=lambda *a: None).test
+    times = []
+    for _ in range(3):
+        _synchronize(device)
+        started = time.perf_counter()
+        evaluate(model, test)
+        _synchronize(device)
+        times.append(time.perf_counter() - started)
+    result = {"test_images": len(test), "elbo_images_per_s": len(test) / statistics.median(times)}
+    if k > 0:
+        started = time.perf_counter()
+        nll, stderr = log_likelihood_estimate(model, test, k, progress=False)
+        _synchronize(device)
+        result.update(iw_k=k, iw_seconds=time.perf_counter() - started, iw_nll=nll, iw_nll_stderr=stderr)
+    return result
+
+
+def peak_rss_of_training_run(base, output):
+    """Peak resident memory (MB) of `mnist-vae --num_epochs 1` at the bench's data size, in its own process."""
+    command = [sys.executable, "-m", "mnist_vae", "--num_epochs", "1", "--output", output,
+               "--device", base.device, "--n_train", str(base.n_train), "--n_test", str(base.n_test)]
+    subprocess.run(command, check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux reports KiB
+
+
+def startup_seconds(repeats=3):
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "mnist_vae", "--help"], check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def format_table(results):
+    m = results["machine"]
+    lines = [f"mnist-vae bench: {m['cpu']}, {m['cores']} cores, {m['device']}, torch {m['torch']} "
+             f"({m['threads']} threads)", "",
+             f"{'training':<10} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} {'images/s':>9}"]
+    for row in results["training"]:
+        lines.append(f"{row['setting']:<10} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
+                     f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}")
+    e = results["evaluation"]
+    lines += ["", f"evaluation: test -ELBO {e['elbo_images_per_s']:,.0f} images/s"]
+    if "iw_k" in e:
+        lines.append(f"evaluation: IW log-likelihood, k={e['iw_k']}, {e['test_images']} test images: "
+                     f"{e['iw_seconds']:.1f} s (NLL {e['iw_nll']:.2f} ± {e['iw_nll_stderr']:.2f})")
+    lines += [f"peak resident memory of a training run: {results['peak_rss_mb']:.0f} MB",
+              f"start-up, mnist-vae --help: {results['startup_help_s']:.2f} s"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main("bench", sys.argv[1:]))

@@ -1,0 +1,171 @@
+"""`mnist-vae reproduce`: train the runs behind the README's results and write its images and table.
+
+The runs are those of the old program's README (reconstructions for dim_z 2, 4, 10
+and 20; denoising with dim_z 20; the 2-D manifold and latent map) plus a
+Fashion-MNIST manifold, all at the same number of epochs. Each run keeps its own
+folder under OUT/runs, so an interrupted reproduction resumes where it stopped and
+a finished run is not trained again.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from .config import Config, UserError, write_json
+
+RUNS = [  # name, settings, what the README shows of it
+    ("dim2", dict(dim_z=2)),
+    ("dim4", dict(dim_z=4)),
+    ("dim10", dict(dim_z=10)),
+    ("dim20", dict(dim_z=20)),
+    ("dim20_denoising", dict(dim_z=20, add_noise=True)),
+    ("fashion_dim2", dict(dim_z=2, dataset="fashion-mnist")),
+]
+
+
+def main(prog, args):
+    parser = argparse.ArgumentParser(prog=f"{prog} reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=60, help="epochs per run (default 60, as the old README)")
+    parser.add_argument("--out", default="docs/results", help="folder for images and table (default docs/results)")
+    parser.add_argument("--k", type=int, default=1000,
+                        help="importance samples for the test log-likelihood (default 1000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: 2 epochs on 1000 training and 500 test images, k=10")
+    parser.add_argument("--data_dir", "--data-dir", help="folder with MNIST's IDX files (default: found as usual)")
+    args = parser.parse_args(args)
+    if args.epochs < 1 or args.k < 0:
+        parser.error("--epochs must be at least 1 and --k at least 0")
+    from .train import train
+
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    base = Config(num_epochs=args.epochs, eval_k=args.k, data_dir=args.data_dir)
+    if args.quick:
+        base = replace(base, num_epochs=2, n_train=1000, n_test=500, eval_k=10, PMLR_n_samples=500)
+    rows = []
+    for name, settings in RUNS:
+        config = replace(base, output=str(out / "runs" / name), **settings)
+        if config.dataset != "mnist":
+            config = replace(config, data_dir=None)
+        print(f"== {name}: {settings}, {config.num_epochs} epochs")
+        try:
+            row = _train_or_reuse(train, config)
+        except UserError as e:
+            if config.dataset == "mnist":
+                raise
+            print(f"   skipped: {e}")  # Fashion-MNIST may not be on this machine
+            rows.append({"run": name, "skipped": str(e)})
+            continue
+        rows.append({"run": name, **settings, "epochs": config.num_epochs, **row,
+                     "wall_seconds": _training_seconds(config)})
+    _collect_images(out, base.num_epochs)
+    write_json(out / "results.json", {"machine": machine(), "command": _command(args), "runs": rows})
+    (out / "results.md").write_text(results_table(rows, args, base))
+    print(f"wrote {out / 'results.md'} and the images beside it")
+    return 0
+
+
+def _train_or_reuse(train, config):
+    """Train the run, resume it if it was interrupted, or read its results if it is complete."""
+    folder = Path(config.output)
+    evaluation = folder / "evaluation.json"
+    if (folder / "checkpoint.safetensors").exists():
+        from . import checkpoint
+
+        _, state, _ = checkpoint.load(folder)
+        if state["epoch"] >= config.num_epochs and (evaluation.exists() or config.eval_k == 0):
+            row = dict(state["history"][-1])
+            if evaluation.exists():
+                result = json.loads(evaluation.read_text())
+                row.update(iw_nll=result["iw_nll"], iw_nll_stderr=result["iw_nll_stderr"])
+            print("   already complete; reusing it")
+            return row
+        return train(config, resume=True)
+    return train(config, overwrite=True)
+
+
+def _training_seconds(config):
+    """Training time of the run: the sum of its epochs' seconds, whichever call trained them."""
+    import csv
+
+    with open(Path(config.output) / "metrics.csv") as f:
+        return sum(float(row["seconds"]) for row in csv.DictReader(f))
+
+
+def _collect_images(out, epochs):
+    """Copy the images the README shows under the old README's file names."""
+    tag = f"epoch_{epochs:02d}"
+    runs = out / "runs"
+    copies = {
+        runs / "dim2" / "input.jpg": "input.jpg",
+        runs / "dim20_denoising" / "input_noise.jpg": "input_noise.jpg",
+        runs / "dim20_denoising" / f"PRR_{tag}.jpg": f"PRR_epoch_{epochs}_dim20_denoising.jpg",
+        runs / "dim2" / f"PMLR_{tag}.jpg": f"PMLR_epoch_{epochs}.jpg",
+        runs / "dim2" / f"PMLR_map_{tag}.jpg": f"PMLR_map_epoch_{epochs}.jpg",
+        runs / "fashion_dim2" / "input.jpg": "fashion_input.jpg",
+        runs / "fashion_dim2" / f"PMLR_{tag}.jpg": f"fashion_PMLR_epoch_{epochs}.jpg",
+        runs / "fashion_dim2" / f"PMLR_map_{tag}.jpg": f"fashion_PMLR_map_epoch_{epochs}.jpg",
+    }
+    for dim in (2, 4, 10, 20):
+        copies[runs / f"dim{dim}" / f"PRR_{tag}.jpg"] = f"PRR_epoch_{epochs}_dim{dim}.jpg"
+        copies[runs / f"dim{dim}" / f"samples_{tag}.jpg"] = f"samples_epoch_{epochs}_dim{dim}.jpg"
+    for source, name in copies.items():
+        if source.exists():
+            shutil.copyfile(source, out / name)
+
+
+def machine():
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+def _command(args):
+    if args.quick:
+        return f"mnist-vae reproduce --quick --out {args.out}"
+    return f"mnist-vae reproduce --epochs {args.epochs} --k {args.k} --out {args.out}"
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def results_table(rows, args, base):
+    m = machine()
+    lines = [
+        "| run | dataset | dim_z | noise | epochs | test −ELBO | test NLL (IW, k={}) | training time |".format(base.eval_k),
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['run']} | skipped: {row['skipped']} |||||||")
+            continue
+        nll = f"{row['iw_nll']:.2f} ± {row['iw_nll_stderr']:.2f}" if "iw_nll" in row else "–"
+        lines.append(f"| {row['run']} | {row.get('dataset', 'mnist')} | {row['dim_z']} | "
+                     f"{'yes' if row.get('add_noise') else 'no'} | {row['epochs']} | {row['test_neg_elbo']:.2f} | "
+                     f"{nll} | {_duration(row['wall_seconds'])} |")
+    lines += [
+        "",
+        f"Nats per test image ({base.n_test or 10000} test images), likelihood {base.likelihood}, binarize "
+        f"{base.binarize} (grey-level pixels: these numbers are not comparable with NLLs on binarized MNIST). "
+        "−ELBO is the bound with one z per image (fixed draws); NLL is the importance-weighted estimate "
+        "± one standard error over test images. Training time sums the epochs' training steps.",
+        "",
+        f"Command: `{_command(args)}`; machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['threads']} threads), Python {m['python']}.",
+        "",
+    ]
+    return "\n".join(lines)
