@@ -4,7 +4,8 @@ The floor of an epoch is the time of its matrix products alone: for every batch,
 forward product of each of the six layers, the weight-gradient product of each, and
 the input-gradient product of all but the first (the images need no gradient); same
 shapes, batch sizes, dtype, device and threads as training. Floors and epochs are
-measured in one process, interleaved, so their ratio compares like with like.
+measured in one process, in alternation, and the ratio is the median of each epoch
+over the floor measured just before it, so a busy moment of the machine moves both.
 """
 
 import argparse
@@ -30,7 +31,8 @@ SETTINGS = {
 
 def main(prog, args):
     parser = argparse.ArgumentParser(prog=f"{prog} bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per setting, after one warm-up (3)")
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="timed epochs per setting, each after its own floor, after one warm-up pair (5)")
     parser.add_argument("--k", type=int, default=1000,
                         help="importance samples for the log-likelihood timing; 0 skips it (1000)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
@@ -54,9 +56,9 @@ def main(prog, args):
     results = {"machine": {**machine(), "device": str(device)}, "training": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name, changes in settings.items():
-            config = replace(base, output=f"{tmp}/{name.replace(' ', '_')}", num_epochs=epochs + 1, **changes)
+            config = replace(base, output=f"{tmp}/{name.replace(' ', '_')}", **changes)
             print(f"bench: training, {name} ...", file=sys.stderr)
-            row = bench_training(config, device)
+            row = bench_training(config, device, epochs)
             results["training"].append({"setting": name, **row})
         run_dir = f"{tmp}/defaults"
         print("bench: evaluation ...", file=sys.stderr)
@@ -71,23 +73,24 @@ def main(prog, args):
     return 0
 
 
-def bench_training(config, device):
-    """Median training seconds per epoch (after a warm-up epoch) and the floor measured around it."""
+def bench_training(config, device, epochs):
+    """Training seconds per epoch and the floor, measured in alternation: a floor, then an epoch of
+    train() itself (the real loop), `epochs` times after one warm-up pair; medians and their ratio."""
     from .train import train
 
     n_train = config.n_train or 60000
-    floors = floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device, repeats=2)
-    history = []
-    train(config, log=lambda *a: None)
-    with open(Path(config.output) / "metrics.csv") as f:
-        import csv
-
-        history = [float(row["seconds"]) for row in csv.DictReader(f)]
-    floors += floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device, repeats=2)
-    epoch = statistics.median(history[1:])  # the first epoch is the warm-up
-    floor = statistics.median(floors)
-    return {"dim_z": config.dim_z, "batch_size": config.batch_size, "epoch_s": epoch, "epochs_s": history[1:],
-            "floor_s": floor, "floors_s": floors, "ratio": epoch / floor, "images_per_s": n_train / epoch}
+    pairs = []
+    for _ in range(epochs + 1):
+        floor = floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device,
+                                    repeats=1)[0]
+        row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
+        pairs.append((row["seconds"], floor))
+    epochs_s, floors_s = [e for e, _ in pairs[1:]], [f for _, f in pairs[1:]]
+    ratio = statistics.median(e / f for e, f in pairs[1:])
+    epoch = statistics.median(epochs_s)
+    return {"dim_z": config.dim_z, "batch_size": config.batch_size, "epoch_s": epoch, "epochs_s": epochs_s,
+            "floor_s": statistics.median(floors_s), "floors_s": floors_s, "ratio": ratio,
+            "images_per_s": n_train / epoch}
 
 
 def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3):
@@ -187,7 +190,8 @@ def format_table(results):
     lines += ["", f"evaluation: test -ELBO {e['elbo_images_per_s']:,.0f} images/s"]
     if "iw_k" in e:
         lines.append(f"evaluation: IW log-likelihood, k={e['iw_k']}, {e['test_images']} test images: "
-                     f"{e['iw_seconds']:.1f} s (NLL {e['iw_nll']:.2f} ± {e['iw_nll_stderr']:.2f})")
+                     f"{e['iw_seconds']:.1f} s (NLL {e['iw_nll']:.2f} ± {e['iw_nll_stderr']:.2f} "
+                     f"of the 1-epoch model)")
     lines += [f"peak resident memory of a training run: {results['peak_rss_mb']:.0f} MB",
               f"start-up, mnist-vae --help: {results['startup_help_s']:.2f} s"]
     return "\n".join(lines)

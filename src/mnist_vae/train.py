@@ -231,6 +231,9 @@ def train(config, resume=False, overwrite=False, log=print):
     from tqdm import tqdm
 
     device = resolve_device(config.device)
+    # Gradients and Adam's second moments drift into denormal floats, which x86 CPUs handle
+    # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
+    torch.set_flush_denormal(True)
     out = prepare_output(config.output, resume, overwrite)
     saved = checkpoint.load(out) if resume else None
     tensors = load_tensors(config, device, log)
@@ -248,8 +251,11 @@ def train(config, resume=False, overwrite=False, log=print):
     if config.add_noise:
         fixed["prr_input"] = add_noise(prr_clean.cpu(), config.noise_factor, images_generator).to(device)
 
+    n_train, batch_size = len(tensors.train), config.batch_size
+    n_steps = math.ceil(n_train / batch_size)
+    batch_sizes = torch.full((n_steps,), batch_size, device=device, dtype=torch.float64)
+    batch_sizes[-1] = n_train - batch_size * (n_steps - 1)
     epoch, step, history, seconds_before = 0, 0, [], 0.0
-    progress_sums = torch.zeros(3, device=device, dtype=torch.float64)
     if saved is not None:
         _, state, saved_tensors = saved
         model.load_state_dict(checkpoint.build_model(config, saved_tensors, out).state_dict())
@@ -260,7 +266,7 @@ def train(config, resume=False, overwrite=False, log=print):
         torch.set_rng_state(saved_tensors["rng.torch"])
         if device.type == "cuda" and "rng.cuda" in saved_tensors:
             torch.cuda.set_rng_state(saved_tensors["rng.cuda"])
-        progress_sums = saved_tensors["progress.sums"].to(device)
+        step_terms = saved_tensors["progress.step_terms"].to(device)
         log(f"resuming {out} at epoch {epoch + 1}, step {step}")
     else:
         plots.save_grid(prr_clean.cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y, out / "input.jpg")
@@ -271,13 +277,11 @@ def train(config, resume=False, overwrite=False, log=print):
                                      "torch": torch.__version__})
     board = _tensorboard(config)
 
-    n_train, batch_size = len(tensors.train), config.batch_size
-    n_steps = math.ceil(n_train / batch_size)
     row = history[-1] if history else None
 
     def save_checkpoint(epoch_start_state, seconds):
         extra = {"rng.data_epoch_start": epoch_start_state, "rng.torch": torch.get_rng_state(),
-                 "progress.sums": progress_sums}
+                 "progress.step_terms": step_terms}
         if device.type == "cuda":
             extra["rng.cuda"] = torch.cuda.get_rng_state()
         state = {"config": config.to_dict(), "epoch": epoch, "step": step, "history": history,
@@ -291,28 +295,28 @@ def train(config, resume=False, overwrite=False, log=print):
             epoch_data = tensors.train
             if config.binarize == "dynamic":
                 epoch_data = torch.bernoulli(tensors.train, generator=data_generator)
-            step_losses = torch.zeros(n_steps, device=device)
+            if step == 0:
+                step_terms = torch.zeros((n_steps, 3), device=device)
             bar = tqdm(total=n_steps, initial=step, desc=f"epoch {epoch + 1}/{config.num_epochs}",
                        disable=None, leave=False, unit="step")
             started = time.perf_counter()
             while step < n_steps:
                 target = epoch_data[order[step * batch_size: (step + 1) * batch_size]]
                 x = add_noise(target, config.noise_factor) if config.add_noise else target
-                terms = step_function(x, target)  # batch means of -ELBO, -log p(x|z), KL
-                progress_sums += terms * len(target)
-                step_losses[step] = terms[0]
+                step_terms[step] = step_function(x, target)  # batch means of -ELBO, -log p(x|z), KL
                 step += 1
                 bar.update(1)
                 if step % CHECK_EVERY == 0 or step == n_steps:
-                    if not torch.isfinite(progress_sums[0]):
-                        bad = int(torch.nonzero(~torch.isfinite(step_losses))[0])
+                    losses = step_terms[:step, 0]
+                    if not torch.isfinite(losses.sum()):
+                        bad = int(torch.nonzero(~torch.isfinite(losses))[0])
                         bar.close()
                         raise TrainingError(
-                            f"the loss became {step_losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}; "
+                            f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}; "
                             f"the learning rate ({config.learning_rate}) is likely too high, try a smaller "
                             f"--learning_rate; the last good checkpoint"
                             + (f" (epoch {epoch}) is kept in {out}" if epoch > 0 else " does not exist yet"))
-                    bar.set_postfix_str(f"-elbo {progress_sums[0].item() / min(step * batch_size, n_train):.2f}")
+                    bar.set_postfix_str(f"-elbo {losses[-CHECK_EVERY:].mean().item():.2f}")
                 if stop.received is not None and step < n_steps:
                     bar.close()
                     save_checkpoint(epoch_start_state, seconds_before + time.perf_counter() - started)
@@ -322,7 +326,8 @@ def train(config, resume=False, overwrite=False, log=print):
             bar.close()
             seconds = seconds_before + time.perf_counter() - started
 
-            train_terms = (progress_sums / n_train).tolist()
+            # Batch means weighted by batch sizes (the last batch may be smaller): means over images.
+            train_terms = (step_terms.double() * batch_sizes[:, None]).sum(0).div_(n_train).tolist()
             test_terms = evaluate(model, tensors.test)
             row = {"epoch": epoch + 1,
                    **dict(zip(["train_neg_elbo", "train_recon", "train_kl"], train_terms)),
@@ -338,7 +343,6 @@ def train(config, resume=False, overwrite=False, log=print):
             if board is not None:
                 _log_tensorboard(board, row, out, config, epoch + 1)
             epoch, step, seconds_before = epoch + 1, 0, 0.0
-            progress_sums.zero_()
             save_checkpoint(data_generator.get_state(), 0.0)
             if stop.received is not None and epoch < config.num_epochs:
                 log(f"interrupted after epoch {epoch}; checkpoint written; resume with:\n"
