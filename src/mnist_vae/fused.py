@@ -19,7 +19,7 @@ Notation, for a batch of B images (h: hidden activations after dropout):
 import torch
 import torch.nn.functional as F
 
-from .model import continuous_bernoulli_log_norm, dropout_masks
+from .model import continuous_bernoulli_log_norm, dropout_masks, tanh_
 
 
 class FusedTrainStep:
@@ -53,34 +53,29 @@ class FusedTrainStep:
             e1 = F.elu(torch.addmm(b1, x, W1.t()))
             m1, m2 = self._masks(e1)
             h1 = e1 * m1
-            t2 = _tanh(torch.addmm(b2, h1, W2.t()))
+            t2 = tanh_(torch.addmm(b2, h1, W2.t()))
             h2 = t2 * m2
             gaussian = torch.addmm(b3, h2, W3.t())
             mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
             std = F.softplus(pre_std) + 1e-6
             eps = torch.randn_like(std)
             z = mu + std * eps
-            t4 = _tanh(torch.addmm(b4, z, W4.t()))
+            t4 = tanh_(torch.addmm(b4, z, W4.t()))
             m4, m5 = self._masks(t4)
             h4 = t4 * m4
             e5 = F.elu(torch.addmm(b5, h4, W5.t()))
             h5 = e5 * m5
             logits = torch.addmm(b6, h5, W6.t())
 
-            # log p = target logits - softplus(logits), and softplus(l) = max(l, 0) - log max(s, 1 - s)
-            # with s = sigmoid(l): one sigmoid serves the loss and its gradient, and the log
-            # never sees an argument below 1/2.
-            probs = torch.sigmoid(logits)
-            reconstruction = (torch.dot(target.reshape(-1), logits.reshape(-1))
-                              - logits.clamp(min=0).sum()
-                              + torch.maximum(probs, 1 - probs).log_().sum())
+            # log p = target logits - softplus(logits), as model.log_likelihood.
+            reconstruction = torch.dot(target.reshape(-1), logits.reshape(-1)) - F.softplus(logits).sum()
             if self.model.likelihood == "continuous_bernoulli":
                 reconstruction = reconstruction + continuous_bernoulli_log_norm(logits).sum()
             kl = 0.5 * (mu.square() + std.square() - 1).sum() - std.log().sum()
             reconstruction, kl = reconstruction / batch, kl / batch
 
             # Backward. d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part.
-            d_logits = probs.sub_(target)
+            d_logits = torch.sigmoid(logits).sub_(target)
             if self.model.likelihood == "continuous_bernoulli":
                 d_logits.sub_(_continuous_bernoulli_log_norm_grad(logits))
             d_logits.div_(batch)
@@ -129,12 +124,6 @@ class FusedTrainStep:
         torch.mm(d_out.t(), inputs, out=weight.grad)
         torch.sum(d_out, dim=0, out=bias.grad)
         return torch.mm(d_out, weight) if need_input_grad else None
-
-
-def _tanh(a):
-    """tanh(a) = 2 sigmoid(2a) - 1, in place on `a`: three times faster than torch.tanh on the CPU,
-    and exact to a few float32 ulps of the result."""
-    return torch.sigmoid(a.mul_(2)).mul_(2).sub_(1)
 
 
 def _continuous_bernoulli_log_norm_grad(logits):

@@ -301,7 +301,7 @@ def train(config, resume=False, overwrite=False, log=print):
                        disable=None, leave=False, unit="step")
             started = time.perf_counter()
             while step < n_steps:
-                target = epoch_data[order[step * batch_size: (step + 1) * batch_size]]
+                target = epoch_data.index_select(0, order[step * batch_size: (step + 1) * batch_size])
                 x = add_noise(target, config.noise_factor) if config.add_noise else target
                 step_terms[step] = step_function(x, target)  # batch means of -ELBO, -log p(x|z), KL
                 step += 1
