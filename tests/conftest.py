@@ -1,10 +1,12 @@
 """Shared fixtures: the real datasets, small IDX folders made on the fly, and ways to run the CLI."""
 
+import csv
 import gzip
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -85,3 +87,26 @@ def assert_one_line_error(result, *needles, code=None):
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def main(capsys, *args):
+    """mnist_vae.cli.main in-process, with its exit status and captured output, like a CompletedProcess."""
+    from mnist_vae import cli
+
+    try:
+        code = cli.main([str(arg) for arg in args], prog="mnist-vae")
+    except SystemExit as e:  # argparse's way out of a usage error
+        code = e.code
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def snapshot(folder):
+    """Every file under `folder` (relative path) with its bytes."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_metrics(folder):
+    with open(Path(folder) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))

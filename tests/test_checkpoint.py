@@ -4,7 +4,6 @@ disk, --resume (after an epoch, mid-epoch, refused flags), Ctrl-C and SIGTERM, a
 One tiny run (module-scoped) is shared by most tests; runs go through mnist_vae.cli.main in-process,
 and only the signal tests start a subprocess."""
 
-import csv
 import errno
 import json
 import os
@@ -21,9 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import ROOT, assert_one_line_error, make_idx_dataset
+from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, read_metrics, snapshot
 from mnist_vae import checkpoint, cli
 from mnist_vae import train as train_module
 from mnist_vae.config import Config
@@ -35,21 +33,10 @@ FINAL_IMAGES = ["PRR_epoch_01.jpg", "PRR_epoch_02.jpg", "PRR_epoch_03.jpg", "sam
                 "samples_epoch_03.jpg", "input.jpg", "input_noise.jpg"]
 
 
-def main(capsys, *args):
-    """cli.main in-process, with its exit status and captured output, like a CompletedProcess."""
-    code = cli.main([str(arg) for arg in args], prog="mnist-vae")
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
-def snapshot(folder):
-    folder = Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def read_metrics(folder):
-    with open(Path(folder) / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def without_seconds(rows):

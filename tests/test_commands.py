@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import assert_one_line_error, make_idx_dataset, run_cli, run_command
+from conftest import assert_one_line_error, main, make_idx_dataset, run_cli, run_command, snapshot
 from mnist_vae import checkpoint, cli
 from mnist_vae.data import load_user_image
 from mnist_vae.train import decode_images, prepare_output, reconstruct
@@ -30,16 +30,8 @@ RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "3", "--PRR_n_i
             "--add_noise", "True", "--num_epochs", "2", "--seed", "3"]
 
 
-def main(capsys, *args):
-    """cli.main in-process, with its exit status and captured output, like a CompletedProcess."""
-    code = cli.main([str(arg) for arg in args], prog="mnist-vae")
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
-def snapshot(folder):
-    folder = Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def pixels(path):

@@ -2,19 +2,17 @@
 package through `mnist-vae`, and tiny runs for the output folder's safety, grid sizes and
 repeatability. Each run is shared by several tests (module-scoped fixtures) to keep the suite fast."""
 
-import csv
 import json
 import math
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FASHION_SYSTEM_DIR, ROOT, SHARED_DATA, assert_one_line_error, make_idx_dataset, run_cli, \
-    run_command
+from conftest import (FASHION_SYSTEM_DIR, ROOT, SHARED_DATA, assert_one_line_error, make_idx_dataset, read_metrics,
+                      run_cli, run_command, snapshot)
 from mnist_vae import cli
 from mnist_vae.config import Config
 from mnist_vae.data import read_idx
@@ -29,10 +27,6 @@ MNIST_FILES = ["input.jpg", "input_noise.jpg", "PRR_epoch_01.jpg", "PRR_epoch_02
 NUMBER_COLUMNS = ["train_neg_elbo", "train_recon", "train_kl", "test_neg_elbo", "test_recon", "test_kl", "seconds"]
 
 
-def snapshot(folder):
-    """Every file under `folder` (relative path) with its bytes."""
-    folder = Path(folder)
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def place_strays(folder):
@@ -50,9 +44,6 @@ def pixels(path):
     return np.asarray(Image.open(path), dtype=np.float32)
 
 
-def read_metrics(folder):
-    with open(Path(folder) / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def epoch_lines(stdout, num_epochs):

@@ -6,9 +6,10 @@ the input-gradient product of all but the first (the images need no gradient); s
 shapes, batch sizes, dtype, device and threads as training. Floors and epochs are
 measured in one process, in alternation, and the ratio is the median of each epoch
 over the floor measured just before it, so a busy moment of the machine moves both.
+The importance-weighted log-likelihood is measured the same way: its floor is the
+decoder's matrix products for every draw of z.
 """
 
-import argparse
 import json
 import math
 import resource
@@ -20,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .config import Config
+from .config import Config, choice, integer, text
 
 SETTINGS = {
     "defaults": {},
@@ -30,18 +31,21 @@ SETTINGS = {
 
 
 def main(prog, args):
-    parser = argparse.ArgumentParser(prog=f"{prog} bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5,
+    from .cli import Parser
+
+    parser = Parser(prog=f"{prog} bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=integer(1, 1000), default=5,
                         help="timed epochs per setting, each after its own floor, after one warm-up pair (5)")
-    parser.add_argument("--k", type=int, default=1000,
+    parser.add_argument("--k", type=integer(0), default=1000,
                         help="importance samples for the log-likelihood timing; 0 skips it (1000)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--json", metavar="PATH", type=text, help="also write the results as JSON here")
+    parser.add_argument("--device", default="cpu", type=choice("auto", "cpu", "cuda", "mps"),
+                        help="where to measure (default cpu)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: 3000 training and 500 test images, one timed epoch, k=10")
     args = parser.parse_args(args)
-    import torch
-
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: its folder does not exist; create it or choose another path")
     from .reproduce import machine
     from .train import resolve_device
 
@@ -157,8 +161,34 @@ def bench_evaluation(run_dir, device, k):
         started = time.perf_counter()
         nll, stderr = log_likelihood_estimate(model, test, k, progress=False)
         _synchronize(device)
-        result.update(iw_k=k, iw_seconds=time.perf_counter() - started, iw_nll=nll, iw_nll_stderr=stderr)
+        seconds = time.perf_counter() - started
+        floor = iw_floor_seconds(len(test) * k, config.n_hidden, config.dim_z, device)
+        result.update(iw_k=k, iw_seconds=seconds, iw_floor_s=floor, iw_ratio=seconds / floor, iw_nll=nll,
+                      iw_nll_stderr=stderr)
     return result
+
+
+def iw_floor_seconds(rows, n_hidden, dim_z, device, chunk=1024, most=500_000):
+    """Seconds of the decoder's matrix products for `rows` draws of z, in chunks as the estimator
+    draws them: measured on at most `most` rows and scaled, so the bench need not spend a minute on it."""
+    import torch
+
+    layers = [(dim_z, n_hidden), (n_hidden, n_hidden), (n_hidden, 784)]
+    buffers = [(torch.randn(chunk, n_in, device=device), torch.randn(n_out, n_in, device=device),
+                torch.empty(chunk, n_out, device=device)) for n_in, n_out in layers]
+    measured = min(rows, most)
+
+    def products(n_chunks):
+        for _ in range(n_chunks):
+            for x, weight, y in buffers:
+                torch.mm(x, weight.t(), out=y)
+
+    products(10)  # warm-up
+    _synchronize(device)
+    started = time.perf_counter()
+    products(math.ceil(measured / chunk))
+    _synchronize(device)
+    return (time.perf_counter() - started) * rows / measured
 
 
 def peak_rss_of_training_run(base, output):
@@ -190,8 +220,8 @@ def format_table(results):
     lines += ["", f"evaluation: test -ELBO {e['elbo_images_per_s']:,.0f} images/s"]
     if "iw_k" in e:
         lines.append(f"evaluation: IW log-likelihood, k={e['iw_k']}, {e['test_images']} test images: "
-                     f"{e['iw_seconds']:.1f} s (NLL {e['iw_nll']:.2f} ± {e['iw_nll_stderr']:.2f} "
-                     f"of the 1-epoch model)")
+                     f"{e['iw_seconds']:.1f} s, floor {e['iw_floor_s']:.1f} s, ratio {e['iw_ratio']:.2f} "
+                     f"(NLL {e['iw_nll']:.2f} ± {e['iw_nll_stderr']:.2f} of the 1-epoch model)")
     lines += [f"peak resident memory of a training run: {results['peak_rss_mb']:.0f} MB",
               f"start-up, mnist-vae --help: {results['startup_help_s']:.2f} s"]
     return "\n".join(lines)

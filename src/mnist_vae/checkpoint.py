@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -90,31 +89,12 @@ def load(run_dir):
         state.update(epoch=int(state["epoch"]), step=int(state["step"]), history=list(state["history"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: its settings cannot be read ({e}); the file is damaged") from None
-    _check_config(config, path)
+    try:
+        config.check()
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its config has {e}, which no run can have; the config was changed "
+                              f"by hand or the file is damaged") from None
     return config, state, tensors
-
-
-def _check_config(config, path):
-    """Refuse settings no run could have saved (a hand edit, damage): one line now, not a traceback later."""
-    import argparse
-
-    from .cli import TRAIN_FLAGS
-
-    defaults = Config()
-    for name, (check, _) in TRAIN_FLAGS.items():
-        value, default = getattr(config, name), getattr(defaults, name)
-        if value is None and default is None:
-            continue
-        kind = (int, float) if isinstance(default, float) else str if default is None else type(default)
-        try:
-            if not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool):
-                raise argparse.ArgumentTypeError("expected " + ("a number" if isinstance(default, float) else
-                                                                 "text" if kind is str else "True or False"
-                                                                 if kind is bool else "a whole number"))
-            check(str(value))
-        except argparse.ArgumentTypeError as e:
-            raise CheckpointError(f"{path}: its config has {name}={value!r}, which no run can have ({e}); "
-                                  f"the config was changed by hand or the file is damaged") from None
 
 
 def build_model(config, tensors, path="checkpoint"):

@@ -10,98 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from .config import MODEL_DEFINING, Config, Interrupted, UserError
-
-DATASET_NAMES = ("mnist", "fashion-mnist")
-
-# ---------------------------------------------------------------- value checks, one per kind of flag
-
-TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
-
-
-def boolean(text):
-    word = str(text).strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False (also true/false, 1/0, yes/no), got {text!r}")
-
-
-def integer(low=None, high=None):
-    def check(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or (low is not None and value < low) or (high is not None and value > high):
-            bounds = (f"from {low} to {high}" if high is not None else f"of at least {low}" if low is not None
-                      else "")
-            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}, got {text!r}".replace("  ", " "))
-        return value
-    return check
-
-
-def number(low=0.0, low_open=True, high=None, high_open=True):
-    def check(text):
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        ok = (math.isfinite(value) and (value > low if low_open else value >= low)
-              and (high is None or (value < high if high_open else value <= high)))
-        if not ok:
-            bounds = f"{'>' if low_open else '≥'} {low:g}"
-            if high is not None:
-                bounds += f" and {'<' if high_open else '≤'} {high:g}"
-            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}")
-        return value
-    return check
-
-
-def choice(*names):
-    def check(text):
-        if text not in names:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {text!r}")
-        return text
-    return check
-
-
-def text(value):
-    if not value:
-        raise argparse.ArgumentTypeError("expected a non-empty path")
-    return value
-
-
-# Every training flag: the check of its value and its help. Names and defaults come from Config.
-TRAIN_FLAGS = {
-    "dim_z": (integer(1), "dimension of the latent vector z"),
-    "output": (text, "folder for images, metrics and the checkpoint (created if missing)"),
-    "dataset": (choice(*DATASET_NAMES), "mnist or fashion-mnist"),
-    "seed": (integer(0, 2**63 - 1), "random seed; the same seed on the same machine gives the same run"),
-    "add_noise": (boolean, "train as a denoising VAE: Gaussian noise on every input batch"),
-    "noise_factor": (number(0.0, low_open=False), "standard deviation of that noise"),
-    "n_hidden": (integer(1), "hidden units in each MLP layer"),
-    "learning_rate": (number(0.0), "learning rate of the Adam optimizer"),
-    "num_epochs": (integer(1), "number of epochs to train"),
-    "batch_size": (integer(1), "images per training batch"),
-    "PRR_n_img_x": (integer(1), "reconstruction grid: images across"),
-    "PRR_n_img_y": (integer(1), "reconstruction grid: images down"),
-    "PMLR_n_img_x": (integer(1), "manifold grid (dim_z 2): images across"),
-    "PMLR_n_img_y": (integer(1), "manifold grid (dim_z 2): images down"),
-    "PMLR_z_range": (number(0.0), "the manifold image spans [-r, r] in both latent axes"),
-    "PMLR_n_samples": (integer(1, 10000), "test images in the latent map (dim_z 2)"),
-    "data_dir": (text, "folder holding the four IDX files (.gz or raw) of the dataset"),
-    "likelihood": (choice("bernoulli", "continuous_bernoulli"), "pixel likelihood p(x|z)"),
-    "binarize": (choice("none", "static", "dynamic"),
-                 "none: grey levels; static: binarized once; dynamic: resampled every epoch"),
-    "dropout": (number(0.0, low_open=False, high=1.0), "dropout rate in the MLPs while training"),
-    "eval_k": (integer(0), "after training, estimate log p(x) with K importance samples (0: skip)"),
-    "device": (choice("auto", "cpu", "cuda", "mps"), "where to train: auto picks cuda, then mps, then cpu"),
-    "n_train": (integer(0), "train on the first N training images only (0: all)"),
-    "n_test": (integer(0), "evaluate on the first N test images only (0: all)"),
-    "tensorboard": (text, "also log scalars and images for TensorBoard into this folder"),
-}
+from .config import MODEL_DEFINING, SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, text
 
 
 class Parser(argparse.ArgumentParser):
@@ -124,7 +33,7 @@ def train_parser(prog):
                     "metrics and checkpoint into --output.",
         epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, bench, reproduce "
                f"({prog} COMMAND --help)")
-    for name, (check, help_text) in TRAIN_FLAGS.items():
+    for name, (check, help_text) in SETTINGS.items():
         default = getattr(defaults, name)
         extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if check is boolean else {}
         _flag(parser, name, check, f"{help_text} (default: {default})", **extra)

@@ -1,7 +1,9 @@
-"""Every setting of a run in one dataclass, with the old program's names and defaults."""
+"""Every setting of a run in one dataclass, with the old program's names and defaults, and the values each accepts."""
 
+import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,10 +41,120 @@ class Config:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    def check(self):
+        """Raise ValueError naming the first setting whose value no run can have (a hand-edited file)."""
+        defaults = Config()
+        for name, (check, _) in SETTINGS.items():
+            value, default = getattr(self, name), getattr(defaults, name)
+            if value is None and default is None:
+                continue
+            kind = {bool: bool, int: int, float: (int, float)}.get(type(default), str)
+            try:
+                if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+                    raise argparse.ArgumentTypeError(f"expected {KIND_NAMES[type(default)]}")
+                check(str(value))
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{name}={value!r}: {e}") from None
+
     @classmethod
     def from_dict(cls, values):
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
+
+
+# ---------------------------------------------------------------- the values a setting accepts
+# Each check takes the text of a flag and returns its value, or raises ArgumentTypeError
+# saying what it accepts: argparse prints that message as the flag's one-line error.
+
+KIND_NAMES = {bool: "True or False", int: "a whole number", float: "a number", str: "text", type(None): "text"}
+DATASET_NAMES = ("mnist", "fashion-mnist")
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
+
+
+def boolean(text):
+    word = str(text).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False (also true/false, 1/0, yes/no), got {text!r}")
+
+
+def integer(low=None, high=None):
+    def check(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (low is not None and value < low) or (high is not None and value > high):
+            bounds = (f"from {low} to {high}" if high is not None else f"of at least {low}" if low is not None
+                      else "")
+            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}, got {text!r}".replace("  ", " "))
+        return value
+    return check
+
+
+def number(low=0.0, low_open=True, high=None, high_open=True):
+    def check(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = (math.isfinite(value) and (value > low if low_open else value >= low)
+              and (high is None or (value < high if high_open else value <= high)))
+        if not ok:
+            bounds = f"{'>' if low_open else '≥'} {low:g}"
+            if high is not None:
+                bounds += f" and {'<' if high_open else '≤'} {high:g}"
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}")
+        return value
+    return check
+
+
+def choice(*names):
+    def check(text):
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {text!r}")
+        return text
+    return check
+
+
+def text(value):
+    if not value:
+        raise argparse.ArgumentTypeError("expected a non-empty path")
+    return value
+
+
+# Every setting of Config: the check of its value, and what it means (the flag's help).
+SETTINGS = {
+    "dim_z": (integer(1), "dimension of the latent vector z"),
+    "output": (text, "folder for images, metrics and the checkpoint (created if missing)"),
+    "dataset": (choice(*DATASET_NAMES), "mnist or fashion-mnist"),
+    "seed": (integer(0, 2**63 - 1), "random seed; the same seed on the same machine gives the same run"),
+    "add_noise": (boolean, "train as a denoising VAE: Gaussian noise on every input batch"),
+    "noise_factor": (number(0.0, low_open=False), "standard deviation of that noise"),
+    "n_hidden": (integer(1), "hidden units in each MLP layer"),
+    "learning_rate": (number(0.0), "learning rate of the Adam optimizer"),
+    "num_epochs": (integer(1), "number of epochs to train"),
+    "batch_size": (integer(1), "images per training batch"),
+    "PRR_n_img_x": (integer(1), "reconstruction grid: images across"),
+    "PRR_n_img_y": (integer(1), "reconstruction grid: images down"),
+    "PMLR_n_img_x": (integer(1), "manifold grid (dim_z 2): images across"),
+    "PMLR_n_img_y": (integer(1), "manifold grid (dim_z 2): images down"),
+    "PMLR_z_range": (number(0.0), "the manifold image spans [-r, r] in both latent axes"),
+    "PMLR_n_samples": (integer(1, 10000), "test images in the latent map (dim_z 2)"),
+    "data_dir": (text, "folder holding the four IDX files (.gz or raw) of the dataset"),
+    "likelihood": (choice("bernoulli", "continuous_bernoulli"), "pixel likelihood p(x|z)"),
+    "binarize": (choice("none", "static", "dynamic"),
+                 "none: grey levels; static: binarized once; dynamic: resampled every epoch"),
+    "dropout": (number(0.0, low_open=False, high=1.0), "dropout rate in the MLPs while training"),
+    "eval_k": (integer(0), "after training, estimate log p(x) with K importance samples (0: skip)"),
+    "device": (choice("auto", "cpu", "cuda", "mps"), "where to train: auto picks cuda, then mps, then cpu"),
+    "n_train": (integer(0), "train on the first N training images only (0: all)"),
+    "n_test": (integer(0), "evaluate on the first N test images only (0: all)"),
+    "tensorboard": (text, "also log scalars and images for TensorBoard into this folder"),
+}
 
 
 class UserError(Exception):

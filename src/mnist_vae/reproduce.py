@@ -7,7 +7,6 @@ folder under OUT/runs, so an interrupted reproduction resumes where it stopped a
 a finished run is not trained again.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -15,7 +14,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from .config import Config, UserError, write_json
+from .config import Config, UserError, integer, text, write_json
 
 RUNS = [  # name, settings, what the README shows of it
     ("dim2", dict(dim_z=2)),
@@ -28,17 +27,21 @@ RUNS = [  # name, settings, what the README shows of it
 
 
 def main(prog, args):
-    parser = argparse.ArgumentParser(prog=f"{prog} reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=60, help="epochs per run (default 60, as the old README)")
-    parser.add_argument("--out", default="docs/results", help="folder for images and table (default docs/results)")
-    parser.add_argument("--k", type=int, default=1000,
+    from .cli import Parser
+
+    parser = Parser(prog=f"{prog} reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=integer(1), default=60, help="epochs per run (default 60, as the old README)")
+    parser.add_argument("--out", type=text, default="docs/results",
+                        help="folder for images and table (default docs/results)")
+    parser.add_argument("--k", type=integer(0), default=1000,
                         help="importance samples for the test log-likelihood (default 1000)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: 2 epochs on 1000 training and 500 test images, k=10")
-    parser.add_argument("--data_dir", "--data-dir", help="folder with MNIST's IDX files (default: found as usual)")
+    parser.add_argument("--data_dir", "--data-dir", type=text,
+                        help="folder with MNIST's IDX files (default: found as usual)")
     args = parser.parse_args(args)
-    if args.epochs < 1 or args.k < 0:
-        parser.error("--epochs must be at least 1 and --k at least 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
     from .train import train
 
     out = Path(args.out)

@@ -7,7 +7,6 @@ test set, write the images, metrics and a checkpoint.
 
 import csv
 import math
-import os
 import signal
 import tempfile
 import time

@@ -1,0 +1,170 @@
+"""The tools around training: `mnist-vae reproduce --quick` and `mnist-vae bench --quick` (so neither can
+rot), their bad arguments, --device selection, and --tensorboard without the package."""
+
+import csv
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import (FASHION_SYSTEM_DIR, ROOT, SHARED_DATA, assert_one_line_error, main, make_idx_dataset,
+                      run_command)
+from mnist_vae import train as train_module
+from mnist_vae.config import UserError
+
+FASHION_INSTALLED = (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file()
+MNIST = SHARED_DATA / "mnist" if (SHARED_DATA / "mnist").is_dir() else ROOT / "src" / "mnist_vae" / "datasets" / "mnist"
+
+
+
+
+# ---------------------------------------------------------------- reproduce --quick
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "results"
+    result = run_command("reproduce", "--quick", "--out", out, "--data_dir", MNIST,
+                         env={"XDG_CACHE_HOME": str(out.parent / "cache")})
+    assert result.returncode == 0, result.stderr
+    return SimpleNamespace(out=out, result=result)
+
+
+def test_reproduce_writes_the_old_readmes_images(reproduced):
+    out = reproduced.out
+    names = ["input.jpg", "input_noise.jpg", "PRR_epoch_2_dim20_denoising.jpg", "PMLR_epoch_2.jpg",
+             "PMLR_map_epoch_2.jpg"] + [f"PRR_epoch_2_dim{d}.jpg" for d in (2, 4, 10, 20)]
+    if FASHION_INSTALLED:
+        names += ["fashion_PMLR_epoch_2.jpg", "fashion_PMLR_map_epoch_2.jpg"]
+    for name in names:
+        assert (out / name).is_file() and (out / name).stat().st_size > 1000, name
+
+
+def test_reproduce_table_states_its_numbers_and_command(reproduced):
+    table = (reproduced.out / "results.md").read_text()
+    results = json.loads((reproduced.out / "results.json").read_text())
+    runs = {row["run"]: row for row in results["runs"]}
+    assert set(runs) == {"dim2", "dim4", "dim10", "dim20", "dim20_denoising", "fashion_dim2"}
+    for name, row in runs.items():
+        if name == "fashion_dim2" and not FASHION_INSTALLED:
+            assert "skipped" in row
+            continue
+        # The table's numbers are the runs' own: their last metrics row and their evaluation.json.
+        with open(reproduced.out / "runs" / name / "metrics.csv") as f:
+            last = list(csv.DictReader(f))[-1]
+        evaluation = json.loads((reproduced.out / "runs" / name / "evaluation.json").read_text())
+        assert f"{row['test_neg_elbo']:.4f}" == last["test_neg_elbo"]
+        assert row["iw_nll"] == evaluation["iw_nll"] and evaluation["k"] == 10
+        # The importance-weighted NLL is the tighter bound (up to its standard error).
+        assert row["iw_nll"] < row["test_neg_elbo"] + 3 * row["iw_nll_stderr"]
+        line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{row['test_neg_elbo']:.2f}" in line and f"{row['iw_nll']:.2f} ± {row['iw_nll_stderr']:.2f}" in line
+    assert "mnist-vae reproduce --quick" in table and "likelihood bernoulli, binarize none" in table
+    assert results["machine"]["cores"] >= 1
+
+
+def test_reproduce_again_reuses_finished_runs(reproduced):
+    before = (reproduced.out / "runs" / "dim4" / "checkpoint.safetensors").read_bytes()
+    result = run_command("reproduce", "--quick", "--out", reproduced.out, "--data_dir", MNIST)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("already complete; reusing it") == 5 + FASHION_INSTALLED
+    assert (reproduced.out / "runs" / "dim4" / "checkpoint.safetensors").read_bytes() == before
+
+
+# ---------------------------------------------------------------- bench --quick
+
+def test_bench_quick_measures_and_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = run_command("bench", "--quick", "--json", path, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    results = json.loads(path.read_text())
+    (row,) = results["training"]
+    assert row["setting"] == "defaults" and row["dim_z"] == 4 and row["batch_size"] == 128
+    assert row["epoch_s"] > 0 and row["floor_s"] > 0
+    assert row["ratio"] == pytest.approx(row["epochs_s"][0] / row["floors_s"][0])
+    assert row["images_per_s"] == pytest.approx(3000 / row["epoch_s"])
+    evaluation = results["evaluation"]
+    assert evaluation["test_images"] == 500 and evaluation["iw_k"] == 10
+    assert evaluation["iw_ratio"] == pytest.approx(evaluation["iw_seconds"] / evaluation["iw_floor_s"])
+    assert 50 < results["peak_rss_mb"] < 4000 and 0 < results["startup_help_s"] < 10
+    # The printed table carries the same numbers.
+    assert re.search(rf"defaults +4 +128 +{row['epoch_s']:.2f} +{row['floor_s']:.2f} +{row['ratio']:.2f}",
+                     result.stdout), result.stdout
+    assert f"floor {evaluation['iw_floor_s']:.1f} s" in result.stdout
+
+
+@pytest.mark.parametrize("command, args, flag", [
+    ("bench", ["--epochs", "0"], "--epochs"),
+    ("bench", ["--k", "-1"], "--k"),
+    ("bench", ["--json", "/no/such/folder/b.json"], "--json"),
+    ("bench", ["--device", "tpu"], "--device"),
+    ("reproduce", ["--epochs", "zero"], "--epochs"),
+    ("reproduce", ["--k", "-5"], "--k"),
+])
+def test_bad_tool_arguments_are_one_line(capsys, command, args, flag):
+    result = main(capsys, command, *args)
+    assert_one_line_error(result, flag, code=2)
+
+
+def test_reproduce_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "results"
+    target.write_text("mine")
+    result = main(capsys, "reproduce", "--quick", "--out", target)
+    assert_one_line_error(result, "is a file")
+    assert target.read_text() == "mine"
+
+
+# ---------------------------------------------------------------- --device
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert train_module.resolve_device("auto").type == expected
+    assert train_module.resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["cuda", "mps"])
+def test_device_that_is_missing_is_refused(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match=f"--device {name}: no such device"):
+        train_module.resolve_device(name)
+
+
+def test_device_cuda_missing_from_the_command_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = main(capsys, "--device", "cuda", "--output", tmp_path / "run", "--num_epochs", "1")
+    assert_one_line_error(result, "--device cuda", "auto or cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_on_the_cpu_keeps_data_and_model_there(tmp_path, capsys):
+    data = make_idx_dataset(tmp_path / "data", n_train=64, n_test=32)
+    result = main(capsys, "--device", "cpu", "--data_dir", data, "--output", tmp_path / "run", "--num_epochs", "1",
+                  "--n_hidden", "16", "--batch_size", "32")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cpu"
+
+
+# ---------------------------------------------------------------- --tensorboard
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip("the tensorboard package is installed here")
+    except ImportError:
+        pass
+    result = main(capsys, "--tensorboard", tmp_path / "tb", "--output", tmp_path / "run", "--num_epochs", "1")
+    assert_one_line_error(result, "--tensorboard", "pip install")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()
+
+
+def test_tensorboard_logs_scalars_and_images(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    data = make_idx_dataset(tmp_path / "data", n_train=64, n_test=32)
+    result = main(capsys, "--tensorboard", tmp_path / "tb", "--data_dir", data, "--output", tmp_path / "run",
+                  "--num_epochs", "2", "--n_hidden", "16", "--batch_size", "32")
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
