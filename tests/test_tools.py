@@ -92,6 +92,7 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert re.search(rf"defaults +4 +128 +{row['epoch_s']:.2f} +{row['floor_s']:.2f} +{row['ratio']:.2f}",
                      result.stdout), result.stdout
     assert f"floor {evaluation['iw_floor_s']:.1f} s" in result.stdout
+    assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
 
 
 @pytest.mark.parametrize("command, args, flag", [

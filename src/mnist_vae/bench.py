@@ -94,7 +94,32 @@ def bench_training(config, device, epochs):
     epoch = statistics.median(epochs_s)
     return {"dim_z": config.dim_z, "batch_size": config.batch_size, "epoch_s": epoch, "epochs_s": epochs_s,
             "floor_s": statistics.median(floors_s), "floors_s": floors_s, "ratio": ratio,
-            "images_per_s": n_train / epoch}
+            "images_per_s": n_train / epoch, **fixed_costs_seconds(config, device, n_train)}
+
+
+def fixed_costs_seconds(config, device, n_train):
+    """Seconds per epoch of two parts of a step that are not matrix products but belong to the algorithm:
+    Adam's update of every parameter, and drawing the four dropout masks; each timed alone."""
+    from .fused import FusedTrainStep
+    from .model import dropout_masks
+    from .train import make_model
+
+    n_steps = math.ceil(n_train / config.batch_size)
+    model, optimizer = make_model(config, device)
+    step = FusedTrainStep(model, optimizer)
+    step._adam_step()  # creates Adam's state
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(n_steps):
+        step._adam_step()
+    _synchronize(device)
+    adam = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(n_steps):
+        for _ in range(2):  # as the fused step draws them: two masks at a time, twice
+            dropout_masks(2, (config.batch_size, config.n_hidden), config.dropout, device)
+    _synchronize(device)
+    return {"adam_s": adam, "masks_s": time.perf_counter() - started}
 
 
 def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3):
@@ -212,10 +237,13 @@ def format_table(results):
     m = results["machine"]
     lines = [f"mnist-vae bench: {m['cpu']}, {m['cores']} cores, {m['device']}, torch {m['torch']} "
              f"({m['threads']} threads)", "",
-             f"{'training':<10} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} {'images/s':>9}"]
+             f"{'training':<10} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} {'images/s':>9}"
+             f" {'adam s':>7} {'masks s':>8}"]
     for row in results["training"]:
         lines.append(f"{row['setting']:<10} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
-                     f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}")
+                     f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
+                     f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f}")
+    lines.append("(adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone)")
     e = results["evaluation"]
     lines += ["", f"evaluation: test -ELBO {e['elbo_images_per_s']:,.0f} images/s"]
     if "iw_k" in e:
