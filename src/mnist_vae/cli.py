@@ -198,7 +198,7 @@ def command_reconstruct(prog, args, denoise=False):
             columns.append(images.cpu().numpy())
     columns.append(reconstruct(model, images).cpu().numpy())
     side_by_side(columns, out)
-    print(f"wrote {out} ({len(args.images)} rows: " + " | ".join(
+    print(f"wrote {out} ({len(args.images)} row{'s' if len(args.images) > 1 else ''}: " + " | ".join(
         ["input", "noisy input", "restored"] if len(columns) == 3 else
         ["input", "restored" if denoise else "reconstruction"]) + ")")
     return 0
