@@ -45,7 +45,7 @@ def test_reproduce_table_states_its_numbers_and_command(reproduced):
     table = (reproduced.out / "results.md").read_text()
     results = json.loads((reproduced.out / "results.json").read_text())
     runs = {row["run"]: row for row in results["runs"]}
-    assert set(runs) == {"dim2", "dim4", "dim10", "dim20", "dim20_denoising", "fashion_dim2"}
+    assert set(runs) == {"dim2", "dim4", "dim10", "dim20", "dim20_denoising", "fashion_dim2", "dim20_binarized"}
     for name, row in runs.items():
         if name == "fashion_dim2" and not FASHION_INSTALLED:
             assert "skipped" in row
@@ -60,7 +60,13 @@ def test_reproduce_table_states_its_numbers_and_command(reproduced):
         assert row["iw_nll"] < row["test_neg_elbo"] + 3 * row["iw_nll_stderr"]
         line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         assert f"{row['test_neg_elbo']:.2f}" in line and f"{row['iw_nll']:.2f} ± {row['iw_nll_stderr']:.2f}" in line
-    assert "mnist-vae reproduce --quick" in table and "likelihood bernoulli, binarize none" in table
+    assert "mnist-vae reproduce --quick" in table
+    # Grey-level and binarized numbers stand in tables of their own, each saying what it is.
+    grey, binarized = table.split("Likelihood bernoulli, binarize dynamic: ")
+    assert grey.startswith("Likelihood bernoulli, binarize none: grey-level pixels")
+    assert "| dim20_binarized |" in binarized and "| dim20_binarized |" not in grey
+    assert "| dim20 |" in grey and "| dim20 |" not in binarized
+    assert runs["dim20_binarized"]["binarize"] == "dynamic" and runs["dim20"]["binarize"] == "none"
     assert results["machine"]["cores"] >= 1
 
 
@@ -68,7 +74,7 @@ def test_reproduce_again_reuses_finished_runs(reproduced):
     before = (reproduced.out / "runs" / "dim4" / "checkpoint.safetensors").read_bytes()
     result = run_command("reproduce", "--quick", "--out", reproduced.out, "--data_dir", MNIST)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("already complete; reusing it") == 5 + FASHION_INSTALLED
+    assert result.stdout.count("already complete; reusing it") == 6 + FASHION_INSTALLED
     assert (reproduced.out / "runs" / "dim4" / "checkpoint.safetensors").read_bytes() == before
 
 
