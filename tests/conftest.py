@@ -14,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The real MNIST: the shared copy, else the one bundled in the package.
+MNIST_DIR = SHARED_DATA / "mnist"
+if not MNIST_DIR.is_dir():
+    MNIST_DIR = ROOT / "src" / "mnist_vae" / "datasets" / "mnist"
 
 
 def write_idx(path, array, gz=True):
@@ -50,10 +54,8 @@ def tiny_dataset(tmp_path):
 
 @pytest.fixture
 def mnist_dir():
-    """The real MNIST: the shared copy, else the one bundled in the package."""
-    if (SHARED_DATA / "mnist").is_dir():
-        return SHARED_DATA / "mnist"
-    return ROOT / "src" / "mnist_vae" / "datasets" / "mnist"
+    """The real MNIST (MNIST_DIR)."""
+    return MNIST_DIR
 
 
 @pytest.fixture(autouse=True)

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (FASHION_SYSTEM_DIR, ROOT, SHARED_DATA, assert_one_line_error, make_idx_dataset, read_metrics,
-                      run_cli, run_command, snapshot)
+from conftest import MNIST_DIR as MNIST
+from conftest import (FASHION_SYSTEM_DIR, assert_one_line_error, make_idx_dataset, read_metrics, run_cli, run_command,
+                      snapshot)
 from mnist_vae import cli
 from mnist_vae.config import Config
 from mnist_vae.data import read_idx
-
-MNIST = SHARED_DATA / "mnist" if (SHARED_DATA / "mnist").is_dir() else ROOT / "src" / "mnist_vae" / "datasets" / "mnist"
 
 MNIST_ARGS = ["--dim_z", "2", "--num_epochs", "2", "--add_noise", "True", "--n_train", "512", "--n_test", "500",
               "--PMLR_n_samples", "300", "--data_dir", MNIST]
@@ -25,8 +24,6 @@ MNIST_FILES = ["input.jpg", "input_noise.jpg", "PRR_epoch_01.jpg", "PRR_epoch_02
                "PMLR_epoch_02.jpg", "PMLR_map_epoch_01.jpg", "PMLR_map_epoch_02.jpg", "samples_epoch_01.jpg",
                "metrics.csv", "loss_curves.png", "config.json", "checkpoint.safetensors"]
 NUMBER_COLUMNS = ["train_neg_elbo", "train_recon", "train_kl", "test_neg_elbo", "test_recon", "test_kl", "seconds"]
-
-
 
 
 def place_strays(folder):
@@ -42,8 +39,6 @@ def place_strays(folder):
 
 def pixels(path):
     return np.asarray(Image.open(path), dtype=np.float32)
-
-
 
 
 def epoch_lines(stdout, num_epochs):

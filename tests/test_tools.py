@@ -9,15 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import (FASHION_SYSTEM_DIR, ROOT, SHARED_DATA, assert_one_line_error, main, make_idx_dataset,
-                      run_command)
+from conftest import FASHION_SYSTEM_DIR, assert_one_line_error, main, make_idx_dataset, run_command
+from conftest import MNIST_DIR as MNIST
 from mnist_vae import train as train_module
 from mnist_vae.config import UserError
 
 FASHION_INSTALLED = (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file()
-MNIST = SHARED_DATA / "mnist" if (SHARED_DATA / "mnist").is_dir() else ROOT / "src" / "mnist_vae" / "datasets" / "mnist"
-
-
 
 
 # ---------------------------------------------------------------- reproduce --quick
