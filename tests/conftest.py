@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from mnist_vae import kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -112,3 +114,15 @@ def snapshot(folder):
 def read_metrics(folder):
     with open(Path(folder) / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+@pytest.fixture(params=["C", "torch ops"])
+def implementation(request, monkeypatch):
+    """Run a test with the training step's elementwise work in kernels.py's C loops, then in its torch ops."""
+    if request.param == "C":
+        if kernels._kernels is None:
+            pytest.skip("the C extension was not built")
+        monkeypatch.delenv("MNIST_VAE_NO_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("MNIST_VAE_NO_KERNELS", "1")
+    return request.param

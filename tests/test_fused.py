@@ -47,7 +47,7 @@ def train_both(x_all, steps, likelihood="bernoulli", noise=False, batch_size=128
     return reference, fast, torch.stack(reference_terms), torch.stack(fast_terms)
 
 
-def test_fused_step_matches_autograd_for_300_steps(mnist_batches):
+def test_fused_step_matches_autograd_for_300_steps(mnist_batches, implementation):
     reference, fast, reference_terms, fast_terms = train_both(mnist_batches, steps=300)
     # the loss fell, so the comparison is over real learning, not a flat start
     assert reference_terms[-20:, 0].mean() < reference_terms[:20, 0].mean() - 50
@@ -56,12 +56,12 @@ def test_fused_step_matches_autograd_for_300_steps(mnist_batches):
         torch.testing.assert_close(p_fast, p_reference, rtol=1e-3, atol=2e-4, msg=name)
 
 
-def test_fused_step_matches_autograd_when_denoising_with_two_latent_dimensions(mnist_batches):
+def test_fused_step_matches_autograd_when_denoising_with_two_latent_dimensions(mnist_batches, implementation):
     _, _, reference_terms, fast_terms = train_both(mnist_batches, steps=100, noise=True, dim_z=2)
     torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
 
 
-def test_fused_step_matches_autograd_for_the_continuous_bernoulli(mnist_batches):
+def test_fused_step_matches_autograd_for_the_continuous_bernoulli(mnist_batches, implementation):
     _, _, reference_terms, fast_terms = train_both(mnist_batches, steps=100, likelihood="continuous_bernoulli",
                                                    batch_size=64)
     torch.testing.assert_close(fast_terms, reference_terms, rtol=1e-3, atol=5e-2)

@@ -99,9 +99,9 @@ def bench_training(config, device, epochs):
 
 def fixed_costs_seconds(config, device, n_train):
     """Seconds per epoch of two parts of a step that are not matrix products but belong to the algorithm:
-    Adam's update of every parameter, and drawing the four dropout masks; each timed alone."""
+    Adam's update of every parameter, and drawing the bits of the four dropout masks; each timed alone."""
     from .fused import FusedTrainStep
-    from .model import dropout_masks
+    from .kernels import dropout_bits
     from .train import make_model
 
     n_steps = math.ceil(n_train / config.batch_size)
@@ -116,8 +116,8 @@ def fixed_costs_seconds(config, device, n_train):
     adam = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(n_steps):
-        for _ in range(2):  # as the fused step draws them: two masks at a time, twice
-            dropout_masks(2, (config.batch_size, config.n_hidden), config.dropout, device)
+        for _ in range(4):  # as the fused step draws them: one layer at a time
+            dropout_bits(1, config.batch_size * config.n_hidden, device)
     _synchronize(device)
     return {"adam_s": adam, "masks_s": time.perf_counter() - started}
 
@@ -236,7 +236,7 @@ def startup_seconds(repeats=3):
 def format_table(results):
     m = results["machine"]
     lines = [f"mnist-vae bench: {m['cpu']}, {m['cores']} cores, {m['device']}, torch {m['torch']} "
-             f"({m['threads']} threads)", "",
+             f"({m['threads']} threads), step kernels in {m.get('kernels', 'torch ops')}", "",
              f"{'training':<10} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} {'images/s':>9}"
              f" {'adam s':>7} {'masks s':>8}"]
     for row in results["training"]:

@@ -5,6 +5,8 @@ that bookkeeping, not the arithmetic, is what made a plain PyTorch step twice th
 cost of its matrix products. Here the gradient of the -ELBO of model.VAE is derived
 once on paper and computed directly, with the same random draws in the same order
 as model.VAE.forward, so a test can check both give the same losses step by step.
+The elementwise work of each layer (bias, activation, dropout, and the factor its
+backward pass needs) is one call into kernels.py, one loop in C where it is built.
 
 Notation, for a batch of B images (h: hidden activations after dropout):
   a1 = x W1' + b1        e1 = elu(a1)      h1 = e1 m1     (m: dropout mask, 0 or 1/(1-p))
@@ -19,7 +21,8 @@ Notation, for a batch of B images (h: hidden activations after dropout):
 import torch
 import torch.nn.functional as F
 
-from .model import continuous_bernoulli_log_norm, dropout_masks, tanh_
+from . import kernels
+from .model import continuous_bernoulli_log_norm
 
 
 class FusedTrainStep:
@@ -36,62 +39,52 @@ class FusedTrainStep:
                 if parameter.grad is None:
                     parameter.grad = torch.zeros_like(parameter)
 
-    def _masks(self, like):
-        """Two dropout masks shaped like `like`, drawn as model.VAE draws its consecutive two."""
-        if self.p == 0:
-            return torch.ones((2, *like.shape), device=like.device)
-        return dropout_masks(2, like.shape, self.p, like.device)
+    def _bits(self, like):
+        """The dropout bits of one layer, drawn where model.VAE.forward draws its mask."""
+        return None if self.p == 0 else kernels.dropout_bits(1, like.numel(), like.device)[0]
 
     def __call__(self, x, target=None):
         target = x if target is None else target
         (W1, b1), (W2, b2), (W3, b3), (W4, b4), (W5, b5), (W6, b6) = (
             (layer.weight, layer.bias) for layer in self.layers)
-        batch, dim_z = x.shape[0], self.model.dim_z
+        batch, dim_z, p = x.shape[0], self.model.dim_z, self.p
 
         with torch.no_grad():
-            # Forward, keeping what the backward pass needs.
-            e1 = F.elu(torch.addmm(b1, x, W1.t()))
-            m1, m2 = self._masks(e1)
-            h1 = e1 * m1
-            t2 = tanh_(torch.addmm(b2, h1, W2.t()))
-            h2 = t2 * m2
+            # Forward, keeping what the backward pass needs: each layer's output h and the factor
+            # f = m act'(a) that turns d(loss)/dh into d(loss)/da. Biases are added in the kernels.
+            a1 = torch.mm(x, W1.t())
+            h1, f1 = kernels.elu_dropout(a1, b1, self._bits(a1), p)
+            h2, f2 = kernels.tanh_dropout(torch.mm(h1, W2.t()), b2, self._bits(h1), p)
             gaussian = torch.addmm(b3, h2, W3.t())
             mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
             std = F.softplus(pre_std) + 1e-6
             eps = torch.randn_like(std)
             z = mu + std * eps
-            t4 = tanh_(torch.addmm(b4, z, W4.t()))
-            m4, m5 = self._masks(t4)
-            h4 = t4 * m4
-            e5 = F.elu(torch.addmm(b5, h4, W5.t()))
-            h5 = e5 * m5
-            logits = torch.addmm(b6, h5, W6.t())
+            a4 = torch.mm(z, W4.t())
+            h4, f4 = kernels.tanh_dropout(a4, b4, self._bits(a4), p)
+            h5, f5 = kernels.elu_dropout(torch.mm(h4, W5.t()), b5, self._bits(h4), p)
+            logits = torch.mm(h5, W6.t())
 
-            # log p = target logits - softplus(logits), as model.log_likelihood.
-            reconstruction = torch.dot(target.reshape(-1), logits.reshape(-1)) - F.softplus(logits).sum()
+            # log p = target logits - softplus(logits), as model.log_likelihood; and
+            # d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part.
+            reconstruction, d_logits = kernels.bernoulli_loss(logits, b6, target, 1 / batch)
             if self.model.likelihood == "continuous_bernoulli":
+                logits.add_(b6)
                 reconstruction = reconstruction + continuous_bernoulli_log_norm(logits).sum()
+                d_logits.sub_(_continuous_bernoulli_log_norm_grad(logits).div_(batch))
             kl = 0.5 * (mu.square() + std.square() - 1).sum() - std.log().sum()
             reconstruction, kl = reconstruction / batch, kl / batch
 
-            # Backward. d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part.
-            d_logits = torch.sigmoid(logits).sub_(target)
-            if self.model.likelihood == "continuous_bernoulli":
-                d_logits.sub_(_continuous_bernoulli_log_norm_grad(logits))
-            d_logits.div_(batch)
+            # Backward.
             d_h5 = self._linear_backward(d_logits, h5, W6, b6)
-            d_a5 = d_h5.mul_(m5).mul_(e5.clamp_(max=0).add_(1))  # elu'(a) = min(elu(a), 0) + 1
-            d_h4 = self._linear_backward(d_a5, h4, W5, b5)
-            d_a4 = d_h4.mul_(torch.addcmul(m4, t4, h4, value=-1))  # m tanh'(a) = m - t (t m)
-            d_z = self._linear_backward(d_a4, z, W4, b4)
+            d_h4 = self._linear_backward(d_h5.mul_(f5), h4, W5, b5)
+            d_z = self._linear_backward(d_h4.mul_(f4), z, W4, b4)
             d_mu = d_z + mu / batch
             d_std = d_z * eps + (std - 1 / std) / batch
             d_gaussian = torch.cat([d_mu, d_std * torch.sigmoid(pre_std)], dim=1)
             d_h2 = self._linear_backward(d_gaussian, h2, W3, b3)
-            d_a2 = d_h2.mul_(torch.addcmul(m2, t2, h2, value=-1))
-            d_h1 = self._linear_backward(d_a2, h1, W2, b2)
-            d_a1 = d_h1.mul_(m1).mul_(e1.clamp_(max=0).add_(1))
-            self._linear_backward(d_a1, x, W1, b1, need_input_grad=False)
+            d_h1 = self._linear_backward(d_h2.mul_(f2), h1, W2, b2)
+            self._linear_backward(d_h1.mul_(f1), x, W1, b1, need_input_grad=False)
 
         self.adam_step()
         return torch.stack([kl - reconstruction, -reconstruction, kl])

@@ -12,31 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 IMAGE_PIXELS = 28 * 28
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli")
 LOG_2PI = math.log(2 * math.pi)
 
 
-def dropout_masks(count, shape, p, device=None):
-    """`count` inverted-dropout masks of `shape`: 0 with probability p, else 1/(1-p); float32.
-
-    Drawn as 16-bit uniform integers, four from each 64-bit draw of the generator,
-    so p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006). PyTorch's own
-    CPU bernoulli_ costs about 6 ns an element, a quarter of a training step here.
-    Several masks drawn at once are the same as that many drawn one after another.
-    """
-    n = math.prod(shape)
-    per_mask = (n + 3) // 4
-    # random_(-2**63, None) draws all 64 bits; plain random_() leaves the sign bit 0.
-    bits = torch.empty((count, per_mask), dtype=torch.int64, device=device).random_(-2**63, None)
-    uniform16 = bits.view(torch.int16)[:, :n].reshape(count, *shape)  # uniform on -32768..32767
-    # Comparing straight into a float tensor is one pass; a bool mask and a where() are two, 6x slower.
-    keep = torch.ge(uniform16, round(p * 65536) - 32768, out=torch.empty(uniform16.shape, device=device))
-    return keep.mul_(1.0 / (1.0 - p))
-
-
 def dropout_mask(shape, p, device=None):
-    return dropout_masks(1, shape, p, device)[0]
+    """An inverted-dropout mask of `shape`: 0 with probability p, else 1/(1-p); float32.
+
+    Drawn from 16-bit uniform integers (kernels.dropout_bits), so p is rounded to a multiple
+    of 1/65536 (0.1 becomes 0.100006); the fused training step draws the same bits.
+    """
+    bits = kernels.dropout_bits(1, math.prod(shape), device)[0]
+    # Comparing straight into a float tensor is one pass; a bool mask and a where() are two, 6x slower.
+    keep = torch.ge(bits, kernels.keep_threshold(p), out=torch.empty(bits.shape, device=device))
+    return keep.mul_(1.0 / (1.0 - p)).view(shape)
 
 
 class Dropout(nn.Module):

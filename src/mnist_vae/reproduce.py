@@ -136,6 +136,8 @@ def _collect_images(out, epochs):
 def machine():
     import torch
 
+    from . import kernels
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -145,7 +147,7 @@ def machine():
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "kernels": "C" if kernels.available() else "torch ops"}
 
 
 def _command(args):

@@ -1,0 +1,187 @@
+/* Fused CPU loops for the training step in fused.py; kernels.py holds the same computations in
+ * torch ops, used where this extension was not built and to test it.
+ *
+ * Why: in torch each elementwise step is its own pass over memory with its own dispatch, and
+ * torch.exp/expm1/softplus are not vectorised on every CPU. One activation layer took 5-8 such
+ * passes; here it is one loop that the compiler vectorises (-O3), with exp and log written as
+ * the usual range reduction and polynomial (Cephes' coefficients, about 1 float32 ulp) because
+ * the C library's versions are not vectorised without -ffast-math.
+ *
+ * Every function takes the addresses of contiguous float32 (or int16/uint64) buffers that the
+ * Python side has checked; shapes are rows x cols with a bias of cols.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* One build for every x86-64 CPU, with AVX-512 and AVX2 versions chosen when loaded. */
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f     /* ln 2 = LN2_HI + LN2_LO, LN2_HI exact in few bits */
+#define LN2_LO -2.12194440e-4f
+
+/* e^x - 1 = 2^k (1 + m) - 1 with m = e^r - 1, x = k ln2 + r, |r| <= ln2 / 2. */
+static inline float exp_reduced(float x, float *k_out) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* Round to nearest: adding 1.5 * 2^23 pushes the fraction out of a float's mantissa. */
+    float k = (x * LOG2E + 12582912.0f) - 12582912.0f;
+    float r = x - k * LN2_HI - k * LN2_LO;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    *k_out = k;
+    return r + r * r * q;
+}
+
+static inline float pow2(float k) { /* 2^k for integral k in [-126, 127] */
+    union { int32_t i; float f; } u;
+    u.i = ((int32_t)k + 127) << 23;
+    return u.f;
+}
+
+static inline float exp_f(float x) {
+    float k, m = exp_reduced(x, &k);
+    return (m + 1.0f) * pow2(k);
+}
+
+static inline float expm1_f(float x) { /* exact near 0, where e^x - 1 would cancel */
+    float k, m = exp_reduced(x, &k);
+    return k == 0.0f ? m : (m + 1.0f) * pow2(k) - 1.0f;
+}
+
+static inline float log_1_to_2(float w) { /* log w for w in [1, 2] */
+    int big = w > 1.41421356f;
+    float x = (big ? 0.5f * w : w) - 1.0f, e = big ? 1.0f : 0.0f, z = x * x;
+    float y = 7.0376836292e-2f;
+    y = y * x - 1.1514610310e-1f;
+    y = y * x + 1.1676998740e-1f;
+    y = y * x - 1.2420140846e-1f;
+    y = y * x + 1.4249322787e-1f;
+    y = y * x - 1.6668057665e-1f;
+    y = y * x + 2.0000714765e-1f;
+    y = y * x - 2.4999993993e-1f;
+    y = y * x + 3.3333331174e-1f;
+    y = y * x * z + LN2_LO * e - 0.5f * z;
+    return x + y + LN2_HI * e;
+}
+
+/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. */
+static inline float mask(const int16_t *bits, long i, int16_t threshold, float scale) {
+    return bits == NULL || bits[i] >= threshold ? scale : 0.0f;
+}
+
+/* h = elu(a + bias) m, in place of a; factor = m elu'(a + bias), the backward pass's multiplier. */
+VECTOR_CLONES static void elu_dropout(float *restrict a, const float *restrict bias, float *restrict factor,
+                                      const int16_t *restrict bits, int16_t threshold, float scale,
+                                      long rows, long cols) {
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < cols; c++) {
+            long i = r * cols + c;
+            float x = a[i] + bias[c], m = mask(bits, i, threshold, scale);
+            float e = x > 0.0f ? x : expm1_f(x);
+            a[i] = e * m;
+            factor[i] = (x > 0.0f ? 1.0f : e + 1.0f) * m;
+        }
+}
+
+/* h = tanh(a + bias) m as 2 sigmoid(2a) - 1, as model.tanh_; factor = m (1 - tanh^2). */
+VECTOR_CLONES static void tanh_dropout(float *restrict a, const float *restrict bias, float *restrict factor,
+                                       const int16_t *restrict bits, int16_t threshold, float scale,
+                                       long rows, long cols) {
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < cols; c++) {
+            long i = r * cols + c;
+            float t = 2.0f / (1.0f + exp_f(-2.0f * (a[i] + bias[c]))) - 1.0f, m = mask(bits, i, threshold, scale);
+            a[i] = t * m;
+            factor[i] = m * (1.0f - t * t);
+        }
+}
+
+/* For l = logits + bias: terms = target l - softplus(l), the Bernoulli log-likelihood of each pixel
+ * (summed by the caller, in pairs, more exactly than a running float sum), and
+ * d_logits = (sigmoid(l) - target) scale, the gradient of -log p. */
+VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const float *restrict bias,
+                                         const float *restrict target, float *restrict terms,
+                                         float *restrict d_logits, float scale, long rows, long cols) {
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < cols; c++) {
+            long i = r * cols + c;
+            float l = logits[i] + bias[c], y = target[i];
+            float e = exp_f(l > 0.0f ? -l : l); /* e^-|l| in (0, 1] */
+            float w = 1.0f + e;
+            /* softplus(l) = max(l, 0) + log(1 + e^-|l|); sigmoid(l) = 1/w or e/w */
+            terms[i] = y * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(w));
+            d_logits[i] = ((l >= 0.0f ? 1.0f : e) / w - y) * scale;
+        }
+}
+
+/* SplitMix64 (Steele, Lea & Flood 2014) from state `key`: out[i] is its (i+1)-th output. */
+VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long n) {
+    for (long i = 0; i < n; i++) {
+        uint64_t z = key + (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ULL;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        out[i] = z ^ (z >> 31);
+    }
+}
+
+/* ---- Python bindings: addresses come as integers from Tensor.data_ptr(). */
+
+static PyObject *py_activation(PyObject *args, int tanh) {
+    unsigned long long a, bias, factor, bits;
+    int threshold;
+    float scale;
+    long rows, cols;
+    if (!PyArg_ParseTuple(args, "KKKKifll", &a, &bias, &factor, &bits, &threshold, &scale, &rows, &cols))
+        return NULL;
+    (tanh ? tanh_dropout : elu_dropout)((float *)(uintptr_t)a, (const float *)(uintptr_t)bias,
+                                        (float *)(uintptr_t)factor, (const int16_t *)(uintptr_t)bits,
+                                        (int16_t)threshold, scale, rows, cols);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_elu_dropout(PyObject *self, PyObject *args) { return py_activation(args, 0); }
+static PyObject *py_tanh_dropout(PyObject *self, PyObject *args) { return py_activation(args, 1); }
+
+static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
+    unsigned long long logits, bias, target, terms, d_logits;
+    float scale;
+    long rows, cols;
+    if (!PyArg_ParseTuple(args, "KKKKKfll", &logits, &bias, &target, &terms, &d_logits, &scale, &rows, &cols))
+        return NULL;
+    bernoulli_loss((const float *)(uintptr_t)logits, (const float *)(uintptr_t)bias,
+                   (const float *)(uintptr_t)target, (float *)(uintptr_t)terms, (float *)(uintptr_t)d_logits,
+                   scale, rows, cols);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_splitmix64(PyObject *self, PyObject *args) {
+    unsigned long long out, key;
+    long n;
+    if (!PyArg_ParseTuple(args, "KKl", &out, &key, &n))
+        return NULL;
+    splitmix64((uint64_t *)(uintptr_t)out, key, n);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, bias, factor, bits, threshold, scale, rows, cols)"},
+    {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, bits, threshold, scale, rows, cols)"},
+    {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
+     "bernoulli_loss(logits, bias, target, terms, d_logits, scale, rows, cols)"},
+    {"splitmix64", py_splitmix64, METH_VARARGS, "splitmix64(out, key, n)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU loops of the training step.", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

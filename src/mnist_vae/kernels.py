@@ -1,0 +1,121 @@
+"""The elementwise work of the fused training step, and the dropout bits: in C when the extension is built.
+
+`_kernels.c` does each activation layer and the loss in one vectorised loop; the functions here
+call it for contiguous float32 CPU tensors and otherwise compute the same thing in torch ops
+(CUDA, MPS, or an install without a C compiler). Set MNIST_VAE_NO_KERNELS=1 to use torch ops
+everywhere, e.g. to compare the two.
+
+Dropout bits come from SplitMix64, a counter-based generator, keyed by one 64-bit draw from
+torch's generator per call: seeding, checkpoints and resuming go on working through torch's
+RNG state, and C and torch ops give the same bits, so a run does not depend on which is used.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import _kernels
+except ImportError:  # built without a C compiler: torch ops below
+    _kernels = None
+
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+MIX_1, MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def available():
+    return _kernels is not None and not os.environ.get("MNIST_VAE_NO_KERNELS")
+
+
+def _use_c(*tensors):
+    return available() and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in (torch.float32, torch.int16)
+                               for t in tensors)
+
+
+# ---------------------------------------------------------------- random bits
+
+def _signed(value):
+    """A uint64 constant as the int64 with the same bits, as torch's int64 arithmetic wraps."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z, bits):
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return torch.bitwise_right_shift(z, bits).bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def splitmix64(key, n, device=None):
+    """The first n outputs of SplitMix64 started at state `key` (0 <= key < 2**64), as int64."""
+    if available() and torch.device(device or "cpu").type == "cpu":
+        out = torch.empty(n, dtype=torch.int64)
+        _kernels.splitmix64(out.data_ptr(), key, n)
+        return out
+    z = torch.arange(1, n + 1, dtype=torch.int64, device=device).mul_(_signed(GOLDEN_GAMMA)).add_(_signed(key))
+    z = z.bitwise_xor_(_shift_right(z, 30)).mul_(_signed(MIX_1))
+    z = z.bitwise_xor_(_shift_right(z, 27)).mul_(_signed(MIX_2))
+    return z.bitwise_xor_(_shift_right(z, 31))
+
+
+def dropout_bits(count, n, device=None):
+    """`count` rows of n uniform 16-bit integers (int16, -32768..32767), four from each SplitMix64
+    output, keyed by one draw of torch's default generator."""
+    key = int(torch.empty((), dtype=torch.int64).random_(-2**63, None)) % (1 << 64)
+    words = (n + 3) // 4
+    return splitmix64(key, count * words, device).view(torch.int16).view(count, 4 * words)[:, :n]
+
+
+def keep_threshold(p):
+    """A unit is kept when its 16-bit uniform is >= this: probability 1 - p, p rounded to 1/65536."""
+    return round(p * 65536) - 32768
+
+
+# ---------------------------------------------------------------- the step's elementwise work
+
+def elu_dropout(a, bias, bits, p):
+    """h = elu(a + bias) m, written into a, and m elu'(a + bias), the backward pass's factor;
+    m is the dropout mask of `bits` (None: no dropout), 0 or 1/(1-p)."""
+    factor = torch.empty_like(a)
+    if _use_c(a, bias, *([bits] if bits is not None else [])):
+        _kernels.elu_dropout(a.data_ptr(), bias.data_ptr(), factor.data_ptr(), 0 if bits is None else bits.data_ptr(),
+                             keep_threshold(p), 1 / (1 - p), *a.shape)
+        return a, factor
+    e = F.elu(a.add_(bias))
+    torch.add(e.clamp(max=0), 1, out=factor)  # elu'(x) = min(elu(x), 0) + 1
+    if bits is not None:
+        m = _mask(bits, p, a.shape)
+        e.mul_(m), factor.mul_(m)
+    return a.copy_(e), factor
+
+
+def tanh_dropout(a, bias, bits, p):
+    """h = tanh(a + bias) m, written into a, as 2 sigmoid(2x) - 1 (see model.tanh_), and m (1 - tanh²)."""
+    if _use_c(a, bias, *([bits] if bits is not None else [])):
+        factor = torch.empty_like(a)
+        _kernels.tanh_dropout(a.data_ptr(), bias.data_ptr(), factor.data_ptr(), 0 if bits is None else bits.data_ptr(),
+                              keep_threshold(p), 1 / (1 - p), *a.shape)
+        return a, factor
+    t = a.add_(bias).mul_(2).sigmoid_().mul_(2).sub_(1)
+    factor = torch.addcmul(torch.ones_like(t), t, t, value=-1)
+    if bits is not None:
+        m = _mask(bits, p, a.shape)
+        t.mul_(m), factor.mul_(m)
+    return t, factor
+
+
+def bernoulli_loss(logits, bias, target, scale):
+    """For l = logits + bias: sum over pixels of target l - softplus(l) (log p(target | l), as
+    model.log_likelihood), and (sigmoid(l) - target) scale, the gradient of -log p times scale."""
+    if _use_c(logits, bias, target):
+        terms, d_logits = torch.empty_like(logits), torch.empty_like(logits)
+        _kernels.bernoulli_loss(logits.data_ptr(), bias.data_ptr(), target.data_ptr(), terms.data_ptr(),
+                                d_logits.data_ptr(), scale, *logits.shape)
+        return terms.sum(), d_logits
+    logits = logits + bias
+    log_p = torch.dot(target.reshape(-1), logits.reshape(-1)) - F.softplus(logits).sum()
+    return log_p, torch.sigmoid(logits).sub_(target).mul_(scale)
+
+
+def _mask(bits, p, shape):
+    keep = torch.ge(bits, keep_threshold(p), out=torch.empty(bits.shape, device=bits.device))
+    return keep.mul_(1 / (1 - p)).view(shape)

@@ -1,0 +1,112 @@
+"""The C loops of the training step compute what their torch-ops versions and float64 references compute."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnist_vae import kernels
+
+needs_c = pytest.mark.skipif(kernels._kernels is None, reason="the C extension was not built")
+
+
+def test_the_c_extension_is_built_in_ci():
+    """A failed build is not an error for pip (the extension is optional), so CI checks it here."""
+    if not os.environ.get("CI"):
+        pytest.skip("checked in CI only; without a C compiler the torch ops are used")
+    assert kernels._kernels is not None, "src/mnist_vae/_kernels.c was not compiled: is a C compiler installed?"
+
+
+def splitmix64_in_python(key, n):
+    """SplitMix64 on Python integers, the reference the two implementations are checked against."""
+    out, mask = [], (1 << 64) - 1
+    for _ in range(n):
+        key = (key + 0x9E3779B97F4A7C15) & mask
+        z = key
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+@pytest.mark.parametrize("key", [0, 1, 2**63 + 12345, 2**64 - 1])
+def test_splitmix64_matches_the_reference(implementation, key):
+    got = [value % (1 << 64) for value in kernels.splitmix64(key, 257).tolist()]
+    assert got == splitmix64_in_python(key, 257)
+    if key == 0:
+        assert got[0] == 0xE220A8397B1DCDAF  # the first output of SplitMix64 from 0, as published
+
+
+def test_dropout_bits_follow_torch_seed_and_differ_between_calls(implementation):
+    torch.manual_seed(3)
+    first, second = kernels.dropout_bits(1, 1001), kernels.dropout_bits(1, 1001)
+    torch.manual_seed(3)
+    assert torch.equal(kernels.dropout_bits(1, 1001), first)
+    assert not torch.equal(first, second)
+    assert first.shape == (1, 1001) and first.dtype == torch.int16
+
+
+@needs_c
+def test_c_and_torch_ops_draw_the_same_dropout_bits(monkeypatch):
+    torch.manual_seed(5)
+    c_bits = kernels.dropout_bits(2, 64001)
+    monkeypatch.setenv("MNIST_VAE_NO_KERNELS", "1")
+    torch.manual_seed(5)
+    assert torch.equal(kernels.dropout_bits(2, 64001), c_bits)
+
+
+def inputs(rows=130, cols=501):
+    """Pre-activations over the whole float32 range that matters, tiny ones included."""
+    torch.manual_seed(0)
+    a = torch.randn(rows, cols) * 4
+    a.view(-1)[:2001] = torch.linspace(-100, 100, 2001)
+    a.view(-1)[2001:3001] = torch.randn(1000) * 1e-5
+    bias = torch.randn(cols) * 0.1
+    return a, bias
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("activation", ["elu", "tanh"])
+def test_activation_dropout_and_its_backward_factor(implementation, activation, p):
+    a, bias = inputs()
+    bits = kernels.dropout_bits(1, a.numel())[0] if p > 0 else None
+    mask = torch.ones(a.shape, dtype=torch.float64) if bits is None else (
+        (bits >= kernels.keep_threshold(p)).double().view(a.shape) / (1 - p))
+    # float64 reference, with the derivative from autograd
+    x = (a.double() + bias.double()).requires_grad_()
+    act = F.elu(x) if activation == "elu" else torch.tanh(x)
+    (derivative,) = torch.autograd.grad(act.sum(), x)
+    function = kernels.elu_dropout if activation == "elu" else kernels.tanh_dropout
+    h, factor = function(a.clone(), bias, bits, p)
+    # tanh as 2 sigmoid(2x) - 1 is within about 2e-7 of tanh; the mask scales errors by 1/(1-p)
+    torch.testing.assert_close(h.double(), act.detach() * mask, rtol=2e-6, atol=3e-7 / (1 - p))
+    torch.testing.assert_close(factor.double(), derivative * mask, rtol=2e-6, atol=4e-7 / (1 - p))
+
+
+def test_bernoulli_loss_and_its_gradient(implementation):
+    logits, bias = inputs(128, 784)
+    torch.manual_seed(1)
+    target = torch.rand(logits.shape)
+    target[:, :100] = (target[:, :100] > 0.5).float()
+    log_p, d_logits = kernels.bernoulli_loss(logits, bias, target, 1 / 128)
+    l64 = (logits.double() + bias.double()).requires_grad_()
+    reference = (target.double() * l64 - F.softplus(l64)).sum()
+    (gradient,) = torch.autograd.grad(-reference / 128, l64)
+    assert log_p.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(d_logits.double(), gradient, rtol=1e-5, atol=1e-9)
+
+
+@needs_c
+def test_non_contiguous_or_double_inputs_take_the_torch_ops(monkeypatch):
+    a, bias = inputs()
+    bits = kernels.dropout_bits(1, a.numel())[0]
+    h_c, factor_c = kernels.elu_dropout(a.clone(), bias, bits, 0.1)
+    wide = torch.zeros(a.shape[0], 2 * a.shape[1])
+    wide[:, ::2] = a
+    h_strided, factor_strided = kernels.elu_dropout(wide[:, ::2], bias, bits, 0.1)
+    torch.testing.assert_close(h_strided, h_c, rtol=2e-6, atol=3e-7)
+    torch.testing.assert_close(factor_strided, factor_c, rtol=2e-6, atol=5e-7)
+    h_double, factor_double = kernels.elu_dropout(a.double(), bias.double(), bits, 0.1)
+    torch.testing.assert_close(h_double, h_c.double(), rtol=2e-6, atol=3e-7)
+    torch.testing.assert_close(factor_double, factor_c.double(), rtol=2e-6, atol=5e-7)
