@@ -110,3 +110,22 @@ def test_non_contiguous_or_double_inputs_take_the_torch_ops(monkeypatch):
     h_double, factor_double = kernels.elu_dropout(a.double(), bias.double(), bits, 0.1)
     torch.testing.assert_close(h_double, h_c.double(), rtol=2e-6, atol=3e-7)
     torch.testing.assert_close(factor_double, factor_c.double(), rtol=2e-6, atol=5e-7)
+
+
+@pytest.mark.parametrize("dim_z", [1, 2, 20])
+def test_gaussian_sample_kl_and_backward(implementation, dim_z):
+    torch.manual_seed(2)
+    gaussian = torch.randn(129, 2 * dim_z) * 3
+    gaussian[0, dim_z:] = torch.linspace(-30, 30, dim_z)  # std from about 1e-6 to 30
+    eps, d_z = torch.randn(129, dim_z), torch.randn(129, dim_z)
+    z, std, kl = kernels.gaussian_sample(gaussian, eps)
+    g64 = gaussian.double().requires_grad_()
+    mu, std64 = g64[:, :dim_z], F.softplus(g64[:, dim_z:]) + 1e-6
+    z64 = mu + std64 * eps.double()
+    kl64 = (0.5 * (mu ** 2 + std64 ** 2 - 1) - torch.log(std64)).sum()
+    torch.testing.assert_close(z.double(), z64.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(std.double(), std64.detach(), rtol=1e-6, atol=1e-12)
+    assert kl.item() == pytest.approx(kl64.item(), rel=1e-6)
+    (gradient,) = torch.autograd.grad((z64 * d_z.double()).sum() + kl64 / 129, g64)
+    d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, 1 / 129)
+    torch.testing.assert_close(d_gaussian.double(), gradient, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -73,6 +74,13 @@ static inline float log_1_to_2(float w) { /* log w for w in [1, 2] */
     return x + y + LN2_HI * e;
 }
 
+/* log(1 + e) for e in [0, 1] to full relative precision, also where 1 + e rounds (Goldberg's correction);
+ * the loss does without it, as there an absolute error of half an ulp of 1 is as good as exact. */
+static inline float log1p_0_to_1(float e) {
+    float w = 1.0f + e;
+    return w == 1.0f ? e : log_1_to_2(w) * (e / (w - 1.0f));
+}
+
 /* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. */
 static inline float mask(const int16_t *bits, long i, int16_t threshold, float scale) {
     return bits == NULL || bits[i] >= threshold ? scale : 0.0f;
@@ -123,6 +131,41 @@ VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const flo
         }
 }
 
+/* The reparameterisation of a batch of rows: gaussian = [mu, s] (rows x 2 dim_z), std = softplus(s) + 1e-6,
+ * z = mu + std eps, and kl[r] = KL(N(mu, std^2) || N(0, 1)) of each row. */
+VECTOR_CLONES static void gaussian_sample(const float *restrict gaussian, const float *restrict eps,
+                                          float *restrict z, float *restrict std_out, float *restrict kl,
+                                          long rows, long dim_z) {
+    for (long r = 0; r < rows; r++) {
+        const float *mu = gaussian + r * 2 * dim_z, *s = mu + dim_z;
+        float total = 0.0f;
+        for (long j = 0; j < dim_z; j++) {
+            long i = r * dim_z + j;
+            float e = exp_f(s[j] > 0.0f ? -s[j] : s[j]);
+            float std = (s[j] > 0.0f ? s[j] : 0.0f) + log1p_0_to_1(e) + 1e-6f;
+            z[i] = mu[j] + std * eps[i];
+            std_out[i] = std;
+            total += 0.5f * (mu[j] * mu[j] + std * std - 1.0f) - logf(std);
+        }
+        kl[r] = total;
+    }
+}
+
+/* The gradient of the batch mean of -ELBO with respect to gaussian = [mu, s], from d_z: */
+/* d mu = d_z + mu / B, d s = (d_z eps + (std - 1/std) / B) sigmoid(s). */
+VECTOR_CLONES static void gaussian_backward(const float *restrict gaussian, const float *restrict eps,
+                                            const float *restrict std, const float *restrict d_z,
+                                            float *restrict d_gaussian, float inv_batch, long rows, long dim_z) {
+    for (long r = 0; r < rows; r++)
+        for (long j = 0; j < dim_z; j++) {
+            long i = r * dim_z + j, m = r * 2 * dim_z + j;
+            float s = gaussian[m + dim_z], e = exp_f(s > 0.0f ? -s : s);
+            float sigmoid = (s >= 0.0f ? 1.0f : e) / (1.0f + e);
+            d_gaussian[m] = d_z[i] + gaussian[m] * inv_batch;
+            d_gaussian[m + dim_z] = (d_z[i] * eps[i] + (std[i] - 1.0f / std[i]) * inv_batch) * sigmoid;
+        }
+}
+
 /* SplitMix64 (Steele, Lea & Flood 2014) from state `key`: out[i] is its (i+1)-th output. */
 VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long n) {
     for (long i = 0; i < n; i++) {
@@ -163,6 +206,27 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_gaussian_sample(PyObject *self, PyObject *args) {
+    unsigned long long gaussian, eps, z, std, kl;
+    long rows, dim_z;
+    if (!PyArg_ParseTuple(args, "KKKKKll", &gaussian, &eps, &z, &std, &kl, &rows, &dim_z))
+        return NULL;
+    gaussian_sample((const float *)(uintptr_t)gaussian, (const float *)(uintptr_t)eps, (float *)(uintptr_t)z,
+                    (float *)(uintptr_t)std, (float *)(uintptr_t)kl, rows, dim_z);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_gaussian_backward(PyObject *self, PyObject *args) {
+    unsigned long long gaussian, eps, std, d_z, d_gaussian;
+    float inv_batch;
+    long rows, dim_z;
+    if (!PyArg_ParseTuple(args, "KKKKKfll", &gaussian, &eps, &std, &d_z, &d_gaussian, &inv_batch, &rows, &dim_z))
+        return NULL;
+    gaussian_backward((const float *)(uintptr_t)gaussian, (const float *)(uintptr_t)eps, (const float *)(uintptr_t)std,
+                      (const float *)(uintptr_t)d_z, (float *)(uintptr_t)d_gaussian, inv_batch, rows, dim_z);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_splitmix64(PyObject *self, PyObject *args) {
     unsigned long long out, key;
     long n;
@@ -177,6 +241,9 @@ static PyMethodDef methods[] = {
     {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, bits, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
      "bernoulli_loss(logits, bias, target, terms, d_logits, scale, rows, cols)"},
+    {"gaussian_sample", py_gaussian_sample, METH_VARARGS, "gaussian_sample(gaussian, eps, z, std, kl, rows, dim_z)"},
+    {"gaussian_backward", py_gaussian_backward, METH_VARARGS,
+     "gaussian_backward(gaussian, eps, std, d_z, d_gaussian, inv_batch, rows, dim_z)"},
     {"splitmix64", py_splitmix64, METH_VARARGS, "splitmix64(out, key, n)"},
     {NULL, NULL, 0, NULL},
 };

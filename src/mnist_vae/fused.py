@@ -19,7 +19,6 @@ Notation, for a batch of B images (h: hidden activations after dropout):
 """
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
 from .model import continuous_bernoulli_log_norm
@@ -56,10 +55,8 @@ class FusedTrainStep:
             h1, f1 = kernels.elu_dropout(a1, b1, self._bits(a1), p)
             h2, f2 = kernels.tanh_dropout(torch.mm(h1, W2.t()), b2, self._bits(h1), p)
             gaussian = torch.addmm(b3, h2, W3.t())
-            mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
-            std = F.softplus(pre_std) + 1e-6
-            eps = torch.randn_like(std)
-            z = mu + std * eps
+            eps = torch.randn(batch, dim_z, device=x.device)
+            z, std, kl = kernels.gaussian_sample(gaussian, eps)
             a4 = torch.mm(z, W4.t())
             h4, f4 = kernels.tanh_dropout(a4, b4, self._bits(a4), p)
             h5, f5 = kernels.elu_dropout(torch.mm(h4, W5.t()), b5, self._bits(h4), p)
@@ -72,16 +69,13 @@ class FusedTrainStep:
                 logits.add_(b6)
                 reconstruction = reconstruction + continuous_bernoulli_log_norm(logits).sum()
                 d_logits.sub_(_continuous_bernoulli_log_norm_grad(logits).div_(batch))
-            kl = 0.5 * (mu.square() + std.square() - 1).sum() - std.log().sum()
             reconstruction, kl = reconstruction / batch, kl / batch
 
             # Backward.
             d_h5 = self._linear_backward(d_logits, h5, W6, b6)
             d_h4 = self._linear_backward(d_h5.mul_(f5), h4, W5, b5)
             d_z = self._linear_backward(d_h4.mul_(f4), z, W4, b4)
-            d_mu = d_z + mu / batch
-            d_std = d_z * eps + (std - 1 / std) / batch
-            d_gaussian = torch.cat([d_mu, d_std * torch.sigmoid(pre_std)], dim=1)
+            d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, 1 / batch)
             d_h2 = self._linear_backward(d_gaussian, h2, W3, b3)
             d_h1 = self._linear_backward(d_h2.mul_(f2), h1, W2, b2)
             self._linear_backward(d_h1.mul_(f1), x, W1, b1, need_input_grad=False)

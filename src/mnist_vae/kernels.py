@@ -116,6 +116,35 @@ def bernoulli_loss(logits, bias, target, scale):
     return log_p, torch.sigmoid(logits).sub_(target).mul_(scale)
 
 
+def gaussian_sample(gaussian, eps):
+    """z = mu + std eps for [mu, s] = gaussian and std = softplus(s) + 1e-6; also std, and the sum over
+    the batch of KL(N(mu, std²) || N(0, I))."""
+    rows, dim_z = eps.shape
+    if _use_c(gaussian, eps):
+        z, std, kl = torch.empty_like(eps), torch.empty_like(eps), torch.empty(rows)
+        _kernels.gaussian_sample(gaussian.data_ptr(), eps.data_ptr(), z.data_ptr(), std.data_ptr(), kl.data_ptr(),
+                                 rows, dim_z)
+        return z, std, kl.sum()
+    mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
+    std = F.softplus(pre_std) + 1e-6
+    kl = 0.5 * (mu.square() + std.square() - 1).sum() - std.log().sum()
+    return mu + std * eps, std, kl
+
+
+def gaussian_backward(gaussian, eps, std, d_z, scale):
+    """d(loss)/d[mu, s] from d(loss)/dz, where the loss adds KL times `scale` (1/B for a batch mean):
+    d mu = d_z + mu scale, d s = (d_z eps + (std - 1/std) scale) sigmoid(s)."""
+    rows, dim_z = eps.shape
+    if _use_c(gaussian, eps, std, d_z):
+        d_gaussian = torch.empty_like(gaussian)
+        _kernels.gaussian_backward(gaussian.data_ptr(), eps.data_ptr(), std.data_ptr(), d_z.data_ptr(),
+                                   d_gaussian.data_ptr(), scale, rows, dim_z)
+        return d_gaussian
+    mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
+    d_std = d_z * eps + (std - 1 / std) * scale
+    return torch.cat([d_z + mu * scale, d_std * torch.sigmoid(pre_std)], dim=1)
+
+
 def _mask(bits, p, shape):
     keep = torch.ge(bits, keep_threshold(p), out=torch.empty(bits.shape, device=bits.device))
     return keep.mul_(1 / (1 - p)).view(shape)
