@@ -15,6 +15,12 @@
 #include <math.h>
 #include <stdint.h>
 
+#if defined(__GNUC__) && !defined(__clang__)
+/* Lets gcc compute both sides of a ?: and select, as a vector loop must; nothing here reads the
+ * floating-point exception flags that this gives up. */
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 /* One build for every x86-64 CPU, with AVX-512 and AVX2 versions chosen when loaded. */
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -81,36 +87,47 @@ static inline float log1p_0_to_1(float e) {
     return w == 1.0f ? e : log_1_to_2(w) * (e / (w - 1.0f));
 }
 
-/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. */
-static inline float mask(const int16_t *bits, long i, int16_t threshold, float scale) {
-    return bits == NULL || bits[i] >= threshold ? scale : 0.0f;
+/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. `masked` is a
+ * constant after inlining, so that each case is its own loop: a load of bits[i] that might be skipped
+ * cannot be vectorised without AVX-512's masked loads. */
+static inline __attribute__((always_inline)) void activation_rows(
+        int tanh, int masked, float *restrict a, const float *restrict bias, float *restrict factor,
+        const int16_t *restrict bits, int16_t threshold, float scale, long rows, long cols) {
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < cols; c++) {
+            long i = r * cols + c;
+            float x = a[i] + bias[c], m = masked ? (bits[i] >= threshold ? scale : 0.0f) : scale;
+            if (tanh) { /* 2 sigmoid(2x) - 1, as model.tanh_; factor = m (1 - tanh^2) */
+                float t = 2.0f / (1.0f + exp_f(-2.0f * x)) - 1.0f;
+                a[i] = t * m;
+                factor[i] = m * (1.0f - t * t);
+            } else { /* elu; factor = m elu'(x) */
+                float e = x > 0.0f ? x : expm1_f(x);
+                a[i] = e * m;
+                factor[i] = (x > 0.0f ? 1.0f : e + 1.0f) * m;
+            }
+        }
 }
 
-/* h = elu(a + bias) m, in place of a; factor = m elu'(a + bias), the backward pass's multiplier. */
+/* h = elu(a + bias) m, in place of a; factor = m elu'(a + bias), the backward pass's multiplier.
+ * bits == NULL: no dropout. */
 VECTOR_CLONES static void elu_dropout(float *restrict a, const float *restrict bias, float *restrict factor,
                                       const int16_t *restrict bits, int16_t threshold, float scale,
                                       long rows, long cols) {
-    for (long r = 0; r < rows; r++)
-        for (long c = 0; c < cols; c++) {
-            long i = r * cols + c;
-            float x = a[i] + bias[c], m = mask(bits, i, threshold, scale);
-            float e = x > 0.0f ? x : expm1_f(x);
-            a[i] = e * m;
-            factor[i] = (x > 0.0f ? 1.0f : e + 1.0f) * m;
-        }
+    if (bits)
+        activation_rows(0, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+    else
+        activation_rows(0, 0, a, bias, factor, bits, threshold, scale, rows, cols);
 }
 
-/* h = tanh(a + bias) m as 2 sigmoid(2a) - 1, as model.tanh_; factor = m (1 - tanh^2). */
+/* h = tanh(a + bias) m, in place of a; factor = m (1 - tanh^2). */
 VECTOR_CLONES static void tanh_dropout(float *restrict a, const float *restrict bias, float *restrict factor,
                                        const int16_t *restrict bits, int16_t threshold, float scale,
                                        long rows, long cols) {
-    for (long r = 0; r < rows; r++)
-        for (long c = 0; c < cols; c++) {
-            long i = r * cols + c;
-            float t = 2.0f / (1.0f + exp_f(-2.0f * (a[i] + bias[c]))) - 1.0f, m = mask(bits, i, threshold, scale);
-            a[i] = t * m;
-            factor[i] = m * (1.0f - t * t);
-        }
+    if (bits)
+        activation_rows(1, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+    else
+        activation_rows(1, 0, a, bias, factor, bits, threshold, scale, rows, cols);
 }
 
 /* For l = logits + bias: terms = target l - softplus(l), the Bernoulli log-likelihood of each pixel
