@@ -109,25 +109,19 @@ static inline __attribute__((always_inline)) void activation_rows(
         }
 }
 
-/* h = elu(a + bias) m, in place of a; factor = m elu'(a + bias), the backward pass's multiplier.
- * bits == NULL: no dropout. */
-VECTOR_CLONES static void elu_dropout(float *restrict a, const float *restrict bias, float *restrict factor,
-                                      const int16_t *restrict bits, int16_t threshold, float scale,
-                                      long rows, long cols) {
-    if (bits)
+/* h = act(a + bias) m, in place of a, and factor = m act'(a + bias), the backward pass's multiplier;
+ * act is tanh or elu; bits == NULL: no dropout. Each case is its own vectorised loop. */
+VECTOR_CLONES static void activation_dropout(int tanh, float *restrict a, const float *restrict bias,
+                                             float *restrict factor, const int16_t *restrict bits,
+                                             int16_t threshold, float scale, long rows, long cols) {
+    if (tanh && bits)
+        activation_rows(1, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+    else if (tanh)
+        activation_rows(1, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+    else if (bits)
         activation_rows(0, 1, a, bias, factor, bits, threshold, scale, rows, cols);
     else
         activation_rows(0, 0, a, bias, factor, bits, threshold, scale, rows, cols);
-}
-
-/* h = tanh(a + bias) m, in place of a; factor = m (1 - tanh^2). */
-VECTOR_CLONES static void tanh_dropout(float *restrict a, const float *restrict bias, float *restrict factor,
-                                       const int16_t *restrict bits, int16_t threshold, float scale,
-                                       long rows, long cols) {
-    if (bits)
-        activation_rows(1, 1, a, bias, factor, bits, threshold, scale, rows, cols);
-    else
-        activation_rows(1, 0, a, bias, factor, bits, threshold, scale, rows, cols);
 }
 
 /* For l = logits + bias: terms = target l - softplus(l), the Bernoulli log-likelihood of each pixel
@@ -202,9 +196,8 @@ static PyObject *py_activation(PyObject *args, int tanh) {
     long rows, cols;
     if (!PyArg_ParseTuple(args, "KKKKifll", &a, &bias, &factor, &bits, &threshold, &scale, &rows, &cols))
         return NULL;
-    (tanh ? tanh_dropout : elu_dropout)((float *)(uintptr_t)a, (const float *)(uintptr_t)bias,
-                                        (float *)(uintptr_t)factor, (const int16_t *)(uintptr_t)bits,
-                                        (int16_t)threshold, scale, rows, cols);
+    activation_dropout(tanh, (float *)(uintptr_t)a, (const float *)(uintptr_t)bias, (float *)(uintptr_t)factor,
+                       (const int16_t *)(uintptr_t)bits, (int16_t)threshold, scale, rows, cols);
     Py_RETURN_NONE;
 }
 

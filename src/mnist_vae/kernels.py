@@ -75,13 +75,11 @@ def keep_threshold(p):
 def elu_dropout(a, bias, bits, p):
     """h = elu(a + bias) m, written into a, and m elu'(a + bias), the backward pass's factor;
     m is the dropout mask of `bits` (None: no dropout), 0 or 1/(1-p)."""
-    factor = torch.empty_like(a)
-    if _use_c(a, bias, *([bits] if bits is not None else [])):
-        _kernels.elu_dropout(a.data_ptr(), bias.data_ptr(), factor.data_ptr(), 0 if bits is None else bits.data_ptr(),
-                             keep_threshold(p), 1 / (1 - p), *a.shape)
-        return a, factor
+    done = _activation_in_c("elu_dropout", a, bias, bits, p)
+    if done:
+        return done
     e = F.elu(a.add_(bias))
-    torch.add(e.clamp(max=0), 1, out=factor)  # elu'(x) = min(elu(x), 0) + 1
+    factor = e.clamp(max=0).add_(1)  # elu'(x) = min(elu(x), 0) + 1
     if bits is not None:
         m = _mask(bits, p, a.shape)
         e.mul_(m), factor.mul_(m)
@@ -90,17 +88,25 @@ def elu_dropout(a, bias, bits, p):
 
 def tanh_dropout(a, bias, bits, p):
     """h = tanh(a + bias) m, written into a, as 2 sigmoid(2x) - 1 (see model.tanh_), and m (1 - tanh²)."""
-    if _use_c(a, bias, *([bits] if bits is not None else [])):
-        factor = torch.empty_like(a)
-        _kernels.tanh_dropout(a.data_ptr(), bias.data_ptr(), factor.data_ptr(), 0 if bits is None else bits.data_ptr(),
-                              keep_threshold(p), 1 / (1 - p), *a.shape)
-        return a, factor
+    done = _activation_in_c("tanh_dropout", a, bias, bits, p)
+    if done:
+        return done
     t = a.add_(bias).mul_(2).sigmoid_().mul_(2).sub_(1)
     factor = torch.addcmul(torch.ones_like(t), t, t, value=-1)
     if bits is not None:
         m = _mask(bits, p, a.shape)
         t.mul_(m), factor.mul_(m)
     return t, factor
+
+
+def _activation_in_c(name, a, bias, bits, p):
+    """(h, factor) from the C loop `name`, or None where the tensors do not suit it."""
+    if not _use_c(a, bias, *(() if bits is None else (bits,))):
+        return None
+    factor = torch.empty_like(a)
+    getattr(_kernels, name)(a.data_ptr(), bias.data_ptr(), factor.data_ptr(), 0 if bits is None else bits.data_ptr(),
+                            keep_threshold(p), 1 / (1 - p), *a.shape)
+    return a, factor
 
 
 def bernoulli_loss(logits, bias, target, scale):
