@@ -117,7 +117,7 @@ def fixed_costs_seconds(config, device, n_train):
     started = time.perf_counter()
     for _ in range(n_steps):
         for _ in range(4):  # as the fused step draws them: one layer at a time
-            dropout_bits(1, config.batch_size * config.n_hidden, device)
+            dropout_bits(config.batch_size * config.n_hidden, device)
     _synchronize(device)
     return {"adam_s": adam, "masks_s": time.perf_counter() - started}
 

@@ -57,12 +57,11 @@ def splitmix64(key, n, device=None):
     return z.bitwise_xor_(_shift_right(z, 31))
 
 
-def dropout_bits(count, n, device=None):
-    """`count` rows of n uniform 16-bit integers (int16, -32768..32767), four from each SplitMix64
-    output, keyed by one draw of torch's default generator."""
+def dropout_bits(n, device=None):
+    """The bits of one dropout mask: n uniform 16-bit integers (int16, -32768..32767), four from each
+    SplitMix64 output, keyed by one draw of torch's default generator."""
     key = int(torch.empty((), dtype=torch.int64).random_(-2**63, None)) % (1 << 64)
-    words = (n + 3) // 4
-    return splitmix64(key, count * words, device).view(torch.int16).view(count, 4 * words)[:, :n]
+    return splitmix64(key, (n + 3) // 4, device).view(torch.int16)[:n]
 
 
 def keep_threshold(p):
@@ -71,6 +70,12 @@ def keep_threshold(p):
 
 
 # ---------------------------------------------------------------- the step's elementwise work
+
+def tanh_(a):
+    """tanh(a) as 2 sigmoid(2a) - 1, in place: twice as fast as torch.tanh on the CPU, and
+    within a few float32 ulps of it. model.Tanh and the C loop compute it the same way."""
+    return a.mul_(2).sigmoid_().mul_(2).sub_(1)
+
 
 def elu_dropout(a, bias, bits, p):
     """h = elu(a + bias) m, written into a, and m elu'(a + bias), the backward pass's factor;
@@ -87,11 +92,11 @@ def elu_dropout(a, bias, bits, p):
 
 
 def tanh_dropout(a, bias, bits, p):
-    """h = tanh(a + bias) m, written into a, as 2 sigmoid(2x) - 1 (see model.tanh_), and m (1 - tanh²)."""
+    """h = tanh(a + bias) m, written into a, as tanh_ computes it, and m (1 - tanh²)."""
     done = _activation_in_c("tanh_dropout", a, bias, bits, p)
     if done:
         return done
-    t = a.add_(bias).mul_(2).sigmoid_().mul_(2).sub_(1)
+    t = tanh_(a.add_(bias))
     factor = torch.addcmul(torch.ones_like(t), t, t, value=-1)
     if bits is not None:
         m = _mask(bits, p, a.shape)
