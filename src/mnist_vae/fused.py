@@ -33,10 +33,24 @@ class FusedTrainStep:
         encoder, decoder = model.encoder, model.decoder
         self.layers = [encoder[0], encoder[3], encoder[6], decoder[0], decoder[3], decoder[6]]
         self.p = encoder[2].p
-        for layer in self.layers:
-            for parameter in (layer.weight, layer.bias):
-                if parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
+        group = optimizer.param_groups[0]
+        self.adam_by_layer = (group.get("fused") and hasattr(torch, "_fused_adam_")
+                              and len(optimizer.param_groups) == 1 and not group["amsgrad"] and not group["maximize"])
+        if self.adam_by_layer:
+            # Adam is applied to each layer as soon as the backward pass has its gradient, and all
+            # weight gradients share one buffer: the gradient is still in cache when Adam reads it,
+            # and the step touches 3.5 MB less memory, which keeps more of Adam's moments in the
+            # L3 cache between steps (measured: 0.1 s less per default epoch).
+            shared = torch.empty(max(layer.weight.numel() for layer in self.layers),
+                                 device=self.layers[0].weight.device)
+            self.grads = [(shared[:layer.weight.numel()].view_as(layer.weight), torch.empty_like(layer.bias))
+                          for layer in self.layers]
+        else:  # optimizer.step() after the backward pass, from the parameters' .grad
+            for layer in self.layers:
+                for parameter in (layer.weight, layer.bias):
+                    if parameter.grad is None:
+                        parameter.grad = torch.zeros_like(parameter)
+            self.grads = [(layer.weight.grad, layer.bias.grad) for layer in self.layers]
 
     def _bits(self, like):
         """The dropout bits of one layer, drawn where model.VAE.forward draws its mask."""
@@ -72,45 +86,64 @@ class FusedTrainStep:
             reconstruction, kl = reconstruction / batch, kl / batch
 
             # Backward.
-            d_h5 = self._linear_backward(d_logits, h5, W6, b6)
-            d_h4 = self._linear_backward(d_h5.mul_(f5), h4, W5, b5)
-            d_z = self._linear_backward(d_h4.mul_(f4), z, W4, b4)
+            if self.adam_by_layer:
+                self._count_adam_step()
+            d_h5 = self._linear_backward(5, d_logits, h5)
+            d_h4 = self._linear_backward(4, d_h5.mul_(f5), h4)
+            d_z = self._linear_backward(3, d_h4.mul_(f4), z)
             d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, 1 / batch)
-            d_h2 = self._linear_backward(d_gaussian, h2, W3, b3)
-            d_h1 = self._linear_backward(d_h2.mul_(f2), h1, W2, b2)
-            self._linear_backward(d_h1.mul_(f1), x, W1, b1, need_input_grad=False)
+            d_h2 = self._linear_backward(2, d_gaussian, h2)
+            d_h1 = self._linear_backward(1, d_h2.mul_(f2), h1)
+            self._linear_backward(0, d_h1.mul_(f1), x, need_input_grad=False)
 
-        self.adam_step()
+        if not self.adam_by_layer:
+            self.optimizer.step()
         return torch.stack([kl - reconstruction, -reconstruction, kl])
 
+    def _linear_backward(self, index, d_out, inputs, need_input_grad=True):
+        """The gradients of layer `index`, y = inputs W' + b, and with adam_by_layer its Adam update
+        (after W's last use in this step); return d(inputs)."""
+        weight = self.layers[index].weight
+        grad_weight, grad_bias = self.grads[index]
+        torch.mm(d_out.t(), inputs, out=grad_weight)
+        torch.sum(d_out, dim=0, out=grad_bias)
+        d_inputs = torch.mm(d_out, weight) if need_input_grad else None
+        if self.adam_by_layer:
+            self._adam(index)
+        return d_inputs
+
     def adam_step(self):
-        """optimizer.step() for a fused Adam, less its per-call Python bookkeeping (0.4 ms here)."""
-        optimizer = self.optimizer
-        group = optimizer.param_groups[0]
-        params = group["params"]
-        if not (group.get("fused") and hasattr(torch, "_fused_adam_")) or len(optimizer.param_groups) > 1:
-            optimizer.step()
+        """Adam's update of every parameter from the gradients of the last step, as the step applies
+        it (the benchmark times this alone)."""
+        if not self.adam_by_layer:
+            self.optimizer.step()
             return
-        if not optimizer.state:  # the state torch.optim.Adam would create on its first step
-            for p in params:
-                optimizer.state[p] = {"step": torch.tensor(0.0, device=p.device),
-                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        states = [optimizer.state[p] for p in params]
-        steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1)
+        self._count_adam_step()
+        for index in range(len(self.layers)):
+            self._adam(index)
+
+    def _count_adam_step(self):
+        """Create Adam's state as torch.optim.Adam would on its first step; add 1 to every step count."""
+        state = self.optimizer.state
+        parameters = self.optimizer.param_groups[0]["params"]
+        if not state:
+            for p in parameters:
+                state[p] = {"step": torch.tensor(0.0, device=p.device),
+                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        torch._foreach_add_([state[p]["step"] for p in parameters], 1)
+
+    def _adam(self, index):
+        """torch.optim.Adam(fused=True).step() for the weight and bias of one layer, without its
+        per-call Python bookkeeping."""
+        group = self.optimizer.param_groups[0]
+        layer = self.layers[index]
+        states = [self.optimizer.state[layer.weight], self.optimizer.state[layer.bias]]
         beta1, beta2 = group["betas"]
         torch._fused_adam_(
-            params, [p.grad for p in params], [state["exp_avg"] for state in states],
-            [state["exp_avg_sq"] for state in states], [], steps, amsgrad=False, lr=group["lr"],
-            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+            [layer.weight, layer.bias], list(self.grads[index]), [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
+            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=False)
-
-    @staticmethod
-    def _linear_backward(d_out, inputs, weight, bias, need_input_grad=True):
-        """Write the gradients of y = inputs W' + b into W.grad and b.grad; return d(inputs)."""
-        torch.mm(d_out.t(), inputs, out=weight.grad)
-        torch.sum(d_out, dim=0, out=bias.grad)
-        return torch.mm(d_out, weight) if need_input_grad else None
 
 
 def _continuous_bernoulli_log_norm_grad(logits):
