@@ -70,15 +70,15 @@ def inputs(rows=130, cols=501):
 @pytest.mark.parametrize("activation", ["elu", "tanh"])
 def test_activation_dropout_and_its_backward_factor(implementation, activation, p):
     a, bias = inputs()
-    bits = kernels.dropout_bits(a.numel()) if p > 0 else None
-    mask = torch.ones(a.shape, dtype=torch.float64) if bits is None else (
-        (bits >= kernels.keep_threshold(p)).double().view(a.shape) / (1 - p))
+    key = kernels.dropout_key() if p > 0 else None
+    mask = torch.ones(a.shape, dtype=torch.float64) if key is None else (
+        (kernels.dropout_bits(a.numel(), key=key) >= kernels.keep_threshold(p)).double().view(a.shape) / (1 - p))
     # float64 reference, with the derivative from autograd
     x = (a.double() + bias.double()).requires_grad_()
     act = F.elu(x) if activation == "elu" else torch.tanh(x)
     (derivative,) = torch.autograd.grad(act.sum(), x)
     function = kernels.elu_dropout if activation == "elu" else kernels.tanh_dropout
-    h, factor = function(a.clone(), bias, bits, p)
+    h, factor = function(a.clone(), bias, key, p)
     # tanh as 2 sigmoid(2x) - 1 is within about 2e-7 of tanh; the mask scales errors by 1/(1-p)
     torch.testing.assert_close(h.double(), act.detach() * mask, rtol=2e-6, atol=3e-7 / (1 - p))
     torch.testing.assert_close(factor.double(), derivative * mask, rtol=2e-6, atol=4e-7 / (1 - p))
@@ -97,17 +97,28 @@ def test_bernoulli_loss_and_its_gradient(implementation):
     torch.testing.assert_close(d_logits.double(), gradient, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (128, 500)])
+def test_the_activation_loops_drop_the_units_of_dropout_bits(implementation, shape):
+    """The C loop draws a mask's bits itself from its key; they must be dropout_bits' bits, also where
+    one SplitMix64 output's four 16-bit values span two rows."""
+    key = kernels.dropout_key()
+    kept = kernels.dropout_bits(shape[0] * shape[1], key=key).view(shape) >= kernels.keep_threshold(0.5)
+    for function in (kernels.elu_dropout, kernels.tanh_dropout):
+        h, factor = function(torch.full(shape, 1.0), torch.zeros(shape[1]), key, 0.5)
+        assert torch.equal(h != 0, kept) and torch.equal(factor != 0, kept)
+
+
 @needs_c
 def test_non_contiguous_or_double_inputs_take_the_torch_ops(monkeypatch):
     a, bias = inputs()
-    bits = kernels.dropout_bits(a.numel())
-    h_c, factor_c = kernels.elu_dropout(a.clone(), bias, bits, 0.1)
+    key = kernels.dropout_key()
+    h_c, factor_c = kernels.elu_dropout(a.clone(), bias, key, 0.1)
     wide = torch.zeros(a.shape[0], 2 * a.shape[1])
     wide[:, ::2] = a
-    h_strided, factor_strided = kernels.elu_dropout(wide[:, ::2], bias, bits, 0.1)
+    h_strided, factor_strided = kernels.elu_dropout(wide[:, ::2], bias, key, 0.1)
     torch.testing.assert_close(h_strided, h_c, rtol=2e-6, atol=3e-7)
     torch.testing.assert_close(factor_strided, factor_c, rtol=2e-6, atol=5e-7)
-    h_double, factor_double = kernels.elu_dropout(a.double(), bias.double(), bits, 0.1)
+    h_double, factor_double = kernels.elu_dropout(a.double(), bias.double(), key, 0.1)
     torch.testing.assert_close(h_double, h_c.double(), rtol=2e-6, atol=3e-7)
     torch.testing.assert_close(factor_double, factor_c.double(), rtol=2e-6, atol=5e-7)
 

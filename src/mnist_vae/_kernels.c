@@ -14,6 +14,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__GNUC__) && !defined(__clang__)
 /* Lets gcc compute both sides of a ?: and select, as a vector loop must; nothing here reads the
@@ -189,15 +190,26 @@ VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long 
 
 /* ---- Python bindings: addresses come as integers from Tensor.data_ptr(). */
 
+/* With `masked`, the mask's bits are SplitMix64's outputs from `key`, as kernels.dropout_bits draws them,
+ * written into a buffer here: one call instead of two, and no tensor for them in Python. */
 static PyObject *py_activation(PyObject *args, int tanh) {
-    unsigned long long a, bias, factor, bits;
-    int threshold;
+    unsigned long long a, bias, factor, key;
+    int masked, threshold;
     float scale;
     long rows, cols;
-    if (!PyArg_ParseTuple(args, "KKKKifll", &a, &bias, &factor, &bits, &threshold, &scale, &rows, &cols))
+    if (!PyArg_ParseTuple(args, "KKKpKifll", &a, &bias, &factor, &masked, &key, &threshold, &scale, &rows, &cols))
         return NULL;
+    uint64_t *bits = NULL;
+    if (masked) {
+        long n = (rows * cols + 3) / 4;
+        bits = malloc((n > 0 ? n : 1) * sizeof(uint64_t));
+        if (!bits)
+            return PyErr_NoMemory();
+        splitmix64(bits, key, n);
+    }
     activation_dropout(tanh, (float *)(uintptr_t)a, (const float *)(uintptr_t)bias, (float *)(uintptr_t)factor,
-                       (const int16_t *)(uintptr_t)bits, (int16_t)threshold, scale, rows, cols);
+                       (const int16_t *)bits, (int16_t)threshold, scale, rows, cols);
+    free(bits);
     Py_RETURN_NONE;
 }
 
@@ -247,8 +259,8 @@ static PyObject *py_splitmix64(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, bias, factor, bits, threshold, scale, rows, cols)"},
-    {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, bits, threshold, scale, rows, cols)"},
+    {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
+    {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
      "bernoulli_loss(logits, bias, target, terms, d_logits, scale, rows, cols)"},
     {"gaussian_sample", py_gaussian_sample, METH_VARARGS, "gaussian_sample(gaussian, eps, z, std, kl, rows, dim_z)"},

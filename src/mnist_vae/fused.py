@@ -52,9 +52,9 @@ class FusedTrainStep:
                         parameter.grad = torch.zeros_like(parameter)
             self.grads = [(layer.weight.grad, layer.bias.grad) for layer in self.layers]
 
-    def _bits(self, like):
-        """The dropout bits of one layer, drawn where model.VAE.forward draws its mask."""
-        return None if self.p == 0 else kernels.dropout_bits(like.numel(), like.device)
+    def _key(self):
+        """The key of one layer's dropout mask, drawn where model.VAE.forward draws that mask's bits."""
+        return None if self.p == 0 else kernels.dropout_key()
 
     def __call__(self, x, target=None):
         target = x if target is None else target
@@ -65,15 +65,13 @@ class FusedTrainStep:
         with torch.no_grad():
             # Forward, keeping what the backward pass needs: each layer's output h and the factor
             # f = m act'(a) that turns d(loss)/dh into d(loss)/da. Biases are added in the kernels.
-            a1 = torch.mm(x, W1.t())
-            h1, f1 = kernels.elu_dropout(a1, b1, self._bits(a1), p)
-            h2, f2 = kernels.tanh_dropout(torch.mm(h1, W2.t()), b2, self._bits(h1), p)
+            h1, f1 = kernels.elu_dropout(torch.mm(x, W1.t()), b1, self._key(), p)
+            h2, f2 = kernels.tanh_dropout(torch.mm(h1, W2.t()), b2, self._key(), p)
             gaussian = torch.addmm(b3, h2, W3.t())
             eps = torch.randn(batch, dim_z, device=x.device)
             z, std, kl = kernels.gaussian_sample(gaussian, eps)
-            a4 = torch.mm(z, W4.t())
-            h4, f4 = kernels.tanh_dropout(a4, b4, self._bits(a4), p)
-            h5, f5 = kernels.elu_dropout(torch.mm(h4, W5.t()), b5, self._bits(h4), p)
+            h4, f4 = kernels.tanh_dropout(torch.mm(z, W4.t()), b4, self._key(), p)
+            h5, f5 = kernels.elu_dropout(torch.mm(h4, W5.t()), b5, self._key(), p)
             logits = torch.mm(h5, W6.t())
 
             # log p = target logits - softplus(logits), as model.log_likelihood; and

@@ -57,10 +57,15 @@ def splitmix64(key, n, device=None):
     return z.bitwise_xor_(_shift_right(z, 31))
 
 
-def dropout_bits(n, device=None):
+def dropout_key():
+    """The key of one dropout mask: one 64-bit draw from torch's default generator."""
+    return int(torch.empty((), dtype=torch.int64).random_(-2**63, None)) % (1 << 64)
+
+
+def dropout_bits(n, device=None, key=None):
     """The bits of one dropout mask: n uniform 16-bit integers (int16, -32768..32767), four from each
-    SplitMix64 output, keyed by one draw of torch's default generator."""
-    key = int(torch.empty((), dtype=torch.int64).random_(-2**63, None)) % (1 << 64)
+    SplitMix64 output, from `key` (by default a new dropout_key())."""
+    key = dropout_key() if key is None else key
     return splitmix64(key, (n + 3) // 4, device).view(torch.int16)[:n]
 
 
@@ -77,39 +82,40 @@ def tanh_(a):
     return a.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
-def elu_dropout(a, bias, bits, p):
+def elu_dropout(a, bias, key, p):
     """h = elu(a + bias) m, written into a, and m elu'(a + bias), the backward pass's factor;
-    m is the dropout mask of `bits` (None: no dropout), 0 or 1/(1-p)."""
-    done = _activation_in_c("elu_dropout", a, bias, bits, p)
+    m is the dropout mask of dropout_bits(a.numel(), key=key) (key None: no dropout), 0 or 1/(1-p)."""
+    done = _activation_in_c("elu_dropout", a, bias, key, p)
     if done:
         return done
     e = F.elu(a.add_(bias))
     factor = e.clamp(max=0).add_(1)  # elu'(x) = min(elu(x), 0) + 1
-    if bits is not None:
-        m = _mask(bits, p, a.shape)
+    if key is not None:
+        m = _mask(dropout_bits(a.numel(), a.device, key), p, a.shape)
         e.mul_(m), factor.mul_(m)
     return a.copy_(e), factor
 
 
-def tanh_dropout(a, bias, bits, p):
+def tanh_dropout(a, bias, key, p):
     """h = tanh(a + bias) m, written into a, as tanh_ computes it, and m (1 - tanh²)."""
-    done = _activation_in_c("tanh_dropout", a, bias, bits, p)
+    done = _activation_in_c("tanh_dropout", a, bias, key, p)
     if done:
         return done
     t = tanh_(a.add_(bias))
     factor = torch.addcmul(torch.ones_like(t), t, t, value=-1)
-    if bits is not None:
-        m = _mask(bits, p, a.shape)
+    if key is not None:
+        m = _mask(dropout_bits(a.numel(), a.device, key), p, a.shape)
         t.mul_(m), factor.mul_(m)
     return t, factor
 
 
-def _activation_in_c(name, a, bias, bits, p):
-    """(h, factor) from the C loop `name`, or None where the tensors do not suit it."""
-    if not _use_c(a, bias, *(() if bits is None else (bits,))):
+def _activation_in_c(name, a, bias, key, p):
+    """(h, factor) from the C loop `name`, which draws the mask's bits itself, or None where the
+    tensors do not suit it."""
+    if not _use_c(a, bias):
         return None
     factor = torch.empty_like(a)
-    getattr(_kernels, name)(a.data_ptr(), bias.data_ptr(), factor.data_ptr(), 0 if bits is None else bits.data_ptr(),
+    getattr(_kernels, name)(a.data_ptr(), bias.data_ptr(), factor.data_ptr(), key is not None, key or 0,
                             keep_threshold(p), 1 / (1 - p), *a.shape)
     return a, factor
 
