@@ -1,6 +1,7 @@
 """The C loops of the training step compute what their torch-ops versions and float64 references compute."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,15 @@ def test_the_c_extension_is_built_in_ci():
     if not os.environ.get("CI"):
         pytest.skip("checked in CI only; without a C compiler the torch ops are used")
     assert kernels._kernels is not None, "src/mnist_vae/_kernels.c was not compiled: is a C compiler installed?"
+    assert kernels._kernels.openmp or not sys.platform.startswith("linux"), "built without OpenMP on Linux"
+
+
+@needs_c
+def test_the_c_loops_share_torchs_openmp_runtime():
+    """Two OpenMP runtimes in one process would each keep their own threads, more threads than cores."""
+    if not (kernels._kernels.openmp and sys.platform.startswith("linux")):
+        pytest.skip("built without OpenMP")
+    assert len(kernels._openmp_runtimes()) == 1, kernels._openmp_runtimes()
 
 
 def splitmix64_in_python(key, n):
@@ -106,6 +116,28 @@ def test_the_activation_loops_drop_the_units_of_dropout_bits(implementation, sha
     for function in (kernels.elu_dropout, kernels.tanh_dropout):
         h, factor = function(torch.full(shape, 1.0), torch.zeros(shape[1]), key, 0.5)
         assert torch.equal(h != 0, kept) and torch.equal(factor != 0, kept)
+
+
+@needs_c
+def test_the_c_loops_give_the_same_on_any_number_of_threads():
+    """Big loops split their rows, and their dropout bits, between torch's threads: uneven splits
+    (3 threads over 131 rows) must give what one thread gives."""
+    a, bias = inputs(131, 501)
+    target = torch.rand(131, 501)
+    key = kernels.dropout_key()
+    results = {}
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            results[threads] = (*kernels.tanh_dropout(a.clone(), bias, key, 0.3),
+                                *kernels.bernoulli_loss(a, bias, target, 0.01))
+    finally:
+        torch.set_num_threads(threads_before)
+    for one, three in zip(results[1], results[3]):
+        torch.testing.assert_close(three, one, rtol=1e-6, atol=0)
+    kept = kernels.dropout_bits(a.numel(), key=key).view(a.shape) >= kernels.keep_threshold(0.3)
+    assert torch.equal(results[3][0] != 0, kept)
 
 
 @needs_c

@@ -15,6 +15,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 /* Lets gcc compute both sides of a ?: and select, as a vector loop must; nothing here reads the
@@ -28,6 +31,24 @@
 #else
 #define VECTOR_CLONES
 #endif
+
+/* The two big loops (an activation layer, the loss) split their rows between threads. Built with
+ * -fopenmp on Linux, this module then needs libgomp.so.1; torch has loaded its own copy by then, and
+ * the loader reuses it, so these threads are torch's intra-op threads, as many as
+ * torch.get_num_threads(), never more. Smaller loops stay on one thread, as waking the others costs
+ * more than they save (torch uses the same grain size). */
+#define PARALLEL_MIN 32768
+static int parallel = 1; /* set_parallel(0): one thread, where torch's OpenMP runtime is not ours */
+
+static void my_share(long n, long *begin, long *end) { /* this thread's part of 0..n */
+#ifdef _OPENMP
+    long thread = omp_get_thread_num(), threads = omp_get_num_threads();
+#else
+    long thread = 0, threads = 1;
+#endif
+    *begin = n * thread / threads;
+    *end = n * (thread + 1) / threads;
+}
 
 #define LOG2E 1.44269504088896341f
 #define LN2_HI 0.693359375f     /* ln 2 = LN2_HI + LN2_LO, LN2_HI exact in few bits */
@@ -200,15 +221,23 @@ static PyObject *py_activation(PyObject *args, int tanh) {
     if (!PyArg_ParseTuple(args, "KKKpKifll", &a, &bias, &factor, &masked, &key, &threshold, &scale, &rows, &cols))
         return NULL;
     uint64_t *bits = NULL;
-    if (masked) {
-        long n = (rows * cols + 3) / 4;
-        bits = malloc((n > 0 ? n : 1) * sizeof(uint64_t));
-        if (!bits)
-            return PyErr_NoMemory();
-        splitmix64(bits, key, n);
+    long n_bits = (rows * cols + 3) / 4;
+    if (masked && !(bits = malloc((n_bits > 0 ? n_bits : 1) * sizeof(uint64_t))))
+        return PyErr_NoMemory();
+    float *h = (float *)(uintptr_t)a, *f = (float *)(uintptr_t)factor;
+#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
+    {
+        long begin, end;
+        if (bits) { /* outputs begin.. of SplitMix64 from key are those of the state key + begin gamma */
+            my_share(n_bits, &begin, &end);
+            splitmix64(bits + begin, key + (uint64_t)begin * 0x9e3779b97f4a7c15ULL, end - begin);
+        }
+#pragma omp barrier
+        my_share(rows, &begin, &end);
+        activation_dropout(tanh, h + begin * cols, (const float *)(uintptr_t)bias, f + begin * cols,
+                           bits ? (const int16_t *)bits + begin * cols : NULL, (int16_t)threshold, scale,
+                           end - begin, cols);
     }
-    activation_dropout(tanh, (float *)(uintptr_t)a, (const float *)(uintptr_t)bias, (float *)(uintptr_t)factor,
-                       (const int16_t *)bits, (int16_t)threshold, scale, rows, cols);
     free(bits);
     Py_RETURN_NONE;
 }
@@ -222,9 +251,15 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
     long rows, cols;
     if (!PyArg_ParseTuple(args, "KKKKKfll", &logits, &bias, &target, &terms, &d_logits, &scale, &rows, &cols))
         return NULL;
-    bernoulli_loss((const float *)(uintptr_t)logits, (const float *)(uintptr_t)bias,
-                   (const float *)(uintptr_t)target, (float *)(uintptr_t)terms, (float *)(uintptr_t)d_logits,
-                   scale, rows, cols);
+#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
+    {
+        long begin, end, offset;
+        my_share(rows, &begin, &end);
+        offset = begin * cols;
+        bernoulli_loss((const float *)(uintptr_t)logits + offset, (const float *)(uintptr_t)bias,
+                       (const float *)(uintptr_t)target + offset, (float *)(uintptr_t)terms + offset,
+                       (float *)(uintptr_t)d_logits + offset, scale, end - begin, cols);
+    }
     Py_RETURN_NONE;
 }
 
@@ -258,7 +293,14 @@ static PyObject *py_splitmix64(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
+    if (!PyArg_ParseTuple(args, "p", &parallel))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"set_parallel", py_set_parallel, METH_VARARGS, "set_parallel(flag): whether big loops may use several threads"},
     {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
@@ -273,4 +315,16 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU loops of the training step.", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&module);
+#ifdef _OPENMP
+    int openmp = 1;
+#else
+    int openmp = 0;
+#endif
+    if (m && PyModule_AddIntConstant(m, "openmp", openmp) < 0) { /* 1: the big loops use torch's threads */
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -20,12 +20,35 @@ try:
 except ImportError:  # built without a C compiler: torch ops below
     _kernels = None
 
+
+def _openmp_runtimes():
+    """The OpenMP runtimes (libgomp files) mapped into this process, on Linux; empty elsewhere."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines() if "libgomp" in line.rsplit("/", 1)[-1]}
+
+
+# _kernels uses the libgomp that torch loaded, and with it torch's threads; where this torch build
+# brought a differently named copy, the module got a second runtime with threads of its own, which
+# would compete with torch's for the cores: its loops then stay on one thread.
+if _kernels is not None and _kernels.openmp and len(_openmp_runtimes()) > 1:
+    _kernels.set_parallel(False)
+
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 MIX_1, MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def available():
     return _kernels is not None and not os.environ.get("MNIST_VAE_NO_KERNELS")
+
+
+def description():
+    """Which code does the step's elementwise work, for benchmark and results headers."""
+    if not available():
+        return "torch ops"
+    return "C, OpenMP" if _kernels.openmp else "C, one thread"
 
 
 def _use_c(*tensors):

@@ -147,7 +147,7 @@ def machine():
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "kernels": "C" if kernels.available() else "torch ops"}
+            "python": platform.python_version(), "kernels": kernels.description()}
 
 
 def _command(args):
