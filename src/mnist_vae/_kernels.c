@@ -7,7 +7,7 @@
  * the usual range reduction and polynomial (Cephes' coefficients, about 1 float32 ulp) because
  * the C library's versions are not vectorised without -ffast-math.
  *
- * Every function takes the addresses of contiguous float32 (or int16/uint64) buffers that the
+ * Every function takes the addresses of contiguous float32 (or uint64) buffers that the
  * Python side has checked; shapes are rows x cols with a bias of cols.
  */
 #define PY_SSIZE_T_CLEAN
@@ -199,10 +199,12 @@ VECTOR_CLONES static void gaussian_backward(const float *restrict gaussian, cons
         }
 }
 
+#define GOLDEN_GAMMA 0x9e3779b97f4a7c15ULL /* SplitMix64's step between states */
+
 /* SplitMix64 (Steele, Lea & Flood 2014) from state `key`: out[i] is its (i+1)-th output. */
 VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long n) {
     for (long i = 0; i < n; i++) {
-        uint64_t z = key + (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ULL;
+        uint64_t z = key + (uint64_t)(i + 1) * GOLDEN_GAMMA;
         z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
         z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
         out[i] = z ^ (z >> 31);
@@ -230,7 +232,7 @@ static PyObject *py_activation(PyObject *args, int tanh) {
         long begin, end;
         if (bits) { /* outputs begin.. of SplitMix64 from key are those of the state key + begin gamma */
             my_share(n_bits, &begin, &end);
-            splitmix64(bits + begin, key + (uint64_t)begin * 0x9e3779b97f4a7c15ULL, end - begin);
+            splitmix64(bits + begin, key + (uint64_t)begin * GOLDEN_GAMMA, end - begin);
         }
 #pragma omp barrier
         my_share(rows, &begin, &end);

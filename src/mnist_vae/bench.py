@@ -116,7 +116,7 @@ def fixed_costs_seconds(config, device, n_train):
     adam = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(n_steps):
-        for _ in range(4):  # as the fused step draws them: one layer at a time
+        for _ in range(4):  # the bits the step's activation loops draw, one mask at a time
             dropout_bits(config.batch_size * config.n_hidden, device)
     _synchronize(device)
     return {"adam_s": adam, "masks_s": time.perf_counter() - started}

@@ -52,7 +52,7 @@ def description():
 
 
 def _use_c(*tensors):
-    return available() and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in (torch.float32, torch.int16)
+    return available() and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
                                for t in tensors)
 
 
