@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, read_metrics, snapshot
-from mnist_vae import checkpoint, cli
+from mnist_vae import checkpoint, cli, files
 from mnist_vae import train as train_module
 from mnist_vae.config import Config
 
@@ -220,7 +220,7 @@ def test_atomic_write_goes_through_a_synced_temp_file_in_the_same_folder(tmp_pat
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    checkpoint.atomic_write(target, b"new contents")
+    files.write_bytes(target, b"new contents")
     assert target.read_bytes() == b"new contents"
     kinds = [event[0] for event in events]
     assert "replace" in kinds and "fsync" in kinds[: kinds.index("replace")]  # synced before the rename
@@ -250,8 +250,18 @@ class FullDisk:
         self.f.close()
 
 
-def no_space_in_fsync(fd):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def full_disk_for_checkpoints(path, mode="r", *args, **kwargs):
+    """open() where only the checkpoint's writes meet a full disk."""
+    if checkpoint.FILENAME in str(path) and "w" in mode:
+        return FullDisk(path, mode)
+    return open(path, mode, *args, **kwargs)
+
+
+def no_space_in_fsync_of_checkpoints(fd, real_fsync=os.fsync):
+    """os.fsync where syncing the checkpoint's file meets a full disk."""
+    if checkpoint.FILENAME in os.readlink(f"/proc/self/fd/{fd}"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_fsync(fd)
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])
@@ -261,9 +271,9 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(run_copy, monkeypa
     (run_copy / "notes.txt").write_text("mine")
     with monkeypatch.context() as mp:
         if where == "write":
-            mp.setattr(checkpoint, "open", FullDisk, raising=False)
+            mp.setattr(files, "open", full_disk_for_checkpoints, raising=False)
         else:
-            mp.setattr(os, "fsync", no_space_in_fsync)
+            mp.setattr(os, "fsync", no_space_in_fsync_of_checkpoints)
         result = main(capsys, "--resume", run_copy, "--num_epochs", "4")
     assert_one_line_error(result, str(run_copy / checkpoint.FILENAME), "No space left on device",
                           "previous checkpoint")
@@ -281,9 +291,9 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(run_copy, monkeypa
 def test_atomic_write_on_full_disk_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / checkpoint.FILENAME
     target.write_bytes(b"previous checkpoint")
-    monkeypatch.setattr(checkpoint, "open", FullDisk, raising=False)
-    with pytest.raises(checkpoint.CheckpointError, match="No space left"):
-        checkpoint.atomic_write(target, b"x" * 10000)
+    monkeypatch.setattr(files, "open", FullDisk, raising=False)
+    with pytest.raises(files.WriteError, match="No space left"):
+        files.write_bytes(target, b"x" * 10000)
     assert target.read_bytes() == b"previous checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.FILENAME]
 

@@ -9,12 +9,12 @@ previous checkpoint as it was.
 """
 
 import json
-import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from . import files
 from .config import Config, UserError
 from .model import VAE
 
@@ -36,32 +36,10 @@ def save(run_dir, model, optimizer, state, extra_tensors):
     tensors.update(extra_tensors)
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
     metadata = {"format": FORMAT, "state": json.dumps(state)}
-    atomic_write(Path(run_dir) / FILENAME, safetensors_bytes(tensors, metadata=metadata))
-
-
-def atomic_write(path, data):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, "
-                              f"if any, is unchanged; free some space or choose another --output") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+        files.write_bytes(Path(run_dir) / FILENAME, safetensors_bytes(tensors, metadata=metadata))
+    except files.WriteError as e:
+        raise CheckpointError(f"{e}; the previous checkpoint, if any, is unchanged") from None
 
 
 def load(run_dir):

@@ -2,7 +2,6 @@
 
 import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -177,8 +176,3 @@ MODEL_DEFINING = (
     "batch_size", "likelihood", "binarize", "dropout", "n_train", "n_test",
 )
 
-
-def write_json(path, values):
-    with open(path, "w") as f:
-        json.dump(values, f, indent=2)
-        f.write("\n")

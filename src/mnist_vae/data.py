@@ -246,24 +246,34 @@ def _md5(path):
 # ---------------------------------------------------------------- users' own images
 
 def load_user_image(path):
-    """A user's PNG or JPEG as a float32 array of 784 pixels in [0, 1], prepared like MNIST.
+    """A user's PNG or JPEG as a float32 array of 784 pixels in [0, 1], prepared like MNIST."""
+    return prepare_digit(read_user_image(path), path)
 
-    Any size and colour: converted to grey, inverted when the background is light
-    (ink on paper), the ink cropped, scaled to fit 20x20 and centred by its centre of
-    mass in a 28x28 frame, as the MNIST digits were made.
-    """
+
+def read_user_image(path):
+    """A user's image file as a float32 grey array (height, width) in [0, 1]; any size and colour."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image Pillow can read; give a PNG or JPEG file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the image ({e}); give a readable PNG or JPEG") from None
+
+
+def prepare_digit(grey, path="the image"):
+    """A grey image (height, width) in [0, 1] as 784 pixels prepared as MNIST's digits were made.
+
+    Inverted when the background is light (ink on paper), the ink cropped, scaled to fit
+    20x20 and centred by its centre of mass in a 28x28 frame.
+    """
+    from PIL import Image
+
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) > 0.5:
         grey = 1.0 - grey

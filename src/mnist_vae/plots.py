@@ -1,7 +1,11 @@
 """Pictures: image grids (JPEG, as the old program wrote them), the latent map and the loss curves."""
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
+from . import files
 
 
 def grid(images, n_x, n_y):
@@ -16,7 +20,7 @@ def grid(images, n_x, n_y):
 
 def save_grid(images, n_x, n_y, path):
     """Write a grid of images as a grey JPEG of (n_y*28) x (n_x*28) pixels."""
-    Image.fromarray(grid(images, n_x, n_y), mode="L").save(path, quality=95)
+    save_image(Image.fromarray(grid(images, n_x, n_y), mode="L"), path, quality=95)
 
 
 def side_by_side(columns, path, gap=2):
@@ -28,7 +32,21 @@ def side_by_side(columns, path, gap=2):
         for r, image in enumerate(column):
             tile = np.uint8(np.clip(np.asarray(image).reshape(28, 28), 0, 1) * 255 + 0.5)
             canvas[r * (28 + gap): r * (28 + gap) + 28, c * (28 + gap): c * (28 + gap) + 28] = tile
-    Image.fromarray(canvas, mode="L").save(path)
+    save_image(Image.fromarray(canvas, mode="L"), path)
+
+
+def save_image(image, path, **options):
+    """Write a PIL image atomically, in the format its file name says (.png, .jpg)."""
+    with files.atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()], **options)
+
+
+def _save_figure(fig, path, **options):
+    try:
+        with files.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix[1:].lower(), **options)
+    finally:
+        _pyplot().close(fig)
 
 
 def manifold_grid_z(n_x, n_y, z_range):
@@ -64,8 +82,7 @@ def save_latent_map(mu, labels, classes, z_range, path):
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=3, fontsize=9)
     ax.set_title(f"{len(mu)} test images in the latent space")
     fig.tight_layout()
-    fig.savefig(path, pil_kwargs={"quality": 95})
-    plt.close(fig)
+    _save_figure(fig, path, pil_kwargs={"quality": 95})
 
 
 def save_loss_curves(history, path, title=""):
@@ -85,5 +102,4 @@ def save_loss_curves(history, path, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_figure(fig, path)

@@ -17,7 +17,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from .config import Config, UserError, integer, text, write_json
+from . import files
+from .config import Config, UserError, integer, text
 
 RUNS = [  # name, settings, what the README shows of it
     ("dim2", dict(dim_z=2)),
@@ -78,7 +79,7 @@ def main(prog, args):
         rows.append({"run": name, **settings, "epochs": config.num_epochs, **row,
                      "wall_seconds": _training_seconds(config)})
     _collect_images(out, base.num_epochs)
-    write_json(out / "results.json", {"machine": machine(), "command": _command(args), "runs": rows})
+    files.write_json(out / "results.json", {"machine": machine(), "command": _command(args), "runs": rows})
     (out / "results.md").write_text(results_table(rows, args, base))
     print(f"wrote {out / 'results.md'} and the images beside it")
     return 0

@@ -6,6 +6,7 @@ test set, write the images, metrics and a checkpoint.
 """
 
 import csv
+import io
 import math
 import signal
 import tempfile
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, plots
-from .config import Interrupted, UserError, write_json
+from . import checkpoint, files, plots
+from .config import Interrupted, UserError
 from .data import load_dataset
 from .fused import FusedTrainStep
 from .model import VAE, importance_weighted_log_likelihood
@@ -190,12 +191,12 @@ def write_epoch_images(model, config, fixed, tensors, out, epoch):
 
 
 def write_metrics(history, out, config):
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({key: (f"{value:.4f}" if isinstance(value, float) else value)
-                             for key, value in row.items()})
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in row.items()})
+    files.write_text(out / "metrics.csv", table.getvalue())
     plots.save_loss_curves(history, out / "loss_curves.png",
                            title=f"{config.dataset}, dim_z={config.dim_z}, likelihood={config.likelihood}, "
                                  f"binarize={config.binarize}")
@@ -272,7 +273,7 @@ def train(config, resume=False, overwrite=False, log=print):
         if config.add_noise:
             plots.save_grid(fixed["prr_input"].cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y,
                             out / "input_noise.jpg")
-    write_json(out / "config.json", {**config.to_dict(), "data_source": tensors.source, "device": str(device),
+    files.write_json(out / "config.json", {**config.to_dict(), "data_source": tensors.source, "device": str(device),
                                      "torch": torch.__version__})
     board = _tensorboard(config)
 
@@ -355,7 +356,7 @@ def train(config, resume=False, overwrite=False, log=print):
         result = {"test_neg_elbo": row["test_neg_elbo"] if row else None, "iw_nll": nll, "iw_nll_stderr": stderr,
                   "k": config.eval_k, "n_test": len(tensors.test), "likelihood": config.likelihood,
                   "binarize": config.binarize}
-        write_json(out / "evaluation.json", result)
+        files.write_json(out / "evaluation.json", result)
         log(f"test log-likelihood (importance weighted, k={config.eval_k}): "
             f"NLL {nll:.3f} ± {stderr:.3f} nats per image")
         row = {**row, "iw_nll": nll, "iw_nll_stderr": stderr} if row else row
