@@ -16,7 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from . import files
 from .config import Config, UserError
-from .model import VAE
+from .model import MODELS, build, model_name
 
 FILENAME = "checkpoint.safetensors"
 FORMAT = "mnist-vae checkpoint 1"
@@ -72,11 +72,18 @@ def load(run_dir):
     except ValueError as e:
         raise CheckpointError(f"{path}: its config has {e}, which no run can have; the config was changed "
                               f"by hand or the file is damaged") from None
+    # The model a checkpoint holds, by its name in model.MODELS; checkpoints from before models had
+    # names hold the seed VAE.
+    name = state.setdefault("model", "vae")
+    if name not in MODELS or name != model_name(config):
+        raise CheckpointError(f"{path}: it holds a model {name!r} that its config (conditional="
+                              f"{config.conditional}) does not describe; the file is damaged or from a newer "
+                              f"mnist-vae")
     return config, state, tensors
 
 
 def build_model(config, tensors, path="checkpoint"):
-    """A VAE shaped by `config` with the checkpoint's weights, checking that the two agree."""
+    """The model `config` describes (model.MODELS) with the checkpoint's weights, checking that the two agree."""
     weights = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
     shapes = {  # what each setting fixes in the weights
         "n_hidden": ("encoder.0.weight", 0, config.n_hidden),
@@ -91,7 +98,7 @@ def build_model(config, tensors, path="checkpoint"):
             raise CheckpointError(f"{path}: its config says {setting}={getattr(config, setting)} but its "
                                   f"weights are for {setting}={actual}; the config was changed by hand or "
                                   f"the file is damaged")
-    model = VAE(config.dim_z, config.n_hidden, config.dropout, config.likelihood)
+    model = build(config)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -36,6 +36,12 @@ class Config:
     n_train: int = 0                # use only the first n training images; 0 = all
     n_test: int = 0                 # use only the first n test images; 0 = all
     tensorboard: Optional[str] = None  # folder for TensorBoard logs
+    conditional: bool = False       # a conditional VAE: q(z|x, y), p(x|z, y)
+    beta: float = 1.0               # the KL's weight in the training loss (beta-VAE)
+    kl_warmup: int = 0              # epochs over which that weight rises from 0 to beta
+    objective: str = "elbo"         # elbo or iwae
+    k_train: int = 1                # importance samples of the iwae objective
+    step: str = "auto"              # auto, fused or autograd: how the training step is computed
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -54,6 +60,11 @@ class Config:
                 check(str(value))
             except argparse.ArgumentTypeError as e:
                 raise ValueError(f"{name}={value!r}: {e}") from None
+
+    def check_combination(self):
+        """Raise UserError for settings that are each valid but contradict each other."""
+        if self.k_train != 1 and self.objective != "iwae":
+            raise UserError(f"--k_train {self.k_train} needs --objective iwae (the ELBO uses one z per image)")
 
     @classmethod
     def from_dict(cls, values):
@@ -153,6 +164,14 @@ SETTINGS = {
     "n_train": (integer(0), "train on the first N training images only (0: all)"),
     "n_test": (integer(0), "evaluate on the first N test images only (0: all)"),
     "tensorboard": (text, "also log scalars and images for TensorBoard into this folder"),
+    "conditional": (boolean, "a conditional VAE: encoder and decoder see the image's label, so you choose "
+                             "the class it generates"),
+    "beta": (number(0.0, low_open=False), "weight of the KL in the training loss (beta-VAE); metrics stay the true ELBO"),
+    "kl_warmup": (integer(0), "raise the KL's weight linearly from 0 to --beta over the first N epochs"),
+    "objective": (choice("elbo", "iwae"), "training objective: the ELBO, or the importance-weighted bound"),
+    "k_train": (integer(1, 1000), "importance samples per image of --objective iwae (1 is the ELBO)"),
+    "step": (choice("auto", "fused", "autograd"), "training step: auto uses the fused one where it computes "
+                                                  "the same as autograd"),
 }
 
 
@@ -174,5 +193,6 @@ class Interrupted(Exception):
 MODEL_DEFINING = (
     "dim_z", "dataset", "seed", "add_noise", "noise_factor", "n_hidden", "learning_rate",
     "batch_size", "likelihood", "binarize", "dropout", "n_train", "n_test",
+    "conditional", "beta", "kl_warmup", "objective", "k_train",
 )
 

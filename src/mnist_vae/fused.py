@@ -5,6 +5,9 @@ that bookkeeping, not the arithmetic, is what made a plain PyTorch step twice th
 cost of its matrix products. Here the gradient of the -ELBO of model.VAE is derived
 once on paper and computed directly, with the same random draws in the same order
 as model.VAE.forward, so a test can check both give the same losses step by step.
+It trains only what `supports` finds it computes: the seed's MLP (and the conditional
+VAE, the same MLP with the one-hot label as more input columns of both first layers),
+the plain ELBO; every other model or loss goes through the autograd step (step.py).
 The elementwise work of each layer (bias, activation, dropout, and the factor its
 backward pass needs) is one call into kernels.py, one loop in C where it is built.
 
@@ -16,23 +19,71 @@ Notation, for a batch of B images (h: hidden activations after dropout):
   a5 = h4 W5' + b5       e5 = elu(a5)      h5 = e5 m5
   logits = h5 W6' + b6
   loss = mean over the batch of  KL(q(z|x) || N(0, I)) - log p(target | logits)
+A conditional model reads [x, y] for x and [z, y] for z in the first layers (y one-hot);
+the gradient with respect to z is the first dim_z columns of that of [z, y].
 """
 
 import torch
+from torch import nn
 
 from . import kernels
-from .model import continuous_bernoulli_log_norm
+from .model import LIKELIHOODS, ConditionalVAE, VAE, continuous_bernoulli_log_norm
+
+# The seed's MLP, module by module: what the step below computes, and nothing else.
+ENCODER = (nn.Linear, nn.ELU, kernels.Dropout, nn.Linear, kernels.Tanh, kernels.Dropout, nn.Linear)
+DECODER = (nn.Linear, kernels.Tanh, kernels.Dropout, nn.Linear, nn.ELU, kernels.Dropout, nn.Linear)
+
+
+def unsupported(model, config):
+    """Why the fused step would not compute what `model.loss` computes under `config`; None if it does.
+
+    It looks at the model itself (its class, each module's type and settings, the parameters'
+    dtype), so a model edited to use another activation or layer goes to the autograd step; and at
+    the loss the config asks for, since only the plain ELBO is written out here.
+    """
+    if type(model) not in (VAE, ConditionalVAE):  # a subclass may encode, decode or lose differently
+        return f"it trains model.VAE and model.ConditionalVAE only, not {type(model).__name__}"
+    for part, expected in (("encoder", ENCODER), ("decoder", DECODER)):
+        modules = list(getattr(model, part))
+        if tuple(type(m) for m in modules) != expected:
+            found = ", ".join(type(m).__name__ for m in modules)
+            return f"the {part} is not the seed's MLP ({found})"
+        if any(isinstance(m, nn.ELU) and (m.alpha != 1.0 or m.inplace) for m in modules):
+            return f"the {part}'s ELU is not elu with alpha 1"
+        if any(isinstance(m, nn.Linear) and m.bias is None for m in modules):
+            return f"the {part} has a layer without a bias"
+    n_y = model.n_classes if model.conditional else 0
+    shapes = [m.weight.shape for m in (*model.encoder, *model.decoder) if isinstance(m, nn.Linear)]
+    h = model.n_hidden
+    if shapes != [(h, 784 + n_y), (h, h), (2 * model.dim_z, h), (h, model.dim_z + n_y), (h, h), (784, h)]:
+        return "its layers' shapes are not the seed MLP's"
+    if len({m.p for m in (*model.encoder, *model.decoder) if isinstance(m, kernels.Dropout)}) != 1:
+        return "its dropout rates differ between layers"
+    if model.likelihood not in LIKELIHOODS:
+        return f"it has no gradient for the likelihood {model.likelihood!r}"
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return "its kernels are float32, and the model's parameters are not"
+    if config.objective != "elbo" or config.beta != 1 or config.kl_warmup != 0:
+        return "it computes the plain ELBO only (no --objective iwae, --beta or --kl_warmup)"
+    return None
+
+
+def supports(model, config):
+    """Whether the fused step computes exactly what the model's own loss does under `config`."""
+    return unsupported(model, config) is None
 
 
 class FusedTrainStep:
-    """Calls of this object take one optimizer step on a batch; they return the batch means of
-    [-ELBO, reconstruction -log p(x|z), KL] as one tensor, without synchronising."""
+    """Calls of this object take one optimizer step on a batch (images, targets, labels); they return
+    the batch means of [-ELBO, reconstruction -log p(x|z), KL, loss] as one tensor, as model.VAE.loss,
+    without synchronising. Use it only where `supports(model, config)`."""
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
         encoder, decoder = model.encoder, model.decoder
         self.layers = [encoder[0], encoder[3], encoder[6], decoder[0], decoder[3], decoder[6]]
         self.p = encoder[2].p
+        self.n_classes = model.n_classes if model.conditional else 0
         group = optimizer.param_groups[0]
         self.adam_by_layer = bool(group.get("fused") and hasattr(torch, "_fused_adam_") and not group["amsgrad"]
                                   and not group["maximize"] and len(optimizer.param_groups) == 1)
@@ -57,8 +108,12 @@ class FusedTrainStep:
         """The key of one layer's dropout mask, drawn where model.VAE.forward draws that mask's bits."""
         return None if self.p == 0 else kernels.dropout_key()
 
-    def __call__(self, x, target=None):
+    def __call__(self, x, target=None, labels=None):
         target = x if target is None else target
+        y = None
+        if self.n_classes:
+            y = torch.nn.functional.one_hot(labels, self.n_classes).to(x.dtype)
+            x = torch.cat([x, y], dim=1)
         (W1, b1), (W2, b2), (W3, b3), (W4, b4), (W5, b5), (W6, b6) = (
             (layer.weight, layer.bias) for layer in self.layers)
         batch, dim_z, p = x.shape[0], self.model.dim_z, self.p
@@ -71,6 +126,8 @@ class FusedTrainStep:
             gaussian = torch.addmm(b3, h2, W3.t())
             eps = torch.randn(batch, dim_z, device=x.device)
             z, std, kl = kernels.gaussian_sample(gaussian, eps)
+            if y is not None:
+                z = torch.cat([z, y], dim=1)
             h4, f4 = kernels.tanh_dropout(torch.mm(z, W4.t()), b4, self._key(), p)
             h5, f5 = kernels.elu_dropout(torch.mm(h4, W5.t()), b5, self._key(), p)
             logits = torch.mm(h5, W6.t())
@@ -90,6 +147,8 @@ class FusedTrainStep:
             d_h5 = self._linear_backward(5, d_logits, h5)
             d_h4 = self._linear_backward(4, d_h5.mul_(f5), h4)
             d_z = self._linear_backward(3, d_h4.mul_(f4), z)
+            if y is not None:
+                d_z = d_z[:, :dim_z].contiguous()
             d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, 1 / batch)
             d_h2 = self._linear_backward(2, d_gaussian, h2)
             d_h1 = self._linear_backward(1, d_h2.mul_(f2), h1)
@@ -97,7 +156,8 @@ class FusedTrainStep:
 
         if not self.adam_by_layer:
             self.optimizer.step()
-        return torch.stack([kl - reconstruction, -reconstruction, kl])
+        neg_elbo = kl - reconstruction
+        return torch.stack([neg_elbo, -reconstruction, kl, neg_elbo])  # as model.VAE.loss: the loss is -ELBO
 
     def _linear_backward(self, index, d_out, inputs, need_input_grad=True):
         """The gradients of layer `index`, y = inputs W' + b, and with adam_by_layer its Adam update

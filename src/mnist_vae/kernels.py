@@ -12,8 +12,11 @@ RNG state, and C and torch ops give the same bits, so a run does not depend on w
 
 import os
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:
     from . import _kernels
@@ -188,3 +191,41 @@ def gaussian_backward(gaussian, eps, std, d_z, scale):
 def _mask(bits, p, shape):
     keep = torch.ge(bits, keep_threshold(p), out=torch.empty(bits.shape, device=bits.device))
     return keep.mul_(1 / (1 - p)).view(shape)
+
+
+# ---------------------------------------------------------------- the seed model's layers for autograd
+# model.VAE uses these so that its autograd forward draws the same masks and rounds tanh as the
+# fused step; models the fused step does not train use PyTorch's own nn.Dropout and nn.Tanh.
+
+def dropout_mask(shape, p, device=None):
+    """An inverted-dropout mask of `shape`: 0 with probability p, else 1/(1-p); float32.
+
+    Drawn from 16-bit uniform integers (dropout_bits), so p is rounded to a multiple
+    of 1/65536 (0.1 becomes 0.100006); the fused training step draws the same bits.
+    """
+    bits = dropout_bits(math.prod(shape), device)
+    # Comparing straight into a float tensor is one pass; a bool mask and a where() are two, 6x slower.
+    keep = torch.ge(bits, keep_threshold(p), out=torch.empty(bits.shape, device=device))
+    return keep.mul_(1.0 / (1.0 - p)).view(shape)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the faster mask above; the fused training step draws the same masks."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * dropout_mask(x.shape, self.p, x.device)
+
+
+class Tanh(nn.Module):
+    """nn.Tanh through the sigmoid, as the fused training step computes it; in place without autograd."""
+
+    def forward(self, a):
+        if torch.is_grad_enabled():
+            return 2 * torch.sigmoid(2 * a) - 1
+        return tanh_(a)

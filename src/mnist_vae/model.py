@@ -6,84 +6,68 @@ TensorFlow program this project replaces; Burda, Grosse & Salakhutdinov,
 Loaiza-Ganem & Cunningham, "The continuous Bernoulli" (2019) for grey-level pixels.
 """
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .kernels import tanh_
+from .kernels import Dropout, Tanh, dropout_mask, tanh_  # noqa: F401 (the seed's layers)
 
 IMAGE_PIXELS = 28 * 28
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli")
 LOG_2PI = math.log(2 * math.pi)
 
 
-def dropout_mask(shape, p, device=None):
-    """An inverted-dropout mask of `shape`: 0 with probability p, else 1/(1-p); float32.
-
-    Drawn from 16-bit uniform integers (kernels.dropout_bits), so p is rounded to a multiple
-    of 1/65536 (0.1 becomes 0.100006); the fused training step draws the same bits.
-    """
-    bits = kernels.dropout_bits(math.prod(shape), device)
-    # Comparing straight into a float tensor is one pass; a bool mask and a where() are two, 6x slower.
-    keep = torch.ge(bits, kernels.keep_threshold(p), out=torch.empty(bits.shape, device=device))
-    return keep.mul_(1.0 / (1.0 - p)).view(shape)
-
-
-class Dropout(nn.Module):
-    """nn.Dropout with the faster mask above; the fused training step draws the same masks."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        return x * dropout_mask(x.shape, self.p, x.device)
-
-
-class Tanh(nn.Module):
-    """nn.Tanh through the sigmoid, as the fused training step computes it; in place without autograd."""
-
-    def forward(self, a):
-        if torch.is_grad_enabled():
-            return 2 * torch.sigmoid(2 * a) - 1
-        return tanh_(a)
-
-
 class VAE(nn.Module):
-    def __init__(self, dim_z=4, n_hidden=500, dropout=0.1, likelihood="bernoulli"):
+    """The seed's model: MLP encoder q(z|x) and decoder p(x|z), prior N(0, I).
+
+    Every model here offers encode(x, labels), decode(z, labels) and mean_image(logits), and owns
+    its loss (`loss`); the training loop, the evaluation and the pictures use nothing else.
+    """
+
+    name = "vae"  # its key in MODELS, recorded in checkpoints
+    conditional = False  # whether encoder and decoder see the label y
+
+    def __init__(self, dim_z=4, n_hidden=500, dropout=0.1, likelihood="bernoulli", n_classes=10):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}")
-        self.dim_z, self.n_hidden, self.likelihood = dim_z, n_hidden, likelihood
+        self.dim_z, self.n_hidden, self.likelihood, self.n_classes = dim_z, n_hidden, likelihood, n_classes
+        n_y = n_classes if self.conditional else 0  # one-hot label columns beside x and z
         # q(z|x): 784 -> ELU -> tanh -> (mu, pre-std), as in the original TensorFlow VAE.
         self.encoder = nn.Sequential(
-            nn.Linear(IMAGE_PIXELS, n_hidden), nn.ELU(), Dropout(dropout),
+            nn.Linear(IMAGE_PIXELS + n_y, n_hidden), nn.ELU(), Dropout(dropout),
             nn.Linear(n_hidden, n_hidden), Tanh(), Dropout(dropout),
             nn.Linear(n_hidden, 2 * dim_z),
         )
         # p(x|z): z -> tanh -> ELU -> 784 logits of the pixel distribution.
         self.decoder = nn.Sequential(
-            nn.Linear(dim_z, n_hidden), Tanh(), Dropout(dropout),
+            nn.Linear(dim_z + n_y, n_hidden), Tanh(), Dropout(dropout),
             nn.Linear(n_hidden, n_hidden), nn.ELU(), Dropout(dropout),
             nn.Linear(n_hidden, IMAGE_PIXELS),
         )
 
-    def encode(self, x):
-        """Mean and standard deviation of the Gaussian q(z|x)."""
-        mu, pre_std = self.encoder(x).chunk(2, dim=-1)
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.dim_z, config.n_hidden, config.dropout, config.likelihood)
+
+    def with_label(self, v, labels):
+        """The input of a first layer: v itself here; [v, one-hot y] in a conditional model."""
+        return v
+
+    def encode(self, x, labels=None):
+        """Mean and standard deviation of the Gaussian q(z|x) (q(z|x, y) in a conditional model)."""
+        mu, pre_std = self.encoder(self.with_label(x, labels)).chunk(2, dim=-1)
         # softplus keeps std positive (the program this replaces used the raw output,
         # which can go negative); the floor keeps log(std) finite.
         std = F.softplus(pre_std) + 1e-6
         return mu, std
 
-    def decode(self, z):
-        """Logits of p(x|z), one per pixel."""
-        return self.decoder(z)
+    def decode(self, z, labels=None):
+        """Logits of p(x|z) (p(x|z, y)), one per pixel."""
+        return self.decoder(self.with_label(z, labels))
 
     def mean_image(self, logits):
         """The expected pixel values under p(x|z): what the image grids show."""
@@ -95,31 +79,86 @@ class VAE(nn.Module):
         """log p(x|z) summed over pixels, from logits (numerically stable)."""
         return log_likelihood(logits, x, self.likelihood)
 
-    def forward(self, x, target=None, eps=None):
+    def forward(self, x, target=None, eps=None, labels=None):
         """Per-image ELBO terms for a batch: (elbo, reconstruction log-likelihood, kl).
 
         `x` is what the encoder sees; `target` is what the decoder must explain
         (the clean image when x is a noisy copy). Both are (batch, 784) in [0, 1].
-        `eps` are the standard normal draws of the reparameterisation, if given.
+        `eps` are the standard normal draws of the reparameterisation, if given;
+        `labels` the class of each image, for a conditional model.
         """
         target = x if target is None else target
-        mu, std = self.encode(x)
+        mu, std = self.encode(x, labels)
         eps = torch.randn_like(std) if eps is None else eps
         z = mu + std * eps  # the reparameterisation trick
-        reconstruction = self.log_px_given_z(self.decode(z), target)
+        reconstruction = self.log_px_given_z(self.decode(z, labels), target)
         kl = gaussian_kl(mu, std)
         return reconstruction - kl, reconstruction, kl
 
+    def loss(self, x, target=None, labels=None, kl_weight=1.0, objective="elbo", k=1):
+        """The loss a training step minimises on a batch, and the batch means the metrics report,
+        detached (no host synchronisation): [-ELBO, reconstruction -log p(x|z), KL, loss].
+
+        objective "elbo": the mean of KL_weight KL - log p(x|z), one z per image, the KL in closed
+        form (beta-VAE; KL warm-up). "iwae": minus the k-sample importance-weighted bound,
+        log (1/k) sum_i p(x|z_i) (p(z_i)/q(z_i|x))^kl_weight with z_i ~ q(z|x) (Burda et al.).
+        The reported -ELBO is the true one, weight 1, whatever is minimised.
+        """
+        target = x if target is None else target
+        if objective == "elbo":
+            elbo, reconstruction, kl = self(x, target, labels=labels)
+            loss = -(reconstruction - kl_weight * kl).mean()
+        elif objective == "iwae":
+            mu, std = self.encode(x, labels)
+            eps = torch.randn((k, *mu.shape), device=mu.device, dtype=mu.dtype)
+            z = mu + std * eps  # (k, batch, dim_z)
+            log_px = self.log_px_given_z(self.decode(z, labels), target.expand(k, *target.shape))
+            # log p(z) - log q(z|x); the 2 pi terms cancel
+            log_ratio = (0.5 * (eps.square() - z.square()) + std.log()).sum(-1)
+            bound = torch.logsumexp(log_px + kl_weight * log_ratio, dim=0) - math.log(k)
+            loss = -bound.mean()
+            reconstruction, kl = log_px.mean(0), gaussian_kl(mu, std)
+            elbo = reconstruction - kl
+        else:
+            raise ValueError(f"objective must be elbo or iwae, not {objective!r}")
+        return loss, torch.stack([-elbo.mean(), -reconstruction.mean(), kl.mean(), loss]).detach()
+
+
+class ConditionalVAE(VAE):
+    """The conditional VAE (Kingma et al. 2014's M2 with the label observed; Sohn et al. 2015):
+    q(z|x, y) and p(x|z, y) see the one-hot label beside x and z; the prior stays N(0, I).
+    The same MLPs with n_classes more input columns in each first layer."""
+
+    name = "cvae"
+    conditional = True
+
+    def with_label(self, v, labels):
+        if labels is None:
+            raise ValueError("a conditional model needs the labels of its inputs")
+        y = F.one_hot(labels, self.n_classes).to(v.dtype)
+        return torch.cat([v, y.expand(*v.shape[:-1], self.n_classes)], dim=-1)
+
+
+# Every model by the name a checkpoint records; adding a model is a class and a line here
+# (and the setting that chooses it in model_name).
+MODELS = {"vae": VAE, "cvae": ConditionalVAE}
+
+
+def model_name(config):
+    """The MODELS key of the model `config` trains."""
+    return "cvae" if config.conditional else "vae"
+
+
+def build(config, name=None):
+    """A fresh model as `config` (or a checkpoint's model `name`) says."""
+    return MODELS[name or model_name(config)].from_config(config)
+
 
 def loss_function(model, x, target=None):
-    """-ELBO in nats per image (sum over pixels and latent dimensions, mean over the batch).
-
-    Also returns the batch means of [-ELBO, reconstruction -log p(x|z), KL], detached,
-    so a training loop can accumulate them without a host synchronisation.
-    """
-    elbo, reconstruction, kl = model(x, target)
-    loss = -elbo.mean()
-    return loss, torch.stack([loss, -reconstruction.mean(), kl.mean()]).detach()
+    """-ELBO in nats per image (sum over pixels and latent dimensions, mean over the batch), and the
+    batch means of [-ELBO, reconstruction -log p(x|z), KL], detached: the plain step the tests use."""
+    loss, terms = model.loss(x, target)
+    return loss, terms[:3]
 
 
 def gaussian_kl(mu, std):
@@ -169,8 +208,9 @@ def continuous_bernoulli_mean(logits):
 
 
 @torch.no_grad()
-def importance_weighted_log_likelihood(model, x, k, max_rows=None):
-    """Per-image estimate of log p(x) with k importance samples from q(z|x).
+def importance_weighted_log_likelihood(model, x, k, max_rows=None, labels=None, generator=None):
+    """Per-image estimate of log p(x) with k importance samples from q(z|x) (of log p(x|y), with
+    q(z|x, y) and p(x|z, y), given the `labels` of a conditional model).
 
     log (1/k) sum_i p(x, z_i) / q(z_i|x), computed with logsumexp. Samples are drawn
     in chunks so that at most `max_rows` decoder rows exist at once, whatever k is,
@@ -180,17 +220,77 @@ def importance_weighted_log_likelihood(model, x, k, max_rows=None):
     """
     if max_rows is None:
         max_rows = 1024 if x.device.type == "cpu" else 65536
-    mu, std = model.encode(x)
+    mu, std = model.encode(x, labels)
     batch, dim_z = mu.shape
+    draw_labels = None if labels is None else labels[:, None]
     per_chunk = max(1, min(k, max_rows // batch))
     total = torch.full((batch,), -math.inf, device=x.device, dtype=x.dtype)
     for done in range(0, k, per_chunk):
         n = min(per_chunk, k - done)
-        eps = torch.randn((batch, n, dim_z), device=x.device, dtype=x.dtype)
+        eps = torch.randn((batch, n, dim_z), device=x.device, dtype=x.dtype, generator=generator)
         z = mu[:, None] + std[:, None] * eps  # (batch, n, dim_z)
         log_q = (-0.5 * eps.square() - std[:, None].log() - 0.5 * LOG_2PI).sum(-1)
         log_prior = (-0.5 * z.square() - 0.5 * LOG_2PI).sum(-1)
-        log_px = log_likelihood_of_draws(model.decode(z), x, model.likelihood)
+        log_px = log_likelihood_of_draws(model.decode(z, draw_labels), x, model.likelihood)
         log_w = log_px + log_prior - log_q  # (batch, n)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=1))
     return total - math.log(k)
+
+
+# ---------------------------------------------------------------- what a conditional model does
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Dropout off and no gradients inside; the model's mode as it was after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def class_log_likelihoods(model, x, k=1, seed=0):
+    """A bound on log p(x|y) for every class y: (batch, n_classes).
+
+    k = 1: the ELBO, one z per image, the KL in closed form; k > 1: the k-sample importance-weighted
+    bound, tighter. Every class sees the same standard normal draws, so their differences come from
+    the model, not from the draws.
+    """
+    scores = []
+    with evaluating(model):
+        for y in range(model.n_classes):
+            labels = torch.full((len(x),), y, dtype=torch.long, device=x.device)
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+            if k == 1:
+                eps = torch.randn((len(x), model.dim_z), generator=generator, device=x.device, dtype=x.dtype)
+                scores.append(model(x, eps=eps, labels=labels)[0])
+            else:
+                scores.append(importance_weighted_log_likelihood(model, x, k, labels=labels, generator=generator))
+    return torch.stack(scores, dim=1)
+
+
+def classify(model, x, k=1, seed=0):
+    """log p(y|x) for every class, (batch, n_classes): log p(x|y) + log p(y) normalised over y, with
+    log p(x|y) bounded as in class_log_likelihoods and p(y) uniform (the classes are balanced)."""
+    return torch.log_softmax(class_log_likelihoods(model, x, k, seed), dim=1)
+
+
+def samples_by_class(model, z):
+    """Mean images of p(x|z, y) for each class y and each z: (n_classes, len(z), 784); row y holds
+    class y, and a column one z, so a column shows one style written as every class."""
+    classes = torch.arange(model.n_classes, device=z.device)
+    with evaluating(model):
+        logits = model.decode(z.expand(model.n_classes, *z.shape), classes[:, None].expand(-1, len(z)))
+        return model.mean_image(logits)
+
+
+def analogies(model, x, labels):
+    """Each image's style, the mean of q(z|x, y) under its label, decoded with every class
+    (Kingma et al. 2014's analogies): (batch, n_classes, 784)."""
+    with evaluating(model):
+        mu, _ = model.encode(x, labels)
+        classes = torch.arange(model.n_classes, device=x.device)
+        logits = model.decode(mu[:, None].expand(-1, model.n_classes, -1), classes.expand(len(x), -1))
+        return model.mean_image(logits)

@@ -85,11 +85,12 @@ def save_latent_map(mu, labels, classes, z_range, path):
     _save_figure(fig, path, pil_kwargs={"quality": 95})
 
 
-def save_loss_curves(history, path, title=""):
-    """Train and test -ELBO, reconstruction and KL against epoch, one panel each."""
+def save_loss_curves(history, path, title="", elbo_key="neg_elbo"):
+    """Train and test -ELBO, reconstruction and KL against epoch, one panel each; `elbo_key` names the
+    -ELBO's column (neg_elbo_given_y: the bound on log p(x|y) of a conditional model)."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
-    panels = [("neg_elbo", "-ELBO"), ("recon", "reconstruction  -log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")]
+    panels = [(elbo_key, "-ELBO" if elbo_key == "neg_elbo" else "-ELBO of log p(x|y)"), ("recon", "reconstruction  -log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
     for ax, (key, name) in zip(axes, panels):
         for split, style in (("train", "-"), ("test", "--")):

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, files, plots
+from . import checkpoint, files, fused, plots
 from .config import Interrupted, UserError
 from .data import load_dataset
 from .fused import FusedTrainStep
-from .model import VAE, importance_weighted_log_likelihood
+from .model import (analogies, build, classify, evaluating, importance_weighted_log_likelihood,
+                    samples_by_class)
+from .step import kl_weight, make_step
 
 # Fixed seeds, independent of --seed, so that every run is measured on the same draws.
 TEST_BINARIZATION_SEED = 20140101  # the binarized test set
@@ -34,6 +36,25 @@ CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check synch
 
 class TrainingError(UserError):
     pass
+
+
+def elbo_name(config):
+    """The metrics' name of the -ELBO: of log p(x), or of log p(x|y) for a conditional model, so the
+    two never share a column."""
+    return "neg_elbo_given_y" if config.conditional else "neg_elbo"
+
+
+def metric_fields(config):
+    """metrics.csv's columns for this run: METRIC_FIELDS, with the -ELBO named for what it bounds, and
+    the training loss actually minimised (beta, warm-up, IWAE), the test K-sample bound (IWAE) and the
+    test accuracy of the model as a classifier (conditional) where the run has them."""
+    fields = [field.replace("neg_elbo", elbo_name(config)) for field in METRIC_FIELDS]
+    if config.beta != 1 or config.kl_warmup or config.objective != "elbo":
+        fields.insert(fields.index("train_kl") + 1, "train_loss")
+    extra = [f"test_neg_iw_bound{'_given_y' if config.conditional else ''}"] if config.objective == "iwae" else []
+    extra += ["test_accuracy"] if config.conditional else []
+    at = fields.index("seconds")
+    return fields[:at] + extra + fields[at:]
 
 
 # ---------------------------------------------------------------- set-up
@@ -74,6 +95,8 @@ class Tensors:
     test_labels: np.ndarray
     classes: list
     source: str
+    train_y: torch.Tensor = None  # the labels as int64 tensors on the device, for conditional models
+    test_y: torch.Tensor = None
 
 
 def load_tensors(config, device, log=print):
@@ -88,8 +111,10 @@ def load_tensors(config, device, log=print):
         test = torch.bernoulli(test, generator=torch.Generator().manual_seed(TEST_BINARIZATION_SEED))
     if config.binarize == "static":
         train = torch.bernoulli(train, generator=torch.Generator().manual_seed(config.seed))
-    return Tensors(train.to(device), test.to(device), dataset.test_labels[: config.n_test or None].copy(),
-                   dataset.classes, dataset.source)
+    test_labels = dataset.test_labels[: config.n_test or None].copy()
+    train_y = torch.from_numpy(dataset.train_labels[: config.n_train or None].astype(np.int64)).to(device)
+    return Tensors(train.to(device), test.to(device), test_labels, dataset.classes, dataset.source,
+                   train_y, torch.from_numpy(test_labels.astype(np.int64)).to(device))
 
 
 def add_noise(x, noise_factor, generator=None):
@@ -99,7 +124,7 @@ def add_noise(x, noise_factor, generator=None):
 
 
 def make_model(config, device):
-    model = VAE(config.dim_z, config.n_hidden, config.dropout, config.likelihood).to(device)
+    model = build(config).to(device)
     try:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=True)
     except RuntimeError:  # a device without a fused Adam kernel
@@ -110,8 +135,9 @@ def make_model(config, device):
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, x, batch_size=2000):
-    """Test -ELBO, reconstruction -log p(x|z) and KL, nats per image, dropout off, fixed z draws."""
+def evaluate(model, x, batch_size=2000, labels=None):
+    """Test -ELBO, reconstruction -log p(x|z) and KL, nats per image, dropout off, fixed z draws
+    (given the `labels`, for a conditional model: the -ELBO of log p(x|y))."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
@@ -119,50 +145,57 @@ def evaluate(model, x, batch_size=2000):
     for start in range(0, len(x), batch_size):
         batch = x[start: start + batch_size]
         eps = torch.randn((len(batch), model.dim_z), generator=generator, device=x.device)
-        elbo, reconstruction, kl = model(batch, eps=eps)
+        batch_labels = None if labels is None else labels[start: start + batch_size]
+        elbo, reconstruction, kl = model(batch, eps=eps, labels=batch_labels)
         sums += torch.stack([-elbo.sum(), -reconstruction.sum(), kl.sum()]).double()
     model.train(was_training)
     return (sums / len(x)).tolist()
 
 
 @torch.no_grad()
-def log_likelihood_estimate(model, x, k, batch_size=100, progress=True):
-    """Importance-weighted NLL over `x`: (mean, standard error) in nats per image."""
+def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=None, generator=None):
+    """Importance-weighted NLL over `x`: (mean, standard error) in nats per image; of -log p(x|y)
+    given the `labels`, for a conditional model. Draws from `generator`, else from the global
+    generator seeded with IW_SEED."""
     was_training = model.training
     model.eval()
-    torch.manual_seed(IW_SEED)  # the estimator draws from the global generator; fix it for repeatability
+    if generator is None:
+        torch.manual_seed(IW_SEED)  # the estimator draws from the global generator; fix it for repeatability
     from tqdm import tqdm
 
     per_image = []
     for start in tqdm(range(0, len(x), batch_size), desc=f"log-likelihood, k={k}", disable=None if progress else True,
                       leave=False):
-        per_image.append(importance_weighted_log_likelihood(model, x[start: start + batch_size], k))
+        batch_labels = None if labels is None else labels[start: start + batch_size]
+        per_image.append(importance_weighted_log_likelihood(model, x[start: start + batch_size], k,
+                                                            labels=batch_labels, generator=generator))
     model.train(was_training)
     nll = -torch.cat(per_image).double()
     stderr = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     return nll.mean().item(), stderr
 
 
+def test_accuracy(model, x, labels, batch_size=1000):
+    """How often the conditional model, as a classifier (the label of highest ELBO), is right on `x`."""
+    right = 0
+    for start in range(0, len(x), batch_size):
+        predicted = classify(model, x[start: start + batch_size], k=1, seed=EVAL_SEED).argmax(1)
+        right += (predicted == labels[start: start + batch_size]).sum().item()
+    return right / len(x)
+
+
 # ---------------------------------------------------------------- pictures of the model
 
-@torch.no_grad()
-def reconstruct(model, x):
+def reconstruct(model, x, labels=None):
     """Decoded posterior means: what the reconstruction grids show."""
-    was_training = model.training
-    model.eval()
-    mu, _ = model.encode(x)
-    images = model.mean_image(model.decode(mu))
-    model.train(was_training)
-    return images
+    with evaluating(model):
+        mu, _ = model.encode(x, labels)
+        return model.mean_image(model.decode(mu, labels))
 
 
-@torch.no_grad()
-def decode_images(model, z):
-    was_training = model.training
-    model.eval()
-    images = model.mean_image(model.decode(z))
-    model.train(was_training)
-    return images
+def decode_images(model, z, labels=None):
+    with evaluating(model):
+        return model.mean_image(model.decode(z, labels))
 
 
 def epoch_name(prefix, epoch, num_epochs):
@@ -172,32 +205,43 @@ def epoch_name(prefix, epoch, num_epochs):
 def write_epoch_images(model, config, fixed, tensors, out, epoch):
     cpu = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
     nx, ny = config.PRR_n_img_x, config.PRR_n_img_y
-    plots.save_grid(cpu(reconstruct(model, fixed["prr_input"])), nx, ny,
+    labels = fixed["prr_labels"] if model.conditional else None
+    plots.save_grid(cpu(reconstruct(model, fixed["prr_input"], labels)), nx, ny,
                     out / epoch_name("PRR", epoch, config.num_epochs))
-    plots.save_grid(cpu(decode_images(model, fixed["prior_z"])), nx, ny,
-                    out / epoch_name("samples", epoch, config.num_epochs))
+    if model.conditional:
+        # One row per class, one fixed z per column: a column is one style written as every class.
+        plots.save_grid(cpu(samples_by_class(model, fixed["prior_z"][:nx])).reshape(-1, 784), nx, model.n_classes,
+                        out / epoch_name("samples", epoch, config.num_epochs))
+        # Kingma et al. 2014's analogies: a test image, then its z decoded with each class.
+        x = fixed["prr_clean"][:ny]
+        styles = analogies(model, x, fixed["prr_labels"][:ny])
+        plots.save_grid(cpu(torch.cat([x[:, None], styles], dim=1)).reshape(-1, 784), 1 + model.n_classes, len(x),
+                        out / epoch_name("analogies", epoch, config.num_epochs))
+    else:
+        plots.save_grid(cpu(decode_images(model, fixed["prior_z"])), nx, ny,
+                        out / epoch_name("samples", epoch, config.num_epochs))
     if config.dim_z == 2:
         z = torch.from_numpy(plots.manifold_grid_z(config.PMLR_n_img_x, config.PMLR_n_img_y, config.PMLR_z_range))
-        plots.save_grid(cpu(decode_images(model, z.to(fixed["prior_z"].device))), config.PMLR_n_img_x,
-                        config.PMLR_n_img_y, out / epoch_name("PMLR", epoch, config.num_epochs))
+        z = z.to(fixed["prior_z"].device)
+        for c in range(model.n_classes) if model.conditional else [None]:
+            grid_labels = None if c is None else torch.full((len(z),), c, dtype=torch.long, device=z.device)
+            plots.save_grid(cpu(decode_images(model, z, grid_labels)), config.PMLR_n_img_x, config.PMLR_n_img_y,
+                            out / epoch_name("PMLR" if c is None else f"PMLR_class{c}", epoch, config.num_epochs))
         n = min(config.PMLR_n_samples, len(tensors.test))
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            mu, _ = model.encode(tensors.test[:n])
-        model.train(was_training)
+        with evaluating(model):
+            mu, _ = model.encode(tensors.test[:n], tensors.test_y[:n] if model.conditional else None)
         plots.save_latent_map(cpu(mu), tensors.test_labels[:n], tensors.classes, config.PMLR_z_range,
                               out / epoch_name("PMLR_map", epoch, config.num_epochs))
 
 
 def write_metrics(history, out, config):
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(table, fieldnames=metric_fields(config), lineterminator="\n")
     writer.writeheader()
     for row in history:
         writer.writerow({key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in row.items()})
     files.write_text(out / "metrics.csv", table.getvalue())
-    plots.save_loss_curves(history, out / "loss_curves.png",
+    plots.save_loss_curves(history, out / "loss_curves.png", elbo_key=elbo_name(config),
                            title=f"{config.dataset}, dim_z={config.dim_z}, likelihood={config.likelihood}, "
                                  f"binarize={config.binarize}")
 
@@ -234,19 +278,23 @@ def train(config, resume=False, overwrite=False, log=print):
     # Gradients and Adam's second moments drift into denormal floats, which x86 CPUs handle
     # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
     torch.set_flush_denormal(True)
+    config.check_combination()
     out = prepare_output(config.output, resume, overwrite)
     saved = checkpoint.load(out) if resume else None
     tensors = load_tensors(config, device, log)
     torch.manual_seed(config.seed)
     model, optimizer = make_model(config, device)
-    step_function = FusedTrainStep(model, optimizer)
+    step_function = make_step(model, optimizer, config)
+    step_name = "fused" if isinstance(step_function, FusedTrainStep) else "autograd"
+    if step_name == "autograd" and config.step == "auto":
+        log(f"training step: autograd (the fused step does not fit: {fused.unsupported(model, config)})")
     data_generator = torch.Generator(device=device).manual_seed(config.seed)
 
     # What every epoch's pictures are made from: fixed inputs, their noisy copies, prior draws.
     images_generator = torch.Generator().manual_seed(config.seed)
     n_prr = config.PRR_n_img_x * config.PRR_n_img_y
     prr_clean = tensors.test[:n_prr]
-    fixed = {"prr_input": prr_clean,
+    fixed = {"prr_input": prr_clean, "prr_clean": prr_clean, "prr_labels": tensors.test_y[:n_prr],
              "prior_z": torch.randn((n_prr, config.dim_z), generator=images_generator).to(device)}
     if config.add_noise:
         fixed["prr_input"] = add_noise(prr_clean.cpu(), config.noise_factor, images_generator).to(device)
@@ -267,6 +315,8 @@ def train(config, resume=False, overwrite=False, log=print):
         if device.type == "cuda" and "rng.cuda" in saved_tensors:
             torch.cuda.set_rng_state(saved_tensors["rng.cuda"])
         step_terms = saved_tensors["progress.step_terms"].to(device)
+        if step_terms.shape[1] == 3:  # a checkpoint from before the loss had its own column: it was -ELBO
+            step_terms = torch.cat([step_terms, step_terms[:, :1]], dim=1)
         log(f"resuming {out} at epoch {epoch + 1}, step {step}")
     else:
         plots.save_grid(prr_clean.cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y, out / "input.jpg")
@@ -274,7 +324,7 @@ def train(config, resume=False, overwrite=False, log=print):
             plots.save_grid(fixed["prr_input"].cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y,
                             out / "input_noise.jpg")
     files.write_json(out / "config.json", {**config.to_dict(), "data_source": tensors.source, "device": str(device),
-                                     "torch": torch.__version__})
+                                     "torch": torch.__version__, "model": model.name, "training_step": step_name})
     board = _tensorboard(config)
 
     row = history[-1] if history else None
@@ -284,7 +334,7 @@ def train(config, resume=False, overwrite=False, log=print):
                  "progress.step_terms": step_terms}
         if device.type == "cuda":
             extra["rng.cuda"] = torch.cuda.get_rng_state()
-        state = {"config": config.to_dict(), "epoch": epoch, "step": step, "history": history,
+        state = {"config": config.to_dict(), "model": model.name, "epoch": epoch, "step": step, "history": history,
                  "seconds_in_epoch": seconds, "data_source": tensors.source}
         checkpoint.save(out, model, optimizer, state, extra)
 
@@ -296,18 +346,22 @@ def train(config, resume=False, overwrite=False, log=print):
             if config.binarize == "dynamic":
                 epoch_data = torch.bernoulli(tensors.train, generator=data_generator)
             if step == 0:
-                step_terms = torch.zeros((n_steps, 3), device=device)
+                step_terms = torch.zeros((n_steps, 4), device=device)
             bar = tqdm(total=n_steps, initial=step, desc=f"epoch {epoch + 1}/{config.num_epochs}",
                        disable=None, leave=False, unit="step")
             started = time.perf_counter()
             while step < n_steps:
-                target = epoch_data.index_select(0, order[step * batch_size: (step + 1) * batch_size])
+                batch = order[step * batch_size: (step + 1) * batch_size]
+                target = epoch_data.index_select(0, batch)
+                labels = tensors.train_y.index_select(0, batch) if model.conditional else None
                 x = add_noise(target, config.noise_factor) if config.add_noise else target
-                step_terms[step] = step_function(x, target)  # batch means of -ELBO, -log p(x|z), KL
+                if config.kl_warmup:
+                    step_function.loss_options["kl_weight"] = kl_weight(config, epoch, step, n_steps)
+                step_terms[step] = step_function(x, target, labels)  # batch means of -ELBO, -log p(x|z), KL, loss
                 step += 1
                 bar.update(1)
                 if step % CHECK_EVERY == 0 or step == n_steps:
-                    losses = step_terms[:step, 0]
+                    losses = step_terms[:step, 3]
                     if not torch.isfinite(losses.sum()):
                         bad = int(torch.nonzero(~torch.isfinite(losses))[0])
                         bar.close()
@@ -328,15 +382,30 @@ def train(config, resume=False, overwrite=False, log=print):
 
             # Batch means weighted by batch sizes (the last batch may be smaller): means over images.
             train_terms = (step_terms.double() * batch_sizes[:, None]).sum(0).div_(n_train).tolist()
-            test_terms = evaluate(model, tensors.test)
+            test_labels = tensors.test_y if model.conditional else None
+            test_terms = evaluate(model, tensors.test, labels=test_labels)
+            fields, elbo = metric_fields(config), elbo_name(config)
             row = {"epoch": epoch + 1,
-                   **dict(zip(["train_neg_elbo", "train_recon", "train_kl"], train_terms)),
-                   **dict(zip(["test_neg_elbo", "test_recon", "test_kl"], test_terms)),
+                   **dict(zip([f"train_{elbo}", "train_recon", "train_kl", "train_loss"], train_terms)),
+                   **dict(zip([f"test_{elbo}", "test_recon", "test_kl"], test_terms)),
                    "seconds": seconds, "likelihood": config.likelihood, "binarize": config.binarize}
+            extra = ""
+            if config.objective == "iwae":  # the bound trained on, at its K, with fixed draws
+                bound, _ = log_likelihood_estimate(model, tensors.test, config.k_train, progress=False,
+                                                   labels=test_labels,
+                                                   generator=torch.Generator(device=device).manual_seed(IW_SEED))
+                row["test_neg_iw_bound" + ("_given_y" if model.conditional else "")] = bound
+                extra += f"  test -iw bound (k={config.k_train}) {bound:8.3f}"
+            if model.conditional:
+                row["test_accuracy"] = test_accuracy(model, tensors.test, tensors.test_y)
+                extra += f"  test accuracy {row['test_accuracy']:.4f}"
+            row = {key: value for key, value in row.items() if key in fields}
             history.append(row)
+            name = "-elbo(x|y)" if model.conditional else "-elbo"
+            loss = f", loss {train_terms[3]:8.3f}" if "train_loss" in fields else ""
             log(f"epoch {epoch + 1:>{len(str(config.num_epochs))}}/{config.num_epochs}  "
-                f"train -elbo {train_terms[0]:8.3f} (recon {train_terms[1]:8.3f}, kl {train_terms[2]:6.3f})  "
-                f"test -elbo {test_terms[0]:8.3f} (recon {test_terms[1]:8.3f}, kl {test_terms[2]:6.3f})  "
+                f"train {name} {train_terms[0]:8.3f} (recon {train_terms[1]:8.3f}, kl {train_terms[2]:6.3f}{loss})  "
+                f"test {name} {test_terms[0]:8.3f} (recon {test_terms[1]:8.3f}, kl {test_terms[2]:6.3f}){extra}  "
                 f"{seconds:5.1f} s")
             write_epoch_images(model, config, fixed, tensors, out, epoch + 1)
             write_metrics(history, out, config)
@@ -352,14 +421,17 @@ def train(config, resume=False, overwrite=False, log=print):
     if board is not None:
         board.close()
     if config.eval_k > 0:
-        nll, stderr = log_likelihood_estimate(model, tensors.test, config.eval_k)
-        result = {"test_neg_elbo": row["test_neg_elbo"] if row else None, "iw_nll": nll, "iw_nll_stderr": stderr,
+        nll, stderr = log_likelihood_estimate(model, tensors.test, config.eval_k,
+                                              labels=tensors.test_y if model.conditional else None)
+        given = "_given_y" if model.conditional else ""
+        elbo = f"test_{elbo_name(config)}"
+        result = {elbo: row[elbo] if row else None, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr,
                   "k": config.eval_k, "n_test": len(tensors.test), "likelihood": config.likelihood,
                   "binarize": config.binarize}
         files.write_json(out / "evaluation.json", result)
         log(f"test log-likelihood (importance weighted, k={config.eval_k}): "
-            f"NLL {nll:.3f} ± {stderr:.3f} nats per image")
-        row = {**row, "iw_nll": nll, "iw_nll_stderr": stderr} if row else row
+            f"NLL {nll:.3f} ± {stderr:.3f} nats per image" + (" (-log p(x|y), given the label)" if given else ""))
+        row = {**row, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr} if row else row
     return row
 
 
@@ -372,7 +444,7 @@ def _tensorboard(config):
 
 
 def _log_tensorboard(board, row, out, config, epoch):
-    for key in METRIC_FIELDS[1:8]:
+    for key in metric_fields(config)[1:-2]:
         board.add_scalar(key.replace("_", "/", 1), row[key], epoch)
     from PIL import Image
 

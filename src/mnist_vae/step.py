@@ -1,0 +1,49 @@
+"""The training step: autograd through the model's own loss for any model, or the fused fast path where it computes the same.
+
+The autograd step knows nothing of the model: it calls `model.loss(x, target, labels, ...)`,
+back-propagates and lets Adam update, as minGPT's trainer knows nothing of GPT. The fused step
+(fused.py) is the same step with the backward pass written out for the seed's MLP and the plain
+ELBO; `--step auto` uses it exactly where fused.supports() says it computes the same thing.
+"""
+
+from . import fused
+from .config import UserError
+
+STEPS = ("auto", "fused", "autograd")
+
+
+class AutogradTrainStep:
+    """Calls of this object take one optimizer step on a batch through the model's loss; they return
+    the batch means of [-ELBO, reconstruction, KL, loss] as one tensor, without synchronising.
+    `loss_options` (kl_weight, objective, k) are passed to model.loss; kl_weight may change between
+    calls (KL warm-up)."""
+
+    def __init__(self, model, optimizer, **loss_options):
+        self.model, self.optimizer, self.loss_options = model, optimizer, loss_options
+
+    def __call__(self, x, target=None, labels=None):
+        loss, terms = self.model.loss(x, target, labels, **self.loss_options)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self.optimizer.step()
+        return terms
+
+
+def make_step(model, optimizer, config):
+    """The step `config.step` asks for: auto picks the fused step where it supports the model and
+    loss, else autograd; fused where it cannot be had is a UserError saying why."""
+    reason = fused.unsupported(model, config)
+    if config.step == "fused" and reason is not None:
+        raise UserError(f"--step fused cannot train this run: {reason}; use --step auto or autograd")
+    if config.step != "autograd" and reason is None:
+        return fused.FusedTrainStep(model, optimizer)
+    return AutogradTrainStep(model, optimizer, kl_weight=config.beta, objective=config.objective,
+                             k=config.k_train)
+
+
+def kl_weight(config, epoch, step, n_steps):
+    """The KL's weight in the training loss at this step: beta, raised linearly from 0 over the first
+    kl_warmup epochs (Bowman et al. 2016; Sønderby et al. 2016), step by step."""
+    if config.kl_warmup == 0:
+        return config.beta
+    return config.beta * min(1.0, (epoch + step / n_steps) / config.kl_warmup)
