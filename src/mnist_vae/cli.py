@@ -31,7 +31,8 @@ def train_parser(prog):
         prog=prog, argument_default=argparse.SUPPRESS,
         description="Train a variational auto-encoder on MNIST or Fashion-MNIST and write its pictures, "
                     "metrics and checkpoint into --output.",
-        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, bench, reproduce "
+        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, classify, analogies, bench, "
+               "reproduce "
                f"({prog} COMMAND --help)")
     for name, (check, help_text) in SETTINGS.items():
         default = getattr(defaults, name)
@@ -112,16 +113,22 @@ def command_evaluate(prog, args):
     config, state, model, device = _load_run(args)
     config = dataclasses.replace(config, data_dir=args.data_dir or config.data_dir, n_test=args.n_test,
                                  n_train=1)
-    test = load_tensors(config, device).test
-    neg_elbo, recon, kl = evaluate(model, test)
+    tensors = load_tensors(config, device)
+    test, labels = tensors.test, tensors.test_y if model.conditional else None
+    neg_elbo, recon, kl = evaluate(model, test, labels=labels)
+    given = " of log p(x|y)" if model.conditional else ""
     print(f"run: {args.run_dir} ({config.dataset}, dim_z={config.dim_z}, likelihood={config.likelihood}, "
           f"binarize={config.binarize}, {state['epoch']} epochs)")
     print(f"test images: {len(test)}")
-    print(f"test -ELBO: {neg_elbo:.3f} nats per image (reconstruction {recon:.3f}, KL {kl:.3f})")
+    print(f"test -ELBO{given}: {neg_elbo:.3f} nats per image (reconstruction {recon:.3f}, KL {kl:.3f})")
+    if model.conditional:
+        from .train import test_accuracy
+
+        print(f"test accuracy as a classifier (highest ELBO): {test_accuracy(model, test, labels):.4f}")
     if args.k > 0:
-        nll, stderr = log_likelihood_estimate(model, test, args.k)
-        print(f"test NLL (importance weighted, k={args.k}): {nll:.3f} ± {stderr:.3f} nats per image "
-              f"(± one standard error)")
+        nll, stderr = log_likelihood_estimate(model, test, args.k, labels=labels)
+        print(f"test NLL{' -log p(x|y)' if model.conditional else ''} (importance weighted, k={args.k}): "
+              f"{nll:.3f} ± {stderr:.3f} nats per image (± one standard error)")
     return 0
 
 
@@ -131,10 +138,14 @@ def _grid_shape(n):
 
 
 def command_sample(prog, args):
-    parser = _run_parser(prog, "sample", "Images decoded from z drawn from the prior N(0, I).")
+    parser = _run_parser(prog, "sample", "Images decoded from z drawn from the prior N(0, I); of a class you "
+                                         "choose, for a run trained with --conditional.")
     parser.add_argument("--n", type=integer(1, 10000), default=64, help="how many images (default 64)")
     parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/samples.png)")
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed of the draws (default 0)")
+    parser.add_argument("--class", dest="label", type=text, metavar="CLASS",
+                        help="conditional runs: the class to generate, a digit or a Fashion-MNIST class name "
+                             "(sneaker); without it, every class in turn")
     args = parser.parse_args(args)
     import torch
 
@@ -142,10 +153,97 @@ def command_sample(prog, args):
     from .train import decode_images
 
     config, _, model, device = _load_run(args)
+    labels, what = None, "samples"
+    if model.conditional:
+        if args.label is None:
+            labels, what = torch.arange(args.n, device=device) % model.n_classes, "samples, every class in turn,"
+        else:
+            label = class_index(args.label, config.dataset)
+            labels, what = torch.full((args.n,), label, device=device), f"samples of class {_class_names(config)[label]}"
+    elif args.label is not None:
+        raise UserError(f"--class needs a run trained with --conditional; {args.run_dir} was not")
     z = torch.randn((args.n, config.dim_z), generator=torch.Generator().manual_seed(args.seed)).to(device)
     out = Path(args.out or Path(args.run_dir) / "samples.png")
-    save_grid(decode_images(model, z).cpu().numpy(), *_grid_shape(args.n), _writable(out))
-    print(f"wrote {args.n} samples to {out}")
+    columns = model.n_classes if labels is not None and args.label is None else _grid_shape(args.n)[0]
+    save_grid(decode_images(model, z, labels).cpu().numpy(), columns, math.ceil(args.n / columns), _writable(out))
+    print(f"wrote {args.n} {what} to {out}")
+    return 0
+
+
+def _class_names(config):
+    from .data import DATASETS
+
+    return DATASETS[config.dataset]["classes"]
+
+
+def class_index(name, dataset):
+    """The index of a class given as its number or its name, case-insensitive (7, sneaker, ankle boot)."""
+    from .data import DATASETS
+
+    classes = DATASETS[dataset]["classes"]
+    wanted = name.strip().lower()
+    for index, known in enumerate(classes):
+        if wanted in (str(index), known.lower(), known.lower().replace("/", " "), known.lower().split("/")[0]):
+            return index
+    raise UserError(f"--class {name}: {dataset} has no such class; give one of "
+                    + ", ".join(f"{i} ({c})" if c != str(i) else c for i, c in enumerate(classes)))
+
+
+def _conditional_run(args, command):
+    config, state, model, device = _load_run(args)
+    if not model.conditional:
+        raise UserError(f"{command} needs a run trained with --conditional; {args.run_dir} was not "
+                        f"(train one: mnist-vae --conditional --output RUN)")
+    return config, state, model, device
+
+
+def command_classify(prog, args):
+    parser = _run_parser(prog, "classify", "The class of your own images by a conditional run: the class y of "
+                                           "highest log p(x|y) + log p(y), each bounded with K importance samples; "
+                                           "prints each image's class and the probabilities of all classes.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    parser.add_argument("--k", type=integer(1, 100000), default=100,
+                        help="importance samples per image and class (1: the ELBO; default 100)")
+    args = parser.parse_args(args)
+    from .model import classify
+
+    config, _, model, device = _conditional_run(args, "classify")
+    names = _class_names(config)
+    probabilities = classify(model, _load_images(args.images, device), k=args.k).exp().cpu()
+    for path, p in zip(args.images, probabilities):
+        best = int(p.argmax())
+        print(f"{path}: {names[best]} (p={p[best]:.3f})  " + "  ".join(f"{c}:{q:.3f}" for c, q in zip(names, p)))
+    return 0
+
+
+def command_analogies(prog, args):
+    parser = _run_parser(prog, "analogies", "Your own images written in their style as every class by a "
+                                            "conditional run: each row shows an image, then its z decoded with "
+                                            "each class.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    parser.add_argument("--label", type=text, metavar="CLASS",
+                        help="the class of the images (a digit or a class name); without it, each is classified")
+    parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/analogies.png)")
+    args = parser.parse_args(args)
+    import torch
+
+    from .model import analogies, classify
+    from .plots import side_by_side
+
+    config, _, model, device = _conditional_run(args, "analogies")
+    names = _class_names(config)
+    images = _load_images(args.images, device)
+    out = _writable(args.out or Path(args.run_dir) / "analogies.png")
+    if args.label is not None:
+        labels = torch.full((len(images),), class_index(args.label, config.dataset), device=device)
+    else:
+        labels = classify(model, images, k=100).argmax(1)
+        for path, label in zip(args.images, labels.tolist()):
+            print(f"{path}: read as {names[label]} (give --label to choose)")
+    styles = analogies(model, images, labels).cpu().numpy()
+    side_by_side([images.cpu().numpy()] + [styles[:, c] for c in range(model.n_classes)], out)
+    print(f"wrote {out} ({len(images)} row{'s' if len(images) > 1 else ''}: input | "
+          + " | ".join(names) + ")")
     return 0
 
 
@@ -196,7 +294,12 @@ def command_reconstruct(prog, args, denoise=False):
 
             images = add_noise(images, config.noise_factor, torch.Generator().manual_seed(0))
             columns.append(images.cpu().numpy())
-    columns.append(reconstruct(model, images).cpu().numpy())
+    labels = None
+    if model.conditional:  # q(z|x, y) and p(x|z, y) need a label: the one the model reads in the image
+        from .model import classify
+
+        labels = classify(model, images, k=100).argmax(1)
+    columns.append(reconstruct(model, images, labels).cpu().numpy())
     side_by_side(columns, out)
     print(f"wrote {out} ({len(args.images)} row{'s' if len(args.images) > 1 else ''}: " + " | ".join(
         ["input", "noisy input", "restored"] if len(columns) == 3 else
@@ -222,6 +325,9 @@ def command_interpolate(prog, args):
     from .train import decode_images
 
     config, _, model, device = _load_run(args)
+    if model.conditional:
+        raise UserError(f"interpolate works on runs trained without --conditional; for {args.run_dir} use "
+                        f"{prog} analogies")
     images = _load_images([args.start, args.end], device)
     out = _writable(args.out or Path(args.run_dir) / "interpolate.png")
     with torch.no_grad():
@@ -248,6 +354,7 @@ def command_reproduce(prog, args):
 COMMANDS = {
     "train": command_train, "evaluate": command_evaluate, "sample": command_sample,
     "reconstruct": command_reconstruct, "denoise": command_denoise, "interpolate": command_interpolate,
+    "classify": command_classify, "analogies": command_analogies,
     "bench": command_bench, "reproduce": command_reproduce,
 }
 
