@@ -3,8 +3,9 @@
 The runs are those of the old program's README (reconstructions for dim_z 2, 4, 10
 and 20; denoising with dim_z 20; the 2-D manifold and latent map) plus a
 Fashion-MNIST manifold and a dim_z 20 run on dynamically binarized MNIST, whose
-log-likelihood is the one that compares with the literature's; all at the same
-number of epochs. Numbers under different likelihoods or binarizations go into
+log-likelihood is the one that compares with the literature's, and conditional VAEs
+(--conditional) on MNIST and Fashion-MNIST with dim_z 2 and 20; all at the same
+number of epochs. `--runs` trains only the runs it names. Numbers under different likelihoods or binarizations go into
 separate tables, never into one column. Each run keeps its own
 folder under OUT/runs, so an interrupted reproduction resumes where it stopped and
 a finished run is not trained again.
@@ -28,6 +29,10 @@ RUNS = [  # name, settings, what the README shows of it
     ("dim20_denoising", dict(dim_z=20, add_noise=True)),
     ("fashion_dim2", dict(dim_z=2, dataset="fashion-mnist")),
     ("dim20_binarized", dict(dim_z=20, binarize="dynamic")),
+    ("cond_dim2", dict(dim_z=2, conditional=True)),
+    ("cond_dim20", dict(dim_z=20, conditional=True)),
+    ("fashion_cond_dim2", dict(dim_z=2, dataset="fashion-mnist", conditional=True)),
+    ("fashion_cond_dim20", dict(dim_z=20, dataset="fashion-mnist", conditional=True)),
 ]
 
 PIXELS = {  # what the numbers of each --binarize are
@@ -52,7 +57,17 @@ def main(prog, args):
                         help="a smoke test: 2 epochs on 1000 training and 500 test images, k=10")
     parser.add_argument("--data_dir", "--data-dir", type=text,
                         help="folder with MNIST's IDX files (default: found as usual)")
+    parser.add_argument("--runs", type=text, metavar="NAME[,NAME...]",
+                        help="train only these runs (default: all): " + ", ".join(name for name, _ in RUNS))
     args = parser.parse_args(args)
+    selected = [name for name, _ in RUNS]
+    if args.runs:
+        names = [name.strip() for name in args.runs.split(",") if name.strip()]
+        unknown = [name for name in names if name not in dict(RUNS)]
+        if unknown or not names:
+            raise UserError(f"--runs {args.runs}: no run named {', '.join(unknown) or 'there'}; choose from "
+                            + ", ".join(name for name, _ in RUNS))
+        selected = names
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
     from .train import train
@@ -67,6 +82,8 @@ def main(prog, args):
         config = replace(base, output=str(out / "runs" / name), **settings)
         if config.dataset != "mnist":
             config = replace(config, data_dir=None)
+        if name not in selected and _finished(config) is None:
+            continue  # not asked for and not trained before: left out of the tables
         print(f"== {name}: {settings}, {config.num_epochs} epochs")
         try:
             row = _train_or_reuse(train, config)
@@ -87,21 +104,31 @@ def main(prog, args):
 
 def _train_or_reuse(train, config):
     """Train the run, resume it if it was interrupted, or read its results if it is complete."""
-    folder = Path(config.output)
-    evaluation = folder / "evaluation.json"
-    if (folder / "checkpoint.safetensors").exists():
-        from . import checkpoint
-
-        _, state, _ = checkpoint.load(folder)
-        if state["epoch"] >= config.num_epochs and (evaluation.exists() or config.eval_k == 0):
-            row = dict(state["history"][-1])
-            if evaluation.exists():
-                result = json.loads(evaluation.read_text())
-                row.update(iw_nll=result["iw_nll"], iw_nll_stderr=result["iw_nll_stderr"])
-            print("   already complete; reusing it")
-            return row
+    row = _finished(config)
+    if row is not None:
+        print("   already complete; reusing it")
+        return row
+    if (Path(config.output) / "checkpoint.safetensors").exists():
         return train(config, resume=True)
     return train(config, overwrite=True)
+
+
+def _finished(config):
+    """The last metrics row (with its evaluation) of a run trained to the end in config.output; else None."""
+    folder = Path(config.output)
+    evaluation = folder / "evaluation.json"
+    if not (folder / "checkpoint.safetensors").exists():
+        return None
+    from . import checkpoint
+
+    _, state, _ = checkpoint.load(folder)
+    if state["epoch"] < config.num_epochs or not (evaluation.exists() or config.eval_k == 0):
+        return None
+    row = dict(state["history"][-1])
+    if evaluation.exists():
+        result = json.loads(evaluation.read_text())
+        row.update({key: value for key, value in result.items() if key.startswith("iw_nll")})
+    return row
 
 
 def _training_seconds(config):
@@ -129,6 +156,9 @@ def _collect_images(out, epochs):
     for dim in (2, 4, 10, 20):
         copies[runs / f"dim{dim}" / f"PRR_{tag}.jpg"] = f"PRR_epoch_{epochs}_dim{dim}.jpg"
         copies[runs / f"dim{dim}" / f"samples_{tag}.jpg"] = f"samples_epoch_{epochs}_dim{dim}.jpg"
+    for run in ("cond_dim2", "cond_dim20", "fashion_cond_dim2", "fashion_cond_dim20"):
+        for prefix in ("samples", "analogies"):  # a row per class; an image, then its style as each class
+            copies[runs / run / f"{prefix}_{tag}.jpg"] = f"{run}_{prefix}_epoch_{epochs}.jpg"
     for source, name in copies.items():
         if source.exists():
             shutil.copyfile(source, out / name)
@@ -152,9 +182,10 @@ def machine():
 
 
 def _command(args):
+    runs = f" --runs {args.runs}" if args.runs else ""
     if args.quick:
-        return f"mnist-vae reproduce --quick --out {args.out}"
-    return f"mnist-vae reproduce --epochs {args.epochs} --k {args.k} --out {args.out}"
+        return f"mnist-vae reproduce --quick{runs} --out {args.out}"
+    return f"mnist-vae reproduce --epochs {args.epochs} --k {args.k}{runs} --out {args.out}"
 
 
 def _duration(seconds):
@@ -163,25 +194,41 @@ def _duration(seconds):
 
 def results_table(rows, args, base):
     m = machine()
-    groups = {}  # one table per likelihood and binarization
+    groups = {}  # one table per likelihood and binarization, and conditional runs' -log p(x|y) apart
     for row in rows:
-        groups.setdefault((row.get("likelihood", base.likelihood), row.get("binarize", base.binarize)), []).append(row)
+        conditional = row.get("conditional", dict(RUNS).get(row["run"], {}).get("conditional", False))
+        key = (conditional, row.get("likelihood", base.likelihood), row.get("binarize", base.binarize))
+        groups.setdefault(key, []).append(row)
     lines = []
-    for (likelihood, binarize), group in groups.items():
-        lines += [
-            f"Likelihood {likelihood}, binarize {binarize}: {PIXELS[binarize]}.",
-            "",
-            f"| run | dataset | dim_z | noise | epochs | test −ELBO | test NLL (IW, k={base.eval_k}) | training time |",
-            "|---|---|---:|---|---:|---:|---:|---:|",
-        ]
+    for (conditional, likelihood, binarize), group in groups.items():
+        given = "_given_y" if conditional else ""
+        if conditional:
+            lines += [
+                f"Conditional VAEs (`--conditional`), likelihood {likelihood}, binarize {binarize}: the bounds are "
+                f"on −log p(x|y), the image given its label, so they are not comparable with −log p(x) above; "
+                f"accuracy is the model as a classifier, the label of highest ELBO.",
+                "",
+                f"| run | dataset | dim_z | noise | epochs | test −ELBO of log p(x\\|y) | test −log p(x\\|y) "
+                f"(IW, k={base.eval_k}) | test accuracy | training time |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|",
+            ]
+        else:
+            lines += [
+                f"Likelihood {likelihood}, binarize {binarize}: {PIXELS[binarize]}.",
+                "",
+                f"| run | dataset | dim_z | noise | epochs | test −ELBO | test NLL (IW, k={base.eval_k}) | training time |",
+                "|---|---|---:|---|---:|---:|---:|---:|",
+            ]
         for row in group:
             if "skipped" in row:
-                lines.append(f"| {row['run']} | skipped: {row['skipped']} |||||||")
+                lines.append(f"| {row['run']} | skipped: {row['skipped']} |||||||" + ("|" if conditional else ""))
                 continue
-            nll = f"{row['iw_nll']:.2f} ± {row['iw_nll_stderr']:.2f}" if "iw_nll" in row else "–"
+            nll = (f"{row[f'iw_nll{given}']:.2f} ± {row[f'iw_nll{given}_stderr']:.2f}" if f"iw_nll{given}" in row
+                   else "–")
+            accuracy = f" {row['test_accuracy']:.4f} |" if conditional else ""
             lines.append(f"| {row['run']} | {row.get('dataset', 'mnist')} | {row['dim_z']} | "
-                         f"{'yes' if row.get('add_noise') else 'no'} | {row['epochs']} | {row['test_neg_elbo']:.2f} | "
-                         f"{nll} | {_duration(row['wall_seconds'])} |")
+                         f"{'yes' if row.get('add_noise') else 'no'} | {row['epochs']} | "
+                         f"{row[f'test_neg_elbo{given}']:.2f} | {nll} |{accuracy} {_duration(row['wall_seconds'])} |")
         lines.append("")
     lines += [
         f"Nats per test image ({base.n_test or 10000} test images). −ELBO is the bound with one z per image "
