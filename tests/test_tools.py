@@ -42,27 +42,36 @@ def test_reproduce_table_states_its_numbers_and_command(reproduced):
     table = (reproduced.out / "results.md").read_text()
     results = json.loads((reproduced.out / "results.json").read_text())
     runs = {row["run"]: row for row in results["runs"]}
-    assert set(runs) == {"dim2", "dim4", "dim10", "dim20", "dim20_denoising", "fashion_dim2", "dim20_binarized"}
+    assert set(runs) == {"dim2", "dim4", "dim10", "dim20", "dim20_denoising", "fashion_dim2", "dim20_binarized",
+                         "cond_dim2", "fashion_cond_dim2"}
     for name, row in runs.items():
-        if name == "fashion_dim2" and not FASHION_INSTALLED:
+        if name.startswith("fashion") and not FASHION_INSTALLED:
             assert "skipped" in row
             continue
-        # The table's numbers are the runs' own: their last metrics row and their evaluation.json.
+        # The table's numbers are the runs' own: their last metrics row and their evaluation.json;
+        # a conditional run's bound -log p(x|y), under names of its own.
+        given = "_given_y" if "cond" in name else ""
+        elbo, nll, stderr = f"test_neg_elbo{given}", f"iw_nll{given}", f"iw_nll{given}_stderr"
         with open(reproduced.out / "runs" / name / "metrics.csv") as f:
             last = list(csv.DictReader(f))[-1]
         evaluation = json.loads((reproduced.out / "runs" / name / "evaluation.json").read_text())
-        assert f"{row['test_neg_elbo']:.4f}" == last["test_neg_elbo"]
-        assert row["iw_nll"] == evaluation["iw_nll"] and evaluation["k"] == 10
+        assert f"{row[elbo]:.4f}" == last[elbo]
+        assert row[nll] == evaluation[nll] and evaluation["k"] == 10
         # The importance-weighted NLL is the tighter bound (up to its standard error).
-        assert row["iw_nll"] < row["test_neg_elbo"] + 3 * row["iw_nll_stderr"]
+        assert row[nll] < row[elbo] + 3 * row[stderr]
         line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
-        assert f"{row['test_neg_elbo']:.2f}" in line and f"{row['iw_nll']:.2f} ± {row['iw_nll_stderr']:.2f}" in line
+        assert f"{row[elbo]:.2f}" in line and f"{row[nll]:.2f} ± {row[stderr]:.2f}" in line
+        if given:
+            assert f"{row['test_accuracy']:.4f}" == last["test_accuracy"] and last["test_accuracy"] in line
     assert "mnist-vae reproduce --quick" in table
     # Grey-level and binarized numbers stand in tables of their own, each saying what it is.
     grey, binarized = table.split("Likelihood bernoulli, binarize dynamic: ")
     assert grey.startswith("Likelihood bernoulli, binarize none: grey-level pixels")
     assert "| dim20_binarized |" in binarized and "| dim20_binarized |" not in grey
     assert "| dim20 |" in grey and "| dim20 |" not in binarized
+    binarized, conditional = binarized.split("Conditional VAEs (`--conditional`), likelihood bernoulli, "
+                                             "binarize none: ")
+    assert "| cond_dim2 |" in conditional and "| cond_dim2 |" not in grey + binarized
     assert runs["dim20_binarized"]["binarize"] == "dynamic" and runs["dim20"]["binarize"] == "none"
     assert results["machine"]["cores"] >= 1
 
@@ -71,7 +80,7 @@ def test_reproduce_again_reuses_finished_runs(reproduced):
     before = (reproduced.out / "runs" / "dim4" / "checkpoint.safetensors").read_bytes()
     result = run_command("reproduce", "--quick", "--out", reproduced.out, "--data_dir", MNIST)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("already complete; reusing it") == 6 + FASHION_INSTALLED
+    assert result.stdout.count("already complete; reusing it") == 7 + 2 * FASHION_INSTALLED
     assert (reproduced.out / "runs" / "dim4" / "checkpoint.safetensors").read_bytes() == before
 
 
@@ -92,10 +101,28 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert evaluation["iw_ratio"] == pytest.approx(evaluation["iw_seconds"] / evaluation["iw_floor_s"])
     assert 50 < results["peak_rss_mb"] < 4000 and 0 < results["startup_help_s"] < 10
     # The printed table carries the same numbers.
-    assert re.search(rf"defaults +4 +128 +{row['epoch_s']:.2f} +{row['floor_s']:.2f} +{row['ratio']:.2f}",
+    assert re.search(rf"defaults +fused +4 +128 +{row['epoch_s']:.2f} +{row['floor_s']:.2f} +{row['ratio']:.2f}",
                      result.stdout), result.stdout
     assert f"floor {evaluation['iw_floor_s']:.1f} s" in result.stdout
     assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
+
+
+def test_reproduce_runs_selects_runs_and_tables_every_finished_one(reproduced, capsys):
+    result = main(capsys, "reproduce", "--quick", "--runs", "cond_dim2,dim4", "--out", reproduced.out,
+                  "--data_dir", MNIST)
+    assert result.returncode == 0, result.stderr
+    assert "== cond_dim2" in result.stdout and "== dim4" in result.stdout
+    table = (reproduced.out / "results.md").read_text()
+    assert "| dim20 |" in table and "| cond_dim2 |" in table and "--runs cond_dim2,dim4" in table
+    assert_one_line_error(main(capsys, "reproduce", "--quick", "--runs", "dim3", "--out", reproduced.out),
+                          "--runs dim3", "cond_dim20")
+
+
+def test_bench_floor_counts_label_columns_and_iwae_draws():
+    from mnist_vae.bench import floor_epoch_seconds
+
+    seconds = floor_epoch_seconds(256, 128, 16, 2, torch.device("cpu"), repeats=2, n_labels=10, k=5)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
 
 
 @pytest.mark.parametrize("command, args, flag", [

@@ -27,6 +27,10 @@ SETTINGS = {
     "defaults": {},
     "dim_z 2": {"dim_z": 2},
     "batch 64": {"batch_size": 64},
+    # Models and losses beyond the seed's: each against the floor of its own products.
+    "conditional": {"conditional": True},  # the fused step, with ten label columns
+    "autograd": {"step": "autograd"},  # the defaults through autograd: what the fused step saves
+    "iwae k=5": {"objective": "iwae", "k_train": 5},  # autograd, the decoder on 5 z per image
 }
 
 
@@ -86,13 +90,14 @@ def bench_training(config, device, epochs):
     pairs = []
     for _ in range(epochs + 1):
         floor = floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device,
-                                    repeats=1)[0]
+                                    repeats=1, n_labels=10 if config.conditional else 0,
+                                    k=config.k_train if config.objective == "iwae" else 1)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
         pairs.append((row["seconds"], floor))
     epochs_s, floors_s = [e for e, _ in pairs[1:]], [f for _, f in pairs[1:]]
     ratio = statistics.median(e / f for e, f in pairs[1:])
     epoch = statistics.median(epochs_s)
-    return {"dim_z": config.dim_z, "batch_size": config.batch_size, "epoch_s": epoch, "epochs_s": epochs_s,
+    return {"dim_z": config.dim_z, "batch_size": config.batch_size, "step": row["step"], "epoch_s": epoch, "epochs_s": epochs_s,
             "floor_s": statistics.median(floors_s), "floors_s": floors_s, "ratio": ratio,
             "images_per_s": n_train / epoch, **fixed_costs_seconds(config, device, n_train)}
 
@@ -122,19 +127,21 @@ def fixed_costs_seconds(config, device, n_train):
     return {"adam_s": adam, "masks_s": time.perf_counter() - started}
 
 
-def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3):
-    """Seconds of one epoch's matrix products alone, `repeats` times."""
+def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3, n_labels=0, k=1):
+    """Seconds of one epoch's matrix products alone, `repeats` times; with `n_labels` one-hot columns
+    beside x and z (a conditional model) and the decoder on `k` draws of z per image (IWAE)."""
     import torch
 
-    layers = [(784, n_hidden), (n_hidden, n_hidden), (n_hidden, 2 * dim_z),
-              (dim_z, n_hidden), (n_hidden, n_hidden), (n_hidden, 784)]
+    layers = [(784 + n_labels, n_hidden, 1), (n_hidden, n_hidden, 1), (n_hidden, 2 * dim_z, 1),
+              (dim_z + n_labels, n_hidden, k), (n_hidden, n_hidden, k), (n_hidden, 784, k)]
     batches = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size else [])
 
     def buffers(batch):
-        return [dict(x=torch.randn(batch, n_in, device=device), weight=torch.randn(n_out, n_in, device=device),
-                     grad=torch.randn(batch, n_out, device=device), y=torch.empty(batch, n_out, device=device),
+        return [dict(x=torch.randn(batch * rows, n_in, device=device), weight=torch.randn(n_out, n_in, device=device),
+                     grad=torch.randn(batch * rows, n_out, device=device),
+                     y=torch.empty(batch * rows, n_out, device=device),
                      grad_weight=torch.empty(n_out, n_in, device=device),
-                     grad_x=torch.empty(batch, n_in, device=device)) for n_in, n_out in layers]
+                     grad_x=torch.empty(batch * rows, n_in, device=device)) for n_in, n_out, rows in layers]
 
     by_size = {size: buffers(size) for size in set(batches)}
 
@@ -237,10 +244,10 @@ def format_table(results):
     m = results["machine"]
     lines = [f"mnist-vae bench: {m['cpu']}, {m['cores']} cores, {m['device']}, torch {m['torch']} "
              f"({m['threads']} threads), step kernels in {m.get('kernels', 'torch ops')}", "",
-             f"{'training':<10} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} {'images/s':>9}"
-             f" {'adam s':>7} {'masks s':>8}"]
+             f"{'training':<11} {'step':<8} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
+             f"{'images/s':>9} {'adam s':>7} {'masks s':>8}"]
     for row in results["training"]:
-        lines.append(f"{row['setting']:<10} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
+        lines.append(f"{row['setting']:<11} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f}")
     lines.append("(adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone)")

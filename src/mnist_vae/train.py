@@ -432,7 +432,7 @@ def train(config, resume=False, overwrite=False, log=print):
         log(f"test log-likelihood (importance weighted, k={config.eval_k}): "
             f"NLL {nll:.3f} ± {stderr:.3f} nats per image" + (" (-log p(x|y), given the label)" if given else ""))
         row = {**row, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr} if row else row
-    return row
+    return {**row, "step": step_name} if row else row
 
 
 def _tensorboard(config):
