@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, read_metrics, snapshot
-from mnist_vae import checkpoint, cli, files
+from mnist_vae import checkpoint, cli, files, fused
 from mnist_vae import train as train_module
 from mnist_vae.config import Config
 
@@ -51,9 +51,9 @@ def signal_at_call(monkeypatch, call, signals):
     """Make the fused training step send `signals` to this process during its `call`-th call."""
     calls = {"n": 0}
 
-    class Step(train_module.FusedTrainStep):
-        def __call__(self, x, target=None):
-            result = super().__call__(x, target)
+    class Step(fused.FusedTrainStep):
+        def __call__(self, *batch):
+            result = super().__call__(*batch)
             calls["n"] += 1
             if calls["n"] == call:
                 for sig in signals:
@@ -63,7 +63,7 @@ def signal_at_call(monkeypatch, call, signals):
                     os.kill(os.getpid(), sig)
             return result
 
-    monkeypatch.setattr(train_module, "FusedTrainStep", Step)
+    monkeypatch.setattr(fused, "FusedTrainStep", Step)  # what step.make_step builds
     return calls
 
 
@@ -413,15 +413,15 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(data, tmp_path, capsys, 
     out = tmp_path / "nan"
     calls = {"n": 0}
 
-    class Step(train_module.FusedTrainStep):
-        def __call__(self, x, target=None):
+    class Step(fused.FusedTrainStep):
+        def __call__(self, x, target=None, labels=None):
             calls["n"] += 1
             if calls["n"] > STEPS_PER_EPOCH + 2:  # from epoch 2, step 3 on, the data turn into NaN
                 x = torch.full_like(x, float("nan"))
                 target = x
-            return super().__call__(x, target)
+            return super().__call__(x, target, labels)
 
-    monkeypatch.setattr(train_module, "FusedTrainStep", Step)
+    monkeypatch.setattr(fused, "FusedTrainStep", Step)  # what step.make_step builds
     result = main(capsys, *RUN_ARGS, "--num_epochs", "3", "--data_dir", data, "--output", out)
     assert_one_line_error(result, "epoch 2, step 3", "learning rate", "epoch 1", str(out))
     config, state, tensors = checkpoint.load(out)

@@ -122,9 +122,9 @@ def command_evaluate(prog, args):
     print(f"test images: {len(test)}")
     print(f"test -ELBO{given}: {neg_elbo:.3f} nats per image (reconstruction {recon:.3f}, KL {kl:.3f})")
     if model.conditional:
-        from .train import test_accuracy
+        from .train import classifier_accuracy
 
-        print(f"test accuracy as a classifier (highest ELBO): {test_accuracy(model, test, labels):.4f}")
+        print(f"test accuracy as a classifier (highest ELBO): {classifier_accuracy(model, test, labels):.4f}")
     if args.k > 0:
         nll, stderr = log_likelihood_estimate(model, test, args.k, labels=labels)
         print(f"test NLL{' -log p(x|y)' if model.conditional else ''} (importance weighted, k={args.k}): "

@@ -1,9 +1,11 @@
-"""The variational auto-encoder: encoder q(z|x), decoder p(x|z), the ELBO and the importance-weighted bound.
+"""The models: the seed's VAE and the conditional VAE, each owning its loss (ELBO, beta, IWAE), and the importance-weighted bound.
 
 Kingma & Welling, "Auto-Encoding Variational Bayes" (2014), with the MLPs of the
 TensorFlow program this project replaces; Burda, Grosse & Salakhutdinov,
 "Importance Weighted Autoencoders" (2016) for the log-likelihood estimate;
-Loaiza-Ganem & Cunningham, "The continuous Bernoulli" (2019) for grey-level pixels.
+Loaiza-Ganem & Cunningham, "The continuous Bernoulli" (2019) for grey-level pixels;
+Kingma, Rezende, Mohamed & Welling, "Semi-supervised learning with deep generative models"
+(2014) and Sohn, Lee & Yan (2015) for the conditional VAE; Higgins et al. (2017) for beta.
 """
 
 import contextlib

@@ -23,7 +23,7 @@ class AutogradTrainStep:
 
     def __call__(self, x, target=None, labels=None):
         loss, terms = self.model.loss(x, target, labels, **self.loss_options)
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         return terms

@@ -175,7 +175,7 @@ def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=N
     return nll.mean().item(), stderr
 
 
-def test_accuracy(model, x, labels, batch_size=1000):
+def classifier_accuracy(model, x, labels, batch_size=1000):
     """How often the conditional model, as a classifier (the label of highest ELBO), is right on `x`."""
     right = 0
     for start in range(0, len(x), batch_size):
@@ -397,7 +397,7 @@ def train(config, resume=False, overwrite=False, log=print):
                 row["test_neg_iw_bound" + ("_given_y" if model.conditional else "")] = bound
                 extra += f"  test -iw bound (k={config.k_train}) {bound:8.3f}"
             if model.conditional:
-                row["test_accuracy"] = test_accuracy(model, tensors.test, tensors.test_y)
+                row["test_accuracy"] = classifier_accuracy(model, tensors.test, tensors.test_y)
                 extra += f"  test accuracy {row['test_accuracy']:.4f}"
             row = {key: value for key, value in row.items() if key in fields}
             history.append(row)
