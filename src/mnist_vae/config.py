@@ -36,6 +36,9 @@ class Config:
     n_train: int = 0                # use only the first n training images; 0 = all
     n_test: int = 0                 # use only the first n test images; 0 = all
     tensorboard: Optional[str] = None  # folder for TensorBoard logs
+    # Not a flag: the digits of the epoch in image file names, fixed when a run starts (0: not yet),
+    # so that a run trained further keeps PRR_epoch_01.jpg beside PRR_epoch_02.jpg, not _003.
+    epoch_digits: int = 0
 
     def to_dict(self):
         return dataclasses.asdict(self)
