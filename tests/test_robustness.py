@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, snapshot, write_idx
-from mnist_vae import checkpoint, runs
+from mnist_vae import checkpoint
 from mnist_vae import train as train_module
 
 RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "3", "--PRR_n_img_x", "4", "--PRR_n_img_y", "4",
@@ -97,6 +97,8 @@ def held_by_another_process(folder):
     pid = os.fork()
     if pid == 0:  # the child: take the lock, say so, wait to be killed
         try:
+            from mnist_vae import runs
+
             os.close(read)
             runs.hold(folder, create=True)
             os.write(write, b"1")
@@ -122,6 +124,8 @@ def test_a_folder_in_use_is_refused_at_once_naming_the_process(tmp_path, data, c
         assert time.monotonic() - started < 5
         assert not (out / "config.json").exists() and not (out / checkpoint.FILENAME).exists()
     # The holder died without cleaning up: its lock file is left, and blocks nothing.
+    from mnist_vae import runs
+
     assert (out / runs.LOCK_NAME).exists()
     result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", out)
     assert result.returncode == 0, result.stderr
@@ -157,7 +161,8 @@ def test_two_trainings_started_into_one_folder(tmp_path, data):
                              text=True, env=env)
     try:
         time.sleep(0.3)
-        second = subprocess.run([*common, "--dim_z", "2"], capture_output=True, text=True, env=env, timeout=120)
+        second = subprocess.run([*common, "--dim_z", "2", "--num_epochs", "1"], capture_output=True, text=True,
+                                env=env, timeout=120)
         out_first, err_first = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
@@ -643,7 +648,8 @@ def test_a_step_past_the_epoch_is_refused_on_resume(trained, tmp_path, capsys):
     assert_one_line_error(result, f"step {STEPS_PER_EPOCH + 5}")
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+# No subnormal floats: training in this process flushes them to zero, which hypothesis refuses to work with.
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_subnormal=False) | st.text(max_size=5),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                     max_leaves=10)
 STATE_KEYS = ["config", "epoch", "step", "history", "seconds_in_epoch", "data_source", "data_fingerprint"]
@@ -666,9 +672,16 @@ def damaged_checkpoint(draw, raw, state):
     return None, json.dumps(state)
 
 
+class Blob(bytes):
+    """Bytes that hypothesis shows by their length, not their contents (a whole checkpoint)."""
+
+    def __repr__(self):
+        return f"<{len(self)} bytes>"
+
+
 @pytest.fixture(scope="module")
 def pristine(trained):
-    raw = (trained / checkpoint.FILENAME).read_bytes()
+    raw = Blob((trained / checkpoint.FILENAME).read_bytes())
     with safe_open(str(trained / checkpoint.FILENAME), framework="pt") as f:
         metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
     return SimpleNamespace(raw=raw, metadata=metadata, tensors=tensors, state=json.loads(metadata["state"]))

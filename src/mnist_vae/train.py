@@ -254,8 +254,9 @@ def train(config, resume=False, overwrite=False, log=print):
     torch.set_flush_denormal(True)
     out = prepare_output(config.output, resume, overwrite)
     saved = checkpoint.load(out) if resume else None
-    if not config.epoch_digits:  # fixed at the run's start; an older run's from its first num_epochs
-        config = dataclasses.replace(config, epoch_digits=runs.epoch_digits((saved[0] if saved else config).num_epochs))
+    if not config.epoch_digits:  # fixed at the run's start; an older run's from its saved num_epochs
+        first = saved[0] if saved else config
+        config = dataclasses.replace(config, epoch_digits=runs.epoch_digits(first.num_epochs))
     tensors = load_tensors(config, device, log)
     torch.manual_seed(config.seed)
     model, optimizer = make_model(config, device)
