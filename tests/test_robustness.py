@@ -176,6 +176,12 @@ def test_two_trainings_started_into_one_folder(tmp_path, data):
 
 # ================================================================ 2. atomic writes, one-line write errors
 
+def runs_lock_name():
+    from mnist_vae import runs
+
+    return runs.LOCK_NAME
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A real 2 MB tmpfs (root only), unmounted afterwards."""
@@ -208,15 +214,16 @@ def remount_read_only(mount):
     subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
 
 
-def test_full_disk_at_the_start_of_a_run_leaves_no_partial_file(tmpfs, data, capsys):
+@pytest.mark.parametrize("leave", [0, 12 << 10, 40 << 10], ids=["full", "12 KB left", "40 KB left"])
+def test_full_disk_at_the_start_of_a_run_leaves_no_partial_file(tmpfs, data, capsys, leave):
     out = tmpfs / "run"
     out.mkdir()
-    fill(tmpfs, leave=0)
+    fill(tmpfs, leave=leave)
     result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", out)
     assert_one_line_error(result, str(out), "No space left")
     assert not temp_files(out)
     assert all(p.stat().st_size > 0 for p in out.iterdir()), list(out.iterdir())
-    assert not (out / "config.json").exists() and not (out / "input.jpg").exists()
+    assert not (out / checkpoint.FILENAME).exists() and not (out / runs_lock_name()).exists()
     # With space again, a rerun starts the run: the folder was left holding no run.
     (tmpfs / "filler").unlink()
     result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", out)
