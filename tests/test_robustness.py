@@ -291,6 +291,15 @@ def test_name_too_long_for_output(tmp_path, data, capsys, where):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_path_through_a_file_is_one_line(trained, tmp_path, data, capsys):
+    (tmp_path / "afile").write_text("mine")
+    result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", tmp_path / "afile" / "run")
+    assert_one_line_error(result, str(tmp_path / "afile" / "run"), "a file")
+    result = main(capsys, "sample", trained, "--n", "4", "--out", tmp_path / "afile" / "s.png")
+    assert_one_line_error(result, str(tmp_path / "afile" / "s.png"))
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_the_atomic_temporary_name_fits_beside_a_long_name(tmp_path):
     from mnist_vae import files
 
