@@ -121,7 +121,7 @@ def test_a_folder_in_use_is_refused_at_once_naming_the_process(tmp_path, data, c
         started = time.monotonic()
         result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", out)
         assert_one_line_error(result, str(out), f"process {pid}")
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 10  # at once: not after the other run, however busy the machine
         assert not (out / "config.json").exists() and not (out / checkpoint.FILENAME).exists()
     # The holder died without cleaning up: its lock file is left, and blocks nothing.
     from mnist_vae import runs
