@@ -113,7 +113,8 @@ def test_a_checkpoint_at_the_end_of_every_epoch(run_a):
 def test_checkpoint_holds_model_adam_epoch_rng_and_config(run_a, data):
     config, state, tensors = checkpoint.load(run_a.out)
     expected = Config(n_hidden=32, batch_size=32, dim_z=3, PRR_n_img_x=4, PRR_n_img_y=4, add_noise=True,
-                      binarize="dynamic", seed=7, num_epochs=3, data_dir=str(data), output=str(run_a.out))
+                      binarize="dynamic", seed=7, num_epochs=3, data_dir=str(data), output=str(run_a.out),
+                      epoch_digits=2)
     assert config == expected
     assert state["config"] == expected.to_dict()
     assert state["epoch"] == 3 and state["step"] == 0

@@ -101,7 +101,8 @@ def test_mnist_config_json(mnist_run):
     saved = json.loads((out / "config.json").read_text())
     assert set(Config().to_dict()) <= set(saved)
     expected = {**Config().to_dict(), "dim_z": 2, "num_epochs": 2, "add_noise": True, "n_train": 512,
-                "n_test": 500, "PMLR_n_samples": 300, "data_dir": str(MNIST), "output": str(out)}
+                "n_test": 500, "PMLR_n_samples": 300, "data_dir": str(MNIST), "output": str(out),
+                "epoch_digits": 2}
     expected.pop("device")  # config.json records the device the run used, not "auto"
     assert saved["device"] in ("cpu", "cuda", "mps")
     for name, value in expected.items():

@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from . import files
 from .config import Config, choice, integer, text
 
 SETTINGS = {
@@ -77,7 +78,7 @@ def main(prog, args):
 
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        files.write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -9,7 +9,11 @@ previous checkpoint as it was.
 """
 
 import json
+import math
+import re
 from pathlib import Path
+
+import torch
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -64,9 +68,10 @@ def load(run_dir):
     try:
         state = json.loads(metadata["state"])
         config = Config.from_dict(state["config"])
-        state.update(epoch=int(state["epoch"]), step=int(state["step"]), history=list(state["history"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: its settings cannot be read ({e}); the file is damaged") from None
+        if not (_is_int(state["epoch"]) and _is_int(state["step"]) and isinstance(state["history"], list)):
+            raise TypeError("epoch and step must be whole numbers and history a list")
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: its settings cannot be read ({_short(e)}); the file is damaged") from None
     try:
         config.check()
     except ValueError as e:
@@ -79,6 +84,7 @@ def load(run_dir):
         raise CheckpointError(f"{path}: it holds a model {name!r} that its config (conditional="
                               f"{config.conditional}) does not describe; the file is damaged or from a newer "
                               f"mnist-vae")
+    check_contents(config, state, tensors, path)
     return config, state, tensors
 
 
@@ -102,15 +108,128 @@ def build_model(config, tensors, path="checkpoint"):
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the model ({str(e).splitlines()[0]})") from None
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)
+        raise CheckpointError(f"{path}: the weights do not fit the model ({_short(detail, 300)}); the file "
+                              f"is damaged or not from this version of mnist-vae") from None
     return model
 
 
-def load_optimizer_state(optimizer, tensors):
+def load_optimizer_state(optimizer, tensors, path="checkpoint"):
     """Put the saved Adam moments and step counts back into `optimizer`."""
-    for index, parameter in enumerate(optimizer.param_groups[0]["params"]):
+    params = optimizer.param_groups[0]["params"]
+    for name, value in tensors.items():  # each must belong to a parameter, in its shape
+        match = OPTIMIZER_TENSOR.fullmatch(name)
+        if match is None:
+            continue
+        index, key = int(match.group(1)), match.group(2)
+        expected = () if key == "step" else tuple(params[index].shape) if index < len(params) else None
+        if expected is None or tuple(value.shape) != expected:
+            _fail(path, f"its optimizer state {name} does not fit the model")
+    for index, parameter in enumerate(params):
         prefix = f"optimizer.{index}."
         state = {name[len(prefix):]: value.to(parameter.device)
                  for name, value in tensors.items() if name.startswith(prefix)}
         if state:
             optimizer.state[parameter] = state
+
+
+# ---------------------------------------------------------------- what a checkpoint may hold
+# Everything a checkpoint holds is checked on loading against what save() writes: the JSON state's
+# types and ranges, the tensors' names, dtypes and shapes, and that the numbers are finite. A file
+# that differs was made by hand or damaged, and is refused in one line, before any of it is used.
+
+OPTIMIZER_TENSOR = re.compile(r"optimizer\.(\d+)\.(step|exp_avg|exp_avg_sq)")
+RNG_TENSORS = ("rng.torch", "rng.data_epoch_start", "rng.cuda")
+REQUIRED_TENSORS = ("rng.torch", "rng.data_epoch_start", "progress.step_terms")
+MAX_EPOCH_DIGITS = 12
+
+
+def _short(error, limit=200):
+    text = str(error)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _fail(path, what):
+    raise CheckpointError(f"{path}: {what}; the file was made by hand or is damaged; retrain, or restore it "
+                          f"from a backup")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_contents(config, state, tensors, path):
+    """Refuse (CheckpointError) a state or tensors that save() would not have written."""
+    from .train import elbo_name, metric_fields  # the columns of a history row (train imports this module)
+
+    if not isinstance(state, dict):
+        _fail(path, "its state is not a JSON object")
+    epoch, step = state["epoch"], state["step"]
+    if not 0 <= epoch <= config.num_epochs:
+        _fail(path, f"its epoch {epoch} is outside 0..num_epochs ({config.num_epochs})")
+    if step < 0 or (step > 0 and epoch >= config.num_epochs):
+        _fail(path, f"its step {step} is not a step of epoch {epoch + 1}")
+    if not _is_int(config.epoch_digits) or not 0 <= config.epoch_digits <= MAX_EPOCH_DIGITS:
+        _fail(path, f"its epoch_digits {config.epoch_digits!r} is not a whole number from 0 to {MAX_EPOCH_DIGITS}")
+    seconds = state.get("seconds_in_epoch")
+    if not _is_number(seconds) or seconds < 0:
+        _fail(path, f"its seconds_in_epoch {_short(repr(seconds), 40)} is not a time")
+    for key in ("data_source", "data_fingerprint"):
+        if key in state and not isinstance(state[key], str):
+            _fail(path, f"its {key} is not text")
+    history = state["history"]
+    if len(history) != epoch:
+        _fail(path, f"it holds metrics for {len(history)} epochs but says {epoch} are done")
+    for index, row in enumerate(history):
+        if not isinstance(row, dict) or row.get("epoch") != index + 1 or not set(row) <= set(metric_fields(config)):
+            _fail(path, f"its metrics row {index + 1} is not one this program writes")
+        for key, value in row.items():
+            if not (_is_number(value) or isinstance(value, str)):
+                _fail(path, f"its metrics row {index + 1} has {key} = {_short(repr(value), 40)}")
+        elbo = elbo_name(config)
+        for key in (f"train_{elbo}", "train_recon", "train_kl", f"test_{elbo}", "test_recon", "test_kl"):
+            if not _is_number(row.get(key)):
+                _fail(path, f"its metrics row {index + 1} has no finite {key}")
+    for name in REQUIRED_TENSORS:
+        if name not in tensors:
+            _fail(path, f"it lacks the tensor {name}")
+    expected_rng = torch.get_rng_state().shape
+    for name, value in tensors.items():
+        if name.startswith("model."):
+            if value.dtype != torch.float32 or not torch.isfinite(value).all():
+                _fail(path, f"its weight {name} is " + ("not float32" if value.dtype != torch.float32 else
+                                                        "not finite (NaN or infinity)"))
+        elif (match := OPTIMIZER_TENSOR.fullmatch(name)) is not None:
+            if value.dtype != torch.float32 or not torch.isfinite(value).all() or (
+                    match.group(2) != "exp_avg" and (value < 0).any()):
+                _fail(path, f"its optimizer state {name} is not finite and float32" + (
+                    "" if match.group(2) == "exp_avg" else " and non-negative"))
+        elif name in RNG_TENSORS:
+            if value.dtype != torch.uint8 or value.dim() != 1 or not len(value) or (
+                    name == "rng.torch" and value.shape != expected_rng):
+                _fail(path, f"its random state {name} is not one torch writes")
+        elif name == "progress.step_terms":
+            # 4 columns (-ELBO, reconstruction, KL, loss); 3 in checkpoints from before the loss had its own
+            if value.dtype != torch.float32 or value.dim() != 2 or value.shape[1] not in (3, 4) or \
+                    not torch.isfinite(value[:step]).all():
+                _fail(path, f"its progress.step_terms is not a finite float32 table of (steps, 4)")
+        else:
+            _fail(path, f"it holds a tensor {_short(repr(name), 60)} that mnist-vae never writes")
+
+
+def check_progress(state, tensors, n_steps, path, device=None):
+    """Refuse a checkpoint whose position in the epoch does not fit the data it resumes on."""
+    if state["step"] >= n_steps:
+        _fail(path, f"its step {state['step']} is past the end of an epoch of {n_steps} steps")
+    if tensors["progress.step_terms"].shape[0] != n_steps:
+        _fail(path, f"its progress.step_terms has {tensors['progress.step_terms'].shape[0]} rows for an epoch "
+                    f"of {n_steps} steps")
+    try:
+        torch.Generator(device=device or "cpu").set_state(tensors["rng.data_epoch_start"])
+        torch.Generator().set_state(tensors["rng.torch"])
+    except (RuntimeError, ValueError) as e:
+        _fail(path, f"its random state cannot be restored ({_short(e, 80)})")

@@ -7,9 +7,11 @@ Heavy modules (torch, matplotlib) are imported inside the commands, so that
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 
+from . import files, runs
 from .config import MODEL_DEFINING, SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, text
 
 
@@ -50,6 +52,12 @@ def train_parser(prog):
 def command_train(prog, args):
     given = vars(train_parser(prog).parse_args(args))
     resume, overwrite = given.pop("resume", None), given.pop("overwrite", False)
+    # The run folder's lock comes first, before torch loads: of two runs started into one folder a moment
+    # apart, the first keeps it and the second is refused at once (released when main() returns).
+    if resume is None:
+        runs.hold(given.get("output", Config().output))
+    elif os.path.isdir(resume):  # else checkpoint.load says what is wrong with it
+        runs.hold(resume, create=False, what="--resume")
     from . import checkpoint
 
     if resume is not None:
@@ -63,7 +71,7 @@ def command_train(prog, args):
             raise UserError(f"--output {given['output']} differs from --resume {resume}; a resumed run "
                             f"writes into its own folder, so drop --output")
         config = dataclasses.replace(saved, **{**given, "output": resume})
-        if state["epoch"] >= config.num_epochs:
+        if state["epoch"] >= config.num_epochs and not _estimate_missing(config, resume):
             print(f"{resume} has finished all {state['epoch']} epochs; to train further, "
                   f"pass --num_epochs with more than {state['epoch']}")
             return 0
@@ -79,6 +87,11 @@ def command_train(prog, args):
 
     train(config, resume=resume is not None, overwrite=bool(overwrite))
     return 0
+
+
+def _estimate_missing(config, run_dir):
+    """Whether a finished run still owes its --eval_k estimate (one interrupted by a signal)."""
+    return config.eval_k > 0 and not (Path(run_dir) / "evaluation.json").exists()
 
 
 def _run_parser(prog, command, description):
@@ -127,8 +140,9 @@ def command_evaluate(prog, args):
         print(f"test accuracy as a classifier (highest ELBO): {classifier_accuracy(model, test, labels):.4f}")
     if args.k > 0:
         nll, stderr = log_likelihood_estimate(model, test, args.k, labels=labels)
-        print(f"test NLL{' -log p(x|y)' if model.conditional else ''} (importance weighted, k={args.k}): "
-              f"{nll:.3f} ± {stderr:.3f} nats per image (± one standard error)")
+        what = f"test NLL{' -log p(x|y)' if model.conditional else ''} (importance weighted, k={args.k})"
+        print(f"{what}: {nll:.3f} ± {stderr:.3f} nats per image (± one standard error)" if math.isfinite(stderr)
+              else f"{what}: {nll:.3f} nats per image (one test image: no standard error)")
     return 0
 
 
@@ -249,12 +263,16 @@ def command_analogies(prog, args):
 
 def _writable(path):
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"--out {path} is a folder; give a file name such as {path / 'out.png'}")
-    if not path.parent.is_dir():
-        raise UserError(f"--out {path}: folder {path.parent} does not exist; create it or choose another path")
+    try:
+        if path.is_dir():
+            raise UserError(f"--out {path} is a folder; give a file name such as {path / 'out.png'}")
+        if not path.parent.is_dir():
+            raise UserError(f"--out {path}: folder {path.parent} does not exist; create it or choose another path")
+    except OSError as e:  # a name too long, a part of the path a file
+        raise files.WriteError(files.error_line(path, e)) from None
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--out {path}: give a .png or .jpg file name")
+    runs.hold_if_run(path.parent)  # writing into a run folder: not while another process uses it
     return path
 
 
@@ -285,6 +303,9 @@ def command_reconstruct(prog, args, denoise=False):
     config, _, model, device = _load_run(args)
     images = _load_images(args.images, device)
     out = _writable(args.out or Path(args.run_dir) / f"{name}.png")
+    from .limits import check_image
+
+    check_image(out, 3 * 30, len(args.images) * 30, f"{len(args.images)} images")
     columns = [images.cpu().numpy()]
     if denoise:
         if not config.add_noise:
@@ -367,10 +388,15 @@ def main(argv=None, prog=None):
     if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
     try:
-        return COMMANDS[command](prog, argv) or 0
+        with runs.session():  # the run folders a command locked are released when it returns
+            return COMMANDS[command](prog, argv) or 0
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # one on a path not caught where it happened: still one line, no traceback
+        print(f"{prog}: error: " + (files.error_line(e.filename, e, "use") if e.filename else str(e)),
+              file=sys.stderr)
+        return 1
     except Interrupted as e:
         return e.exit_code
     except KeyboardInterrupt:

@@ -42,6 +42,9 @@ class Config:
     objective: str = "elbo"         # elbo or iwae
     k_train: int = 1                # importance samples of the iwae objective
     step: str = "auto"              # auto, fused or autograd: how the training step is computed
+    # Not a flag: the digits of the epoch in image file names, fixed when a run starts (0: not yet),
+    # so that a run trained further keeps PRR_epoch_01.jpg beside PRR_epoch_02.jpg, not _003.
+    epoch_digits: int = 0
 
     def to_dict(self):
         return dataclasses.asdict(self)

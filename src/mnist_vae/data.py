@@ -9,16 +9,19 @@ mirrors, each file checked against its published MD5.
 import gzip
 import hashlib
 import http.client
+import math
 import os
-import tempfile
 import urllib.error
 import urllib.request
+import warnings
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .config import UserError
 
 FILES = {
@@ -56,6 +59,9 @@ DATASETS = {
 }
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+# An IDX payload larger than this is refused rather than read: far above MNIST's 47 MB, and it keeps a
+# small gzip file that inflates to many gigabytes (or a header that promises them) from filling memory.
+MAX_IDX_BYTES = 1 << 31
 DOWNLOAD_TIMEOUT_S = 30
 
 
@@ -77,31 +83,52 @@ class Dataset:
 # ---------------------------------------------------------------- IDX files
 
 def read_idx(path):
-    """Read an IDX file (gzipped or raw) of unsigned bytes into a numpy array, checking its header."""
+    """Read an IDX file (gzipped or raw) of unsigned bytes into a numpy array, checking its header.
+
+    The file is read as a stream, the header first, so that no more than the header promises (and
+    never more than MAX_IDX_BYTES) is ever decompressed.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            stream = gzip.GzipFile(fileobj=f) if f.read(2) == b"\x1f\x8b" else f
+            f.seek(0)
+            return _read_idx_stream(stream, path)
     except OSError as e:  # includes gzip.BadGzipFile
-        raise DataError(f"{path}: cannot read it ({e}); replace the file with a good copy") from None
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); replace the file with a good copy") from None
     except EOFError:
         raise DataError(f"{path}: the gzip stream is truncated; replace the file with a good copy") from None
+    except zlib.error as e:
+        raise DataError(f"{path}: the gzip stream is corrupt ({e}); replace the file with a good copy") from None
+
+
+def _read_idx_stream(f, path):
+    raw = f.read(4)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number); replace it with a good copy")
     if raw[2] != 0x08:
         raise DataError(f"{path}: IDX element type 0x{raw[2]:02x} is not unsigned byte (0x08)")
     ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    dims = f.read(4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
         raise DataError(f"{path}: IDX header is truncated; replace the file with a good copy")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
-    if len(raw) - header != expected:
+    shape = tuple(int.from_bytes(dims[4 * i: 4 + 4 * i], "big") for i in range(ndim))
+    expected = math.prod(shape)  # Python integers: no overflow, whatever the header says
+    if expected > MAX_IDX_BYTES:
+        raise DataError(f"{path}: header promises {expected} bytes of data for shape {shape}, more than the "
+                        f"{MAX_IDX_BYTES} this program reads; the file is damaged or not a dataset")
+    payload = f.read(expected)
+    if len(payload) != expected:
         raise DataError(f"{path}: header promises {expected} bytes of data for shape {shape} "
-                        f"but the file holds {len(raw) - header}; replace it with a good copy")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+                        f"but the file holds {len(payload)}; replace it with a good copy")
+    extra = 0
+    while extra <= MAX_IDX_BYTES and (chunk := f.read(1 << 20)):  # count what is left, up to a bound
+        extra += len(chunk)
+    if extra:
+        held = f"{expected + extra}" if extra <= MAX_IDX_BYTES else f"more than {expected + MAX_IDX_BYTES}"
+        raise DataError(f"{path}: header promises {expected} bytes of data for shape {shape} "
+                        f"but the file holds {held}; replace it with a good copy")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
 
 
 def _check_pair(images, labels, images_path, labels_path):
@@ -114,6 +141,9 @@ def _check_pair(images, labels, images_path, labels_path):
                         f"{len(labels)} labels; the files do not belong together")
     if labels.size and labels.max() > 9:
         raise DataError(f"{labels_path}: label {int(labels.max())} is outside 0..9")
+    if len(images) == 0:
+        raise DataError(f"{images_path} holds no images; a dataset needs at least one training and one test "
+                        f"image; replace it with a good copy")
 
 
 # ---------------------------------------------------------------- finding a dataset
@@ -191,7 +221,10 @@ def download_dataset(name, folder, mirrors=None, timeout=None, log=print):
     mirrors = spec["mirrors"] if mirrors is None else mirrors
     timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise files.WriteError(files.error_line(folder, e)) from None
     for filename, md5 in spec["md5"].items():
         target = folder / filename
         if target.is_file() and _md5(target) == md5:
@@ -205,29 +238,34 @@ def download_dataset(name, folder, mirrors=None, timeout=None, log=print):
                 break
             # URLError, timeouts and HTTP errors are OSErrors; a server that does not speak HTTP, or
             # a transfer cut short, raises http.client.HTTPException: try the next mirror for all.
-            except (OSError, ValueError, http.client.HTTPException) as e:
-                failures.append(f"{url}: {_reason(e)}")
+            except (MirrorFailed, ValueError) as e:
+                failures.append(f"{url}: {_reason(e.args[0] if isinstance(e, MirrorFailed) else e)}")
         else:
             raise DataError(f"could not download {name} ({'; '.join(failures)}); if this machine is "
                             f"offline, copy the four IDX files into a folder and pass --data_dir")
 
 
 def _fetch(url, target, md5, timeout):
+    """Download `url` into `target` through files.atomic_path: a failed transfer or checksum raises (the
+    next mirror is tried) and leaves nothing behind; a local write error is a WriteError (one line)."""
     digest = hashlib.md5()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 16):
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+    with files.atomic_path(target) as tmp, open(tmp, "wb") as out:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                while chunk := response.read(1 << 16):
+                    digest.update(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as e:  # the disk, not the mirror: no other mirror will help
+                        raise files.WriteError(files.error_line(target, e)) from None
+        except (OSError, http.client.HTTPException) as e:  # the mirror's fault: not atomic_path's to report
+            raise MirrorFailed(e) from None
         if digest.hexdigest() != md5:
             raise ValueError(f"MD5 {digest.hexdigest()} does not match the published {md5}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+class MirrorFailed(Exception):
+    """A download failed on the mirror's side (unreachable, HTTP error, cut short): try the next one."""
 
 
 def _reason(error):
@@ -250,20 +288,78 @@ def load_user_image(path):
     return prepare_digit(read_user_image(path), path)
 
 
+# Users' images larger than this are refused: a 20000 x 20000 PNG is a few hundred KB on disk but
+# gigabytes once decoded. Larger images up to it are decoded downscaled to about MAX_USER_SIDE pixels
+# a side (a digit needs far fewer), so memory stays near the decoded file's own size.
+MAX_USER_PIXELS = 100_000_000
+MAX_USER_SIDE = 2048
+
+
 def read_user_image(path):
-    """A user's image file as a float32 grey array (height, width) in [0, 1]; any size and colour."""
+    """A user's image file as a float32 grey array (height, width) in [0, 1]; any size and colour.
+
+    Ink is found where people put it: in the alpha channel of a drawing on a transparent background,
+    and in the full range of 16-bit grey values.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        with warnings.catch_warnings():  # sizes are checked here, in one line of our own
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_USER_PIXELS:
+                    raise DataError(f"{path}: the image is {width} x {height} pixels, more than the "
+                                    f"{MAX_USER_PIXELS // 1_000_000} megapixels accepted; scale it down")
+                factor = max(1, math.ceil(max(width, height) / MAX_USER_SIDE))
+                if factor > 1 and image.format == "JPEG":
+                    image.draft(image.mode, (width // factor, height // factor))  # decode at 1/2..1/8 size
+                image.load()
+                sixteen_bit = image.mode.startswith("I;16")
+                factor = max(1, math.ceil(max(image.size) / MAX_USER_SIDE))
+                if factor > 1:  # reduce() averages blocks, but not in these modes
+                    if sixteen_bit:
+                        image = image.convert("I")
+                    elif image.mode in ("1", "P"):
+                        image = image.convert("RGBA" if "transparency" in image.info else "L")
+                    image = image.reduce(factor)
+                return _grey(image, sixteen_bit)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, above ours: refused before its size is read
+        raise DataError(f"{path}: the image has more than the {MAX_USER_PIXELS // 1_000_000} megapixels "
+                        f"accepted; scale it down") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image Pillow can read; give a PNG or JPEG file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the image ({e}); give a readable PNG or JPEG") from None
+    except (ValueError, MemoryError) as e:
+        raise DataError(f"{path}: cannot decode the image ({e}); give a PNG or JPEG") from None
+
+
+def _grey(image, sixteen_bit=False):
+    """A decoded PIL image as grey levels in [0, 1], with ink on a transparent background made visible."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and sixteen_bit):
+        return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0, 1)
+    if image.mode in ("I", "F"):  # 32-bit values (TIFFs, or 16-bit PNGs in some Pillow versions)
+        values = np.asarray(image, dtype=np.float32)
+        top = 1.0 if values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
+        return np.clip(values / top, 0, 1)
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "La"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa"):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[..., 3]
+        grey = np.asarray(image.convert("RGB").convert("L"), dtype=np.float32) / 255.0
+        if alpha.min() < 1.0:
+            # Lay the drawing on paper that contrasts with its ink: white under dark ink, black under
+            # light ink. Transparent pixels' colour (often black, like the ink) then no longer matters.
+            opaque = alpha > 0.5
+            ink_is_dark = not opaque.any() or np.median(grey[opaque]) < 0.5
+            paper = 1.0 if ink_is_dark else 0.0
+            grey = grey * alpha + paper * (1.0 - alpha)
+        return grey
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
 def prepare_digit(grey, path="the image"):

@@ -30,10 +30,10 @@ ADVICE = {
 }
 
 
-def error_line(path, error):
+def error_line(path, error, doing="write"):
     """One line for an OSError on a user's path: the path, what went wrong, what to do."""
     advice = ADVICE.get(error.errno, "choose another place")
-    return f"cannot write {path} ({error.strerror or error}); {advice}"
+    return f"cannot {doing} {path} ({error.strerror or error}); {advice}"
 
 
 @contextlib.contextmanager
@@ -44,7 +44,8 @@ def atomic_path(path):
     becomes a WriteError (one line naming the path).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # The target's name, cut short so that the temporary name stays within the 255 bytes a name can have.
+    tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -99,7 +99,7 @@ def main(prog, args):
                      "wall_seconds": _training_seconds(config)})
     _collect_images(out, base.num_epochs)
     files.write_json(out / "results.json", {"machine": machine(), "command": _command(args), "runs": rows})
-    (out / "results.md").write_text(results_table(rows, args, base))
+    files.write_text(out / "results.md", results_table(rows, args, base))
     print(f"wrote {out / 'results.md'} and the images beside it")
     return 0
 

@@ -6,6 +6,7 @@ test set, write the images, metrics and a checkpoint.
 """
 
 import csv
+import dataclasses
 import io
 import math
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, files, fused, plots
+from . import checkpoint, files, fused, limits, plots, runs
 from .config import Interrupted, UserError
 from .data import load_dataset
 from .fused import FusedTrainStep
@@ -73,9 +74,14 @@ def resolve_device(name):
 def prepare_output(folder, resume=False, overwrite=False):
     """Create the output folder if needed; refuse to write over another run unless asked to."""
     out = Path(folder)
-    if out.exists() and not out.is_dir():
+    try:
+        is_file = out.exists() and not out.is_dir()
+        holds_run = (out / checkpoint.FILENAME).exists()  # a folder with no checkpoint is not a run
+    except OSError as e:  # a name too long, a part of it a file
+        raise files.WriteError(files.error_line(out, e)) from None
+    if is_file:
         raise UserError(f"--output {out} is a file, not a folder; give a folder name")
-    if not (resume or overwrite) and ((out / "config.json").exists() or (out / checkpoint.FILENAME).exists()):
+    if not (resume or overwrite) and holds_run:
         raise UserError(f"--output {out} already holds a run; continue it with --resume {out}, "
                         f"replace its files with --overwrite, or choose another --output")
     try:
@@ -97,6 +103,7 @@ class Tensors:
     source: str
     train_y: torch.Tensor = None  # the labels as int64 tensors on the device, for conditional models
     test_y: torch.Tensor = None
+    fingerprint: str = ""  # of the images and labels used (runs.data_fingerprint), for --resume
 
 
 def load_tensors(config, device, log=print):
@@ -105,6 +112,8 @@ def load_tensors(config, device, log=print):
     log(f"data: {config.dataset} from the {dataset.source}")
     train = dataset.train_images[: config.n_train or None].copy()  # writable, for torch
     test = dataset.test_images[: config.n_test or None].copy()
+    fingerprint = runs.data_fingerprint(train, dataset.train_labels[: config.n_train or None], test,
+                                        dataset.test_labels[: config.n_test or None])
     train = torch.from_numpy(train.reshape(len(train), -1)).float().div_(255)
     test = torch.from_numpy(test.reshape(len(test), -1)).float().div_(255)
     if config.binarize != "none":
@@ -114,7 +123,7 @@ def load_tensors(config, device, log=print):
     test_labels = dataset.test_labels[: config.n_test or None].copy()
     train_y = torch.from_numpy(dataset.train_labels[: config.n_train or None].astype(np.int64)).to(device)
     return Tensors(train.to(device), test.to(device), test_labels, dataset.classes, dataset.source,
-                   train_y, torch.from_numpy(test_labels.astype(np.int64)).to(device))
+                   train_y, torch.from_numpy(test_labels.astype(np.int64)).to(device), fingerprint)
 
 
 def add_noise(x, noise_factor, generator=None):
@@ -153,10 +162,11 @@ def evaluate(model, x, batch_size=2000, labels=None):
 
 
 @torch.no_grad()
-def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=None, generator=None):
+def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None):
     """Importance-weighted NLL over `x`: (mean, standard error) in nats per image; of -log p(x|y)
     given the `labels`, for a conditional model. Draws from `generator`, else from the global
-    generator seeded with IW_SEED."""
+    generator seeded with IW_SEED. The standard error is NaN for a single image. Returns None if
+    `stop` (a StopSignal) received a signal on the way."""
     was_training = model.training
     model.eval()
     if generator is None:
@@ -166,6 +176,9 @@ def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=N
     per_image = []
     for start in tqdm(range(0, len(x), batch_size), desc=f"log-likelihood, k={k}", disable=None if progress else True,
                       leave=False):
+        if stop is not None and stop.received is not None:
+            model.train(was_training)
+            return None
         batch_labels = None if labels is None else labels[start: start + batch_size]
         per_image.append(importance_weighted_log_likelihood(model, x[start: start + batch_size], k,
                                                             labels=batch_labels, generator=generator))
@@ -198,8 +211,9 @@ def decode_images(model, z, labels=None):
         return model.mean_image(model.decode(z, labels))
 
 
-def epoch_name(prefix, epoch, num_epochs):
-    return f"{prefix}_epoch_{epoch:0{max(2, len(str(num_epochs)))}d}.jpg"
+def epoch_name(prefix, epoch, num_epochs, digits=0):
+    """The file of an epoch's image: the epoch zero-padded to `digits`, or else to the width of num_epochs."""
+    return f"{prefix}_epoch_{epoch:0{digits or runs.epoch_digits(num_epochs)}d}.jpg"
 
 
 def write_epoch_images(model, config, fixed, tensors, out, epoch):
@@ -207,31 +221,32 @@ def write_epoch_images(model, config, fixed, tensors, out, epoch):
     nx, ny = config.PRR_n_img_x, config.PRR_n_img_y
     labels = fixed["prr_labels"] if model.conditional else None
     plots.save_grid(cpu(reconstruct(model, fixed["prr_input"], labels)), nx, ny,
-                    out / epoch_name("PRR", epoch, config.num_epochs))
+                    out / epoch_name("PRR", epoch, config.num_epochs, config.epoch_digits))
     if model.conditional:
         # One row per class, one fixed z per column: a column is one style written as every class.
         plots.save_grid(cpu(samples_by_class(model, fixed["prior_z"][:nx])).reshape(-1, 784), nx, model.n_classes,
-                        out / epoch_name("samples", epoch, config.num_epochs))
+                        out / epoch_name("samples", epoch, config.num_epochs, config.epoch_digits))
         # Kingma et al. 2014's analogies: a test image, then its z decoded with each class.
         x = fixed["prr_clean"][:ny]
         styles = analogies(model, x, fixed["prr_labels"][:ny])
         plots.save_grid(cpu(torch.cat([x[:, None], styles], dim=1)).reshape(-1, 784), 1 + model.n_classes, len(x),
-                        out / epoch_name("analogies", epoch, config.num_epochs))
+                        out / epoch_name("analogies", epoch, config.num_epochs, config.epoch_digits))
     else:
         plots.save_grid(cpu(decode_images(model, fixed["prior_z"])), nx, ny,
-                        out / epoch_name("samples", epoch, config.num_epochs))
+                        out / epoch_name("samples", epoch, config.num_epochs, config.epoch_digits))
     if config.dim_z == 2:
         z = torch.from_numpy(plots.manifold_grid_z(config.PMLR_n_img_x, config.PMLR_n_img_y, config.PMLR_z_range))
         z = z.to(fixed["prior_z"].device)
         for c in range(model.n_classes) if model.conditional else [None]:
             grid_labels = None if c is None else torch.full((len(z),), c, dtype=torch.long, device=z.device)
             plots.save_grid(cpu(decode_images(model, z, grid_labels)), config.PMLR_n_img_x, config.PMLR_n_img_y,
-                            out / epoch_name("PMLR" if c is None else f"PMLR_class{c}", epoch, config.num_epochs))
+                            out / epoch_name("PMLR" if c is None else f"PMLR_class{c}", epoch, config.num_epochs,
+                                              config.epoch_digits))
         n = min(config.PMLR_n_samples, len(tensors.test))
         with evaluating(model):
             mu, _ = model.encode(tensors.test[:n], tensors.test_y[:n] if model.conditional else None)
         plots.save_latent_map(cpu(mu), tensors.test_labels[:n], tensors.classes, config.PMLR_z_range,
-                              out / epoch_name("PMLR_map", epoch, config.num_epochs))
+                              out / epoch_name("PMLR_map", epoch, config.num_epochs, config.epoch_digits))
 
 
 def write_metrics(history, out, config):
@@ -270,17 +285,24 @@ class StopSignal:
 
 # ---------------------------------------------------------------- the run
 
+@runs.locked_run
 def train(config, resume=False, overwrite=False, log=print):
-    """Train as `config` says, writing everything into config.output; return the last metrics row."""
+    """Train as `config` says, writing everything into config.output; return the last metrics row.
+
+    The run holds the lock of config.output throughout (runs.locked_run)."""
     from tqdm import tqdm
 
     device = resolve_device(config.device)
+    limits.check_training(config, device)  # memory and image sizes, before anything is written
     # Gradients and Adam's second moments drift into denormal floats, which x86 CPUs handle
     # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
     torch.set_flush_denormal(True)
     config.check_combination()
     out = prepare_output(config.output, resume, overwrite)
     saved = checkpoint.load(out) if resume else None
+    if not config.epoch_digits:  # fixed at the run's start; an older run's from its saved num_epochs
+        first = saved[0] if saved else config
+        config = dataclasses.replace(config, epoch_digits=runs.epoch_digits(first.num_epochs))
     tensors = load_tensors(config, device, log)
     torch.manual_seed(config.seed)
     model, optimizer = make_model(config, device)
@@ -306,8 +328,10 @@ def train(config, resume=False, overwrite=False, log=print):
     epoch, step, history, seconds_before = 0, 0, [], 0.0
     if saved is not None:
         _, state, saved_tensors = saved
+        runs.check_same_data(state, tensors.fingerprint, out, tensors.source, log)
+        checkpoint.check_progress(state, saved_tensors, n_steps, out / checkpoint.FILENAME, device)
         model.load_state_dict(checkpoint.build_model(config, saved_tensors, out).state_dict())
-        checkpoint.load_optimizer_state(optimizer, saved_tensors)
+        checkpoint.load_optimizer_state(optimizer, saved_tensors, out / checkpoint.FILENAME)
         epoch, step, history = state["epoch"], state["step"], state["history"]
         seconds_before = state["seconds_in_epoch"]
         data_generator.set_state(saved_tensors["rng.data_epoch_start"])
@@ -319,6 +343,7 @@ def train(config, resume=False, overwrite=False, log=print):
             step_terms = torch.cat([step_terms, step_terms[:, :1]], dim=1)
         log(f"resuming {out} at epoch {epoch + 1}, step {step}")
     else:
+        runs.clear_outputs(out, log)  # an earlier run's (--overwrite), or a failed start's: never a mix
         plots.save_grid(prr_clean.cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y, out / "input.jpg")
         if config.add_noise:
             plots.save_grid(fixed["prr_input"].cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y,
@@ -335,7 +360,7 @@ def train(config, resume=False, overwrite=False, log=print):
         if device.type == "cuda":
             extra["rng.cuda"] = torch.cuda.get_rng_state()
         state = {"config": config.to_dict(), "model": model.name, "epoch": epoch, "step": step, "history": history,
-                 "seconds_in_epoch": seconds, "data_source": tensors.source}
+                 "seconds_in_epoch": seconds, "data_source": tensors.source, "data_fingerprint": tensors.fingerprint}
         checkpoint.save(out, model, optimizer, state, extra)
 
     with StopSignal() as stop:
@@ -421,16 +446,28 @@ def train(config, resume=False, overwrite=False, log=print):
     if board is not None:
         board.close()
     if config.eval_k > 0:
-        nll, stderr = log_likelihood_estimate(model, tensors.test, config.eval_k,
-                                              labels=tensors.test_y if model.conditional else None)
+        # A signal in the last epoch's end phase, or during the estimate, stops here; the checkpoint holds
+        # the finished training, and --resume runs the estimate that is still missing.
+        estimate = None
+        if stop.received is None:
+            with StopSignal() as stop:
+                estimate = log_likelihood_estimate(model, tensors.test, config.eval_k,
+                                                   labels=tensors.test_y if model.conditional else None, stop=stop)
+        if estimate is None:
+            log(f"interrupted before the log-likelihood estimate was done; the trained model is saved; "
+                f"finish the estimate with:\n  mnist-vae --resume {out}")
+            raise Interrupted(128 + stop.received)
+        nll, stderr = estimate
+        stderr = stderr if math.isfinite(stderr) else None  # one test image: no standard error
         given = "_given_y" if model.conditional else ""
         elbo = f"test_{elbo_name(config)}"
         result = {elbo: row[elbo] if row else None, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr,
                   "k": config.eval_k, "n_test": len(tensors.test), "likelihood": config.likelihood,
                   "binarize": config.binarize}
         files.write_json(out / "evaluation.json", result)
-        log(f"test log-likelihood (importance weighted, k={config.eval_k}): "
-            f"NLL {nll:.3f} ± {stderr:.3f} nats per image" + (" (-log p(x|y), given the label)" if given else ""))
+        log(f"test log-likelihood (importance weighted, k={config.eval_k}): NLL {nll:.3f}"
+            + (f" ± {stderr:.3f}" if stderr is not None else " (one test image: no standard error)")
+            + " nats per image" + (" (-log p(x|y), given the label)" if given else ""))
         row = {**row, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr} if row else row
     return {**row, "step": step_name} if row else row
 
@@ -449,7 +486,7 @@ def _log_tensorboard(board, row, out, config, epoch):
     from PIL import Image
 
     for prefix in ("PRR", "samples", "PMLR"):
-        path = out / epoch_name(prefix, epoch, config.num_epochs)
+        path = out / epoch_name(prefix, epoch, config.num_epochs, config.epoch_digits)
         if path.exists():
             board.add_image(prefix, np.asarray(Image.open(path)), epoch, dataformats="HW")
     board.flush()

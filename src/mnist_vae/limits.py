@@ -1,0 +1,102 @@
+"""What settings ask of the machine, checked before any work: memory against what is available, and
+every picture's size against the limits of its file format.
+
+Without these checks an impossible setting failed late and loudly: `--n_hidden 1000000000` with
+"RuntimeError: can't allocate memory", `--PMLR_n_img_x 3000` after a whole epoch, when the JPEG
+encoder refused an image wider than 65500 pixels.
+"""
+
+import os
+from pathlib import Path
+
+from .config import UserError
+
+# The largest side each format can hold: libjpeg's JPEG_MAX_DIMENSION, and PNG's 31-bit sizes.
+MAX_SIDE = {".jpg": 65500, ".jpeg": 65500, ".png": 2**31 - 1}
+PIXELS = 28 * 28
+FLOAT = 4  # bytes of a float32
+DEFAULT_N_TRAIN, DEFAULT_N_TEST = 60000, 10000  # MNIST's and Fashion-MNIST's sizes, for n_train 0 (all)
+GB = 1e9
+
+
+class LimitError(UserError):
+    """A setting the machine or a file format cannot honour: a usage error, exit status 2."""
+
+    exit_code = 2
+
+
+def check_image(path, width, height, what):
+    """Refuse a picture of width x height pixels that the format of `path` cannot hold."""
+    suffix = Path(path).suffix.lower()
+    limit = MAX_SIDE.get(suffix)
+    if limit is not None and max(width, height) > limit:
+        raise LimitError(f"{what} makes an image of {width} x {height} pixels, but a {suffix} file holds at most "
+                         f"{limit} pixels a side; choose a smaller grid")
+
+
+def available_memory():
+    """Bytes of memory this process can still use: MemAvailable on Linux, else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def parameters(dim_z, n_hidden):
+    """Weights and biases of the encoder (784 -> h -> h -> 2z) and decoder (z -> h -> h -> 784)."""
+    h = n_hidden
+    encoder = (PIXELS + 1) * h + (h + 1) * h + (h + 1) * 2 * dim_z
+    decoder = (dim_z + 1) * h + (h + 1) * h + (h + 1) * PIXELS
+    return encoder + decoder
+
+
+def training_memory(config):
+    """Bytes a training run needs at its peak, by what needs them: {what (the flags): bytes}."""
+    h, z = config.n_hidden, config.dim_z
+    n_train = config.n_train or DEFAULT_N_TRAIN
+    n_test = config.n_test or DEFAULT_N_TEST
+    # Weights, gradients and Adam's two moments, plus a checkpoint's serialised copy of three of them.
+    model = parameters(z, h) * FLOAT * (4 + 3 * 2)
+    # A training batch's activations and the test batches of 2000 images (evaluate()).
+    batch = max(config.batch_size, 2000) * (8 * h + 6 * PIXELS + 8 * z) * FLOAT
+    # The data as bytes and as float32, train and test.
+    data = (n_train + n_test) * PIXELS * (1 + FLOAT + FLOAT)
+    # The pictures: the images of a grid as float32 tensors and arrays, then its pixels.
+    n_prr = config.PRR_n_img_x * config.PRR_n_img_y
+    images = 2 * n_prr * (PIXELS * (3 * FLOAT + 1) + (h + z) * FLOAT)
+    if z == 2:
+        n_pmlr = config.PMLR_n_img_x * config.PMLR_n_img_y
+        images += n_pmlr * (PIXELS * (3 * FLOAT + 1) + 2 * h * FLOAT)
+    return {"--n_hidden and --dim_z": model + batch, "--n_train": data,
+            "the image grids (--PRR_n_img_x/y, --PMLR_n_img_x/y)": images}
+
+
+def check_training(config, device=None):
+    """Refuse, before anything is written, settings whose pictures no file can hold or whose training
+    needs more memory than the machine has."""
+    check_image("grid.jpg", config.PRR_n_img_x * 28, config.PRR_n_img_y * 28, "--PRR_n_img_x/--PRR_n_img_y")
+    if config.dim_z == 2:
+        check_image("grid.jpg", config.PMLR_n_img_x * 28, config.PMLR_n_img_y * 28, "--PMLR_n_img_x/--PMLR_n_img_y")
+    needs = training_memory(config)
+    total = sum(needs.values())
+    free = available_memory()
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        free = min(free or float("inf"), torch.cuda.mem_get_info(device)[0])
+    if free is not None and total > free:
+        biggest = max(needs, key=needs.get)
+        raise LimitError(f"these settings need about {_size(total)} of memory to train ({_size(needs[biggest])} "
+                         f"for {biggest}; the model has {parameters(config.dim_z, config.n_hidden):,} weights), "
+                         f"but {_size(free)} is available; choose smaller {biggest}")
+
+
+def _size(n):
+    return f"{n / GB:,.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:,.0f} MB"
