@@ -9,7 +9,9 @@ import csv
 import io
 import math
 import signal
+import sys
 import tempfile
+import types
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +128,8 @@ def evaluate(model, x, batch_size=2000):
 
 
 @torch.no_grad()
-def log_likelihood_estimate(model, x, k, batch_size=100, progress=True):
-    """Importance-weighted NLL over `x`: (mean, standard error) in nats per image."""
+def log_likelihoods(model, x, k, batch_size=100, progress=True):
+    """Importance-weighted estimate of log p(x) for each image of `x`, from fixed draws: a tensor (n,)."""
     was_training = model.training
     model.eval()
     torch.manual_seed(IW_SEED)  # the estimator draws from the global generator; fix it for repeatability
@@ -138,7 +140,12 @@ def log_likelihood_estimate(model, x, k, batch_size=100, progress=True):
                       leave=False):
         per_image.append(importance_weighted_log_likelihood(model, x[start: start + batch_size], k))
     model.train(was_training)
-    nll = -torch.cat(per_image).double()
+    return torch.cat(per_image)
+
+
+def log_likelihood_estimate(model, x, k, batch_size=100, progress=True):
+    """Importance-weighted NLL over `x`: (mean, standard error) in nats per image."""
+    nll = -log_likelihoods(model, x, k, batch_size, progress).double()
     stderr = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     return nll.mean().item(), stderr
 
@@ -382,3 +389,18 @@ def _log_tensorboard(board, row, out, config, epoch):
             board.add_image(prefix, np.asarray(Image.open(path)), epoch, dataformats="HW")
     board.flush()
 
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: `mnist_vae.train(output=..., **settings)` is the Python API's api.train."""
+
+    def __call__(self, *args, **kwargs):
+        from .api import train as api_train
+
+        return api_train(*args, **kwargs)
+
+
+# `mnist_vae.train` is both this module and the API's training function, as the issue spells it.
+# Importing a submodule sets the package's attribute to the module, so the module itself is made
+# callable rather than letting one name hide the other.
+sys.modules[__name__].__class__ = _CallableModule
