@@ -31,7 +31,7 @@ def train_parser(prog):
         prog=prog, argument_default=argparse.SUPPRESS,
         description="Train a variational auto-encoder on MNIST or Fashion-MNIST and write its pictures, "
                     "metrics and checkpoint into --output.",
-        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, bench, reproduce "
+        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, export, bench, reproduce "
                f"({prog} COMMAND --help)")
     for name, (check, help_text) in SETTINGS.items():
         default = getattr(defaults, name)
@@ -82,10 +82,18 @@ def command_train(prog, args):
 
 def _run_parser(prog, command, description):
     parser = Parser(prog=f"{prog} {command}", description=description)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a training run")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a training run, or `pretrained` "
+                                                           "for the model shipped with mnist-vae")
     parser.add_argument("--device", type=choice("auto", "cpu", "cuda", "mps"), default="cpu",
                         help="where to compute (default: cpu)")
     return parser
+
+
+def _load_model(args):
+    """The api.Model of RUN_DIR (a run folder, or `pretrained`) on --device."""
+    from . import api
+
+    return api.load(args.run_dir, device=args.device)
 
 
 def _load_run(args):
@@ -233,6 +241,24 @@ def command_interpolate(prog, args):
     return 0
 
 
+def command_export(prog, args):
+    parser = _run_parser(prog, "export", "Write the model's encoder and decoder as ONNX files (encoder.onnx: "
+                                         "image -> mu, std; decoder.onnx: z -> mean image) with model.json "
+                                         "describing them, for use outside Python.")
+    parser.add_argument("--format", type=choice("onnx"), default="onnx", help="file format (default: onnx)")
+    parser.add_argument("--out", type=text, metavar="DIR",
+                        help="folder to write into (default: RUN_DIR/onnx; for pretrained, ./pretrained-onnx)")
+    args = parser.parse_args(args)
+    from .export import require_packages
+
+    require_packages()  # before loading anything: without the extra, one line saying what to install
+    model = _load_model(args)
+    out = Path(args.out) if args.out else (model.run_dir / "onnx" if model.run_dir else Path("pretrained-onnx"))
+    written = model.export(out, format=args.format)
+    print(f"wrote {', '.join(str(path) for path in written.values())}")
+    return 0
+
+
 def command_bench(prog, args):
     from .bench import main as bench_main
 
@@ -248,7 +274,7 @@ def command_reproduce(prog, args):
 COMMANDS = {
     "train": command_train, "evaluate": command_evaluate, "sample": command_sample,
     "reconstruct": command_reconstruct, "denoise": command_denoise, "interpolate": command_interpolate,
-    "bench": command_bench, "reproduce": command_reproduce,
+    "export": command_export, "bench": command_bench, "reproduce": command_reproduce,
 }
 
 
