@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import mnist_vae
-from conftest import MNIST_DIR, ROOT, main, make_idx_dataset, read_metrics
+from conftest import MNIST_DIR, ROOT, main, make_idx_dataset, read_metrics, run_command
 from mnist_vae import checkpoint, pretrained
 from mnist_vae.data import load_user_image
 from mnist_vae.train import EVAL_SEED, decode_images, evaluate, load_tensors, reconstruct
@@ -271,6 +271,22 @@ def test_a_folder_named_pretrained_wins(run, tmp_path, monkeypatch):
     assert mnist_vae.load("pretrained").config.dim_z == 3
     os.unlink(tmp_path / "pretrained")
     assert mnist_vae.load("pretrained").config.dim_z == 2
+
+
+def test_commands_take_pretrained_as_run_dir(packaged, tmp_path, capsys, monkeypatch):
+    result = run_command("sample", "pretrained", "--n", "16", "--out", "s.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "s.png") as image:
+        assert image.size == (112, 112)
+    monkeypatch.chdir(tmp_path)
+    digit = (mnist_vae.datasets.load("mnist", MNIST_DIR).test_images[0]).copy()
+    Image.fromarray(255 - digit).resize((70, 70)).save("my_digit.png")  # dark ink on white paper
+    result = main(capsys, "reconstruct", "pretrained", "my_digit.png")  # writes ./reconstruct.png
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "reconstruct.png") as image:
+        assert image.size == (58, 28)
+    result = main(capsys, "evaluate", "pretrained", "--k", "0", "--n_test", "500")
+    assert result.returncode == 0 and "test images: 500" in result.stdout and "60 epochs" in result.stdout
 
 
 # ---------------------------------------------------------------- the README's Python code

@@ -307,7 +307,7 @@ class Model:
                  progress: bool = False) -> dict:
         """The run's test metrics, as `mnist-vae evaluate` prints them, in nats per image.
 
-        Returns {"images", "neg_elbo", "recon", "kl"} and, when k > 0, the importance-weighted
+        Returns {"images", "neg_elbo", "recon", "kl", "source" (where the data came from)} and, when k > 0, the importance-weighted
         {"nll", "nll_stderr"} (± one standard error over the images). The test set is the run's
         dataset (binarized as the run was); `n_test` > 0 uses its first n images.
         """
@@ -318,11 +318,12 @@ class Model:
         config = dataclasses.replace(self.config, data_dir=data_dir or self.config.data_dir, n_test=n_test,
                                      n_train=1)
         try:
-            test = load_tensors(config, self.device, log=lambda _: None).test
+            tensors = load_tensors(config, self.device, log=lambda _: None)
         except UserError as e:
             raise _as_argument_error(e) from None
+        test = tensors.test
         neg_elbo, recon, kl = evaluate(self.module, test)
-        result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl}
+        result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source}
         if k > 0:
             import torch
 

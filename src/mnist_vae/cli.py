@@ -5,12 +5,11 @@ Heavy modules (torch, matplotlib) are imported inside the commands, so that
 """
 
 import argparse
-import dataclasses
 import math
 import sys
 from pathlib import Path
 
-from .config import MODEL_DEFINING, SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, text
+from .config import SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, text
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,34 +48,15 @@ def train_parser(prog):
 def command_train(prog, args):
     given = vars(train_parser(prog).parse_args(args))
     resume, overwrite = given.pop("resume", None), given.pop("overwrite", False)
-    from . import checkpoint
-
+    output = given.pop("output", None)  # present only when given (argument_default=SUPPRESS)
     if resume is not None:
-        saved, state, _ = checkpoint.load(resume)
-        for name in MODEL_DEFINING:
-            if name in given and given[name] != getattr(saved, name):
-                raise UserError(f"--{name} {given[name]} contradicts the run in {resume}, which has "
-                                f"{name}={getattr(saved, name)}; drop the flag to resume, or start a new run "
-                                f"with another --output")
-        if "output" in given and Path(given["output"]).resolve() != Path(resume).resolve():
-            raise UserError(f"--output {given['output']} differs from --resume {resume}; a resumed run "
+        if output is not None and Path(output).resolve() != Path(resume).resolve():
+            raise UserError(f"--output {output} differs from --resume {resume}; a resumed run "
                             f"writes into its own folder, so drop --output")
-        config = dataclasses.replace(saved, **{**given, "output": resume})
-        if state["epoch"] >= config.num_epochs:
-            print(f"{resume} has finished all {state['epoch']} epochs; to train further, "
-                  f"pass --num_epochs with more than {state['epoch']}")
-            return 0
-    else:
-        config = Config(**given)
-    if config.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package: pip install 'mnist-vae[tensorboard]' "
-                            "(or pip install tensorboard)") from None
-    from .train import train
+        output = resume
+    from . import api
 
-    train(config, resume=resume is not None, overwrite=bool(overwrite))
+    api.train(output or Config().output, resume=resume is not None, overwrite=bool(overwrite), **given)
     return 0
 
 
@@ -96,14 +76,9 @@ def _load_model(args):
     return api.load(args.run_dir, device=args.device)
 
 
-def _load_run(args):
-    from . import checkpoint
-    from .train import resolve_device
-
-    device = resolve_device(args.device)
-    config, state, tensors = checkpoint.load(args.run_dir)
-    model = checkpoint.build_model(config, tensors, Path(args.run_dir) / checkpoint.FILENAME).to(device).eval()
-    return config, state, model, device
+def _default_out(model, name):
+    """Where a command writes by default: into the run folder, or the current folder for the packaged model."""
+    return model.run_dir / name if model.run_dir is not None else Path(name)
 
 
 def command_evaluate(prog, args):
@@ -115,21 +90,18 @@ def command_evaluate(prog, args):
     parser.add_argument("--n_test", "--n-test", type=integer(0), default=0,
                         help="use the first N test images only (0: all)")
     args = parser.parse_args(args)
-    from .train import evaluate, load_tensors, log_likelihood_estimate
-
-    config, state, model, device = _load_run(args)
-    config = dataclasses.replace(config, data_dir=args.data_dir or config.data_dir, n_test=args.n_test,
-                                 n_train=1)
-    test = load_tensors(config, device).test
-    neg_elbo, recon, kl = evaluate(model, test)
+    model = _load_model(args)
+    config = model.config
+    report = model.evaluate(k=args.k, n_test=args.n_test, data_dir=args.data_dir, progress=True)
+    print(f"data: {config.dataset} from the {report['source']}")
     print(f"run: {args.run_dir} ({config.dataset}, dim_z={config.dim_z}, likelihood={config.likelihood}, "
-          f"binarize={config.binarize}, {state['epoch']} epochs)")
-    print(f"test images: {len(test)}")
-    print(f"test -ELBO: {neg_elbo:.3f} nats per image (reconstruction {recon:.3f}, KL {kl:.3f})")
+          f"binarize={config.binarize}, {model.epoch} epochs)")
+    print(f"test images: {report['images']}")
+    print(f"test -ELBO: {report['neg_elbo']:.3f} nats per image (reconstruction {report['recon']:.3f}, "
+          f"KL {report['kl']:.3f})")
     if args.k > 0:
-        nll, stderr = log_likelihood_estimate(model, test, args.k)
-        print(f"test NLL (importance weighted, k={args.k}): {nll:.3f} ± {stderr:.3f} nats per image "
-              f"(± one standard error)")
+        print(f"test NLL (importance weighted, k={args.k}): {report['nll']:.3f} ± {report['nll_stderr']:.3f} "
+              f"nats per image (± one standard error)")
     return 0
 
 
@@ -141,20 +113,22 @@ def _grid_shape(n):
 def command_sample(prog, args):
     parser = _run_parser(prog, "sample", "Images decoded from z drawn from the prior N(0, I).")
     parser.add_argument("--n", type=integer(1, 10000), default=64, help="how many images (default 64)")
-    parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/samples.png)")
+    parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/samples.png; for "
+                                                 "pretrained, ./samples.png)")
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed of the draws (default 0)")
     args = parser.parse_args(args)
-    import torch
-
     from .plots import save_grid
-    from .train import decode_images
 
-    config, _, model, device = _load_run(args)
-    z = torch.randn((args.n, config.dim_z), generator=torch.Generator().manual_seed(args.seed)).to(device)
-    out = Path(args.out or Path(args.run_dir) / "samples.png")
-    save_grid(decode_images(model, z).cpu().numpy(), *_grid_shape(args.n), _writable(out))
+    model = _load_model(args)
+    out = _writable(args.out or _default_out(model, "samples.png"))
+    save_grid(_rows(model.sample(args.n, seed=args.seed)), *_grid_shape(args.n), out)
     print(f"wrote {args.n} samples to {out}")
     return 0
+
+
+def _rows(images):
+    """(n, 28, 28) images as the rows of 784 pixels that the picture functions take."""
+    return images.reshape(len(images), 784)
 
 
 def _writable(path):
@@ -168,15 +142,6 @@ def _writable(path):
     return path
 
 
-def _load_images(paths, device):
-    import numpy as np
-    import torch
-
-    from .data import load_user_image
-
-    return torch.from_numpy(np.stack([load_user_image(path) for path in paths])).to(device)
-
-
 def command_reconstruct(prog, args, denoise=False):
     name = "denoise" if denoise else "reconstruct"
     parser = _run_parser(prog, name, "Restore your own noisy images with a denoising run; the picture shows "
@@ -184,27 +149,26 @@ def command_reconstruct(prog, args, denoise=False):
                          "Reconstruct your own images (PNG or JPEG, any size or colour; light backgrounds are "
                          "inverted); the picture shows input and result side by side.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    parser.add_argument("--out", type=text, help=f"image file to write (default: RUN_DIR/{name}.png)")
+    parser.add_argument("--out", type=text, help=f"image file to write (default: RUN_DIR/{name}.png; for "
+                                                 f"pretrained, ./{name}.png)")
     if denoise:
         parser.add_argument("--add_noise", "--add-noise", nargs="?", const=True, type=boolean, default=False,
                             metavar="BOOL", help="first add the run's training noise to the images (a demo)")
     args = parser.parse_args(args)
+    from .api import prepare_images
     from .plots import side_by_side
-    from .train import add_noise, reconstruct
 
-    config, _, model, device = _load_run(args)
-    images = _load_images(args.images, device)
-    out = _writable(args.out or Path(args.run_dir) / f"{name}.png")
-    columns = [images.cpu().numpy()]
+    model = _load_model(args)
+    images = prepare_images(args.images).numpy()  # the prepared pixels, shown in the first column
+    out = _writable(args.out or _default_out(model, f"{name}.png"))
+    columns = [images]
     if denoise:
-        if not config.add_noise:
+        if not model.config.add_noise:
             print(f"note: {args.run_dir} was not trained with --add_noise; this is a plain reconstruction")
         if args.add_noise:
-            import torch
-
-            images = add_noise(images, config.noise_factor, torch.Generator().manual_seed(0))
-            columns.append(images.cpu().numpy())
-    columns.append(reconstruct(model, images).cpu().numpy())
+            images = _rows(model.add_noise(images, seed=0))
+            columns.append(images)
+    columns.append(_rows(model.reconstruct(images)))
     side_by_side(columns, out)
     print(f"wrote {out} ({len(args.images)} row{'s' if len(args.images) > 1 else ''}: " + " | ".join(
         ["input", "noisy input", "restored"] if len(columns) == 3 else
@@ -222,21 +186,16 @@ def command_interpolate(prog, args):
     parser.add_argument("--from", dest="start", required=True, type=text, metavar="IMAGE", help="first image")
     parser.add_argument("--to", dest="end", required=True, type=text, metavar="IMAGE", help="last image")
     parser.add_argument("--steps", type=integer(2, 100), default=10, help="images along the line (default 10)")
-    parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/interpolate.png)")
+    parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/interpolate.png; for "
+                                                 "pretrained, ./interpolate.png)")
     args = parser.parse_args(args)
-    import torch
-
+    from .api import prepare_images
     from .plots import save_grid
-    from .train import decode_images
 
-    config, _, model, device = _load_run(args)
-    images = _load_images([args.start, args.end], device)
-    out = _writable(args.out or Path(args.run_dir) / "interpolate.png")
-    with torch.no_grad():
-        mu, _ = model.encode(images)
-    weights = torch.linspace(0, 1, args.steps, device=device)[:, None]
-    z = (1 - weights) * mu[0] + weights * mu[1]
-    save_grid(decode_images(model, z).cpu().numpy(), args.steps, 1, out)
+    model = _load_model(args)
+    start, end = prepare_images([args.start, args.end])  # both read before anything is written
+    out = _writable(args.out or _default_out(model, "interpolate.png"))
+    save_grid(_rows(model.interpolate(start.numpy(), end.numpy(), steps=args.steps)), args.steps, 1, out)
     print(f"wrote {args.steps} images from {args.start} to {args.end} into {out}")
     return 0
 
