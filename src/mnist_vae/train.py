@@ -3,6 +3,9 @@
 `train(config)` reads straight down: set up the output folder, the data and the model
 (or restore them from a checkpoint), then for each epoch train, evaluate on the whole
 test set, write the images, metrics and a checkpoint.
+
+The module is callable: `mnist_vae.train(output=..., **settings)` is the Python API's
+api.train (see the end of this file for why).
 """
 
 import csv

@@ -14,6 +14,7 @@ gives are within a few hundredths of a nat of the float32 model's (both are reco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -84,7 +85,7 @@ def refresh(run_dir, commit=None, command=None, out=None, log=print) -> dict:
     model = checkpoint.build_model(config, tensors, Path(run_dir) / checkpoint.FILENAME).eval()
     half = {f"model.{name}": value.detach().to(torch.float16).contiguous() for name, value in model.state_dict().items()}
     rounded = checkpoint.build_model(config, {name: value.float() for name, value in half.items()}).eval()
-    test = load_tensors(dataclassreplace(config, n_test=0, n_train=1, data_dir=None), "cpu", log=lambda _: None).test
+    test = load_tensors(dataclasses.replace(config, n_test=0, n_train=1, data_dir=None), "cpu", log=lambda _: None).test
     float32, float16 = evaluate(model, test)[0], evaluate(rounded, test)[0]
     log(f"test -ELBO on MNIST's {len(test)} test images: {float32:.4f} (float32 weights), "
         f"{float16:.4f} (float16 weights)")
@@ -115,12 +116,6 @@ def refresh(run_dir, commit=None, command=None, out=None, log=print) -> dict:
     files.write_bytes(target, data)
     log(f"wrote {target} ({len(data) / 2**20:.2f} MB)")
     return provenance
-
-
-def dataclassreplace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def _command(config) -> str:
