@@ -265,6 +265,27 @@ def test_pretrained_models_test_elbo_is_the_recorded_one(packaged):
     assert provenance["test_neg_elbo_float16"] == pytest.approx(provenance["test_neg_elbo_float32"], abs=0.1)
 
 
+def test_refreshing_the_packaged_model_from_a_run(tmp_path, capsys):
+    """python -m mnist_vae.pretrained RUN_DIR: float16 weights, both test -ELBOs, the command and commit."""
+    run = mnist_vae.train(output=tmp_path / "run", dim_z=2, n_hidden=32, num_epochs=1, n_train=500, n_test=200,
+                          data_dir=str(MNIST_DIR), log=lambda _: None)
+    target = tmp_path / "packaged.safetensors"
+    assert pretrained.main([str(run.run_dir), "--out", str(target), "--commit", "0" * 40]) == 0
+    config, module, info = pretrained.load_model(target)
+    provenance = info["provenance"]
+    assert provenance["commit"] == "0" * 40 and "--dim_z 2" in provenance["command"] and info["epoch"] == 1
+    test = load_tensors(dataclasses.replace(config, n_test=0), "cpu", log=lambda _: None).test
+    assert provenance["test_images"] == 10000
+    assert evaluate(module, test)[0] == pytest.approx(provenance["test_neg_elbo_float16"], abs=1e-4)
+    assert evaluate(run.module, test)[0] == pytest.approx(provenance["test_neg_elbo_float32"], abs=1e-4)
+    weights = dict(run.module.state_dict())
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, weights[name].half().float()), name
+    capsys.readouterr()
+    assert pretrained.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 1
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_a_folder_named_pretrained_wins(run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.symlink(run.run_dir, tmp_path / "pretrained")
