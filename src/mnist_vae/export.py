@@ -17,7 +17,6 @@ onnxruntime before they are written. They need the optional packages of
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 from . import files
 from .config import UserError
 
-FILES = ("encoder.onnx", "decoder.onnx", "model.json")
+FILES = ("encoder.onnx", "decoder.onnx", "model.json")  # what an export writes
 OPSET = 18
 NEEDS = "onnx, onnxscript and onnxruntime: pip install 'mnist-vae[export]'"
 TOLERANCE = 1e-5  # the largest difference from PyTorch allowed, per pixel and per latent coordinate
