@@ -83,21 +83,25 @@ def test_onnx_matches_pytorch_on_mnist_and_prior_draws(exported, batch):
 
 
 @needs_extra
-def test_continuous_bernoulli_model_matches_too(tmp_path):
-    """The continuous Bernoulli's mean has a 0/0 at logit 0; the exported graph must agree near it too."""
+def test_continuous_bernoulli_decoder_matches_too():
+    """The continuous Bernoulli's mean has a 0/0 at logit 0; the exported decoder must agree near it too.
+    (Its encoder is the Bernoulli model's; only the decoder is exported here, to keep the suite short.)"""
+    import onnxruntime
+
     torch.manual_seed(5)
-    module = VAE(2, 16, 0.0, "continuous_bernoulli")
+    module = VAE(2, 16, 0.0, "continuous_bernoulli").eval()
     with torch.no_grad():  # logits spread over [-3, 3]: on both sides of where the mean changes formula
         module.decoder[-1].weight.mul_(4.0)
     model = Model(module, Config(dim_z=2, n_hidden=16, likelihood="continuous_bernoulli"), epoch=0, run_dir=None,
                   name="test")
-    written = model.export(tmp_path / "cb")
-    assert set(written) == {"encoder.onnx", "decoder.onnx", "model.json"}
+    _, decoder = export._modules()
+    graph = export._onnx_bytes(decoder(module).eval(), torch.zeros(3, 2), ["z"], ["image"])
     z = np.random.default_rng(0).normal(scale=2.0, size=(64, 2)).astype(np.float32)
     logits = module.decode(torch.from_numpy(z)).detach()
     assert (logits.abs() < 0.05).any() and (logits.abs() > 1).any()
-    rng = np.random.default_rng(1)
-    assert_parity(model, tmp_path / "cb", rng.random((9, 784)).astype(np.float32), z)
+    session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    (image,) = session.run(["image"], {"z": z})
+    assert np.abs(image - model.decode(z).reshape(64, 784)).max() <= TOLERANCE
 
 
 def test_continuous_bernoulli_mean_is_exact_in_float32():
