@@ -1,3 +1,41 @@
-"""mnist-vae: a variational auto-encoder for MNIST and Fashion-MNIST on PyTorch."""
+"""mnist-vae: a variational auto-encoder for MNIST and Fashion-MNIST on PyTorch.
+
+The Python API (see the README's "From Python"):
+
+    import mnist_vae
+    model = mnist_vae.load("pretrained")        # the dim_z 2 MNIST model shipped in the package
+    images = model.sample(16, seed=0)           # (16, 28, 28) pixel values in [0, 1]
+    mu, std = model.encode(images)              # q(z|x)
+    model = mnist_vae.train(output="runs/z2", dim_z=2, num_epochs=60)   # as `mnist-vae` trains
+    data = mnist_vae.datasets.load("mnist")     # arrays and class names
+
+The names are loaded on first use, so that `import mnist_vae` (and `mnist-vae --help`) does
+not wait for torch.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["load", "train", "Model", "PRETRAINED", "prepare_images", "datasets", "ArgumentError",
+           "ArgumentTypeError", "UserError", "__version__"]
+
+_FROM_API = {"load", "Model", "PRETRAINED", "prepare_images", "ArgumentError", "ArgumentTypeError"}
+
+
+def __getattr__(name):
+    if name in _FROM_API:
+        from . import api
+
+        return getattr(api, name)
+    if name in ("datasets", "train"):  # train: the module, which is callable as api.train (see train.py)
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    if name == "UserError":
+        from .config import UserError
+
+        return UserError
+    raise AttributeError(f"module 'mnist_vae' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -33,8 +33,8 @@ def train_parser(prog):
         prog=prog, argument_default=argparse.SUPPRESS,
         description="Train a variational auto-encoder on MNIST or Fashion-MNIST and write its pictures, "
                     "metrics and checkpoint into --output.",
-        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, classify, analogies, bench, "
-               "reproduce "
+        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, classify, analogies, export, "
+               "bench, reproduce "
                f"({prog} COMMAND --help)")
     for name, (check, help_text) in SETTINGS.items():
         default = getattr(defaults, name)
@@ -96,20 +96,27 @@ def _estimate_missing(config, run_dir):
 
 def _run_parser(prog, command, description):
     parser = Parser(prog=f"{prog} {command}", description=description)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a training run")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a training run, or `pretrained` "
+                                                           "for the model shipped with mnist-vae")
     parser.add_argument("--device", type=choice("auto", "cpu", "cuda", "mps"), default="cpu",
                         help="where to compute (default: cpu)")
     return parser
 
 
 def _load_run(args):
-    from . import checkpoint
-    from .train import resolve_device
+    """(config, state, the model in eval mode, device) of RUN_DIR: a run folder, or `pretrained`."""
+    from . import api
 
-    device = resolve_device(args.device)
-    config, state, tensors = checkpoint.load(args.run_dir)
-    model = checkpoint.build_model(config, tensors, Path(args.run_dir) / checkpoint.FILENAME).to(device).eval()
-    return config, state, model, device
+    model = api.load(args.run_dir, device=args.device)
+    return model.config, {"epoch": model.epoch}, model.module.eval(), model.device
+
+
+def _default_out(args, name):
+    """Where a command writes by default: into the run folder, or the current folder for the packaged model."""
+    from .api import PRETRAINED
+
+    run_dir = Path(args.run_dir)
+    return Path(name) if str(run_dir) == PRETRAINED and not run_dir.is_dir() else run_dir / name
 
 
 def command_evaluate(prog, args):
@@ -177,7 +184,7 @@ def command_sample(prog, args):
     elif args.label is not None:
         raise UserError(f"--class needs a run trained with --conditional; {args.run_dir} was not")
     z = torch.randn((args.n, config.dim_z), generator=torch.Generator().manual_seed(args.seed)).to(device)
-    out = Path(args.out or Path(args.run_dir) / "samples.png")
+    out = Path(args.out or _default_out(args, "samples.png"))
     columns = model.n_classes if labels is not None and args.label is None else _grid_shape(args.n)[0]
     save_grid(decode_images(model, z, labels).cpu().numpy(), columns, math.ceil(args.n / columns), _writable(out))
     print(f"wrote {args.n} {what} to {out}")
@@ -247,7 +254,7 @@ def command_analogies(prog, args):
     config, _, model, device = _conditional_run(args, "analogies")
     names = _class_names(config)
     images = _load_images(args.images, device)
-    out = _writable(args.out or Path(args.run_dir) / "analogies.png")
+    out = _writable(args.out or _default_out(args, "analogies.png"))
     if args.label is not None:
         labels = torch.full((len(images),), class_index(args.label, config.dataset), device=device)
     else:
@@ -302,7 +309,7 @@ def command_reconstruct(prog, args, denoise=False):
 
     config, _, model, device = _load_run(args)
     images = _load_images(args.images, device)
-    out = _writable(args.out or Path(args.run_dir) / f"{name}.png")
+    out = _writable(args.out or _default_out(args, f"{name}.png"))
     from .limits import check_image
 
     check_image(out, 3 * 30, len(args.images) * 30, f"{len(args.images)} images")
@@ -350,13 +357,32 @@ def command_interpolate(prog, args):
         raise UserError(f"interpolate works on runs trained without --conditional; for {args.run_dir} use "
                         f"{prog} analogies")
     images = _load_images([args.start, args.end], device)
-    out = _writable(args.out or Path(args.run_dir) / "interpolate.png")
+    out = _writable(args.out or _default_out(args, "interpolate.png"))
     with torch.no_grad():
         mu, _ = model.encode(images)
     weights = torch.linspace(0, 1, args.steps, device=device)[:, None]
     z = (1 - weights) * mu[0] + weights * mu[1]
     save_grid(decode_images(model, z).cpu().numpy(), args.steps, 1, out)
     print(f"wrote {args.steps} images from {args.start} to {args.end} into {out}")
+    return 0
+
+
+def command_export(prog, args):
+    parser = _run_parser(prog, "export", "Write the model's encoder and decoder as ONNX files (encoder.onnx: "
+                                         "image -> mu, std; decoder.onnx: z -> mean image) with model.json "
+                                         "describing them, for use outside Python.")
+    parser.add_argument("--format", type=choice("onnx"), default="onnx", help="file format (default: onnx)")
+    parser.add_argument("--out", type=text, metavar="DIR",
+                        help="folder to write into (default: RUN_DIR/onnx; for pretrained, ./pretrained-onnx)")
+    args = parser.parse_args(args)
+    from . import api
+    from .export import require_packages
+
+    require_packages()  # before loading anything: without the extra, one line saying what to install
+    model = api.load(args.run_dir, device=args.device)
+    out = Path(args.out) if args.out else (model.run_dir / "onnx" if model.run_dir else Path("pretrained-onnx"))
+    written = model.export(out, format=args.format)
+    print(f"wrote {', '.join(str(path) for path in written.values())}")
     return 0
 
 
@@ -375,7 +401,7 @@ def command_reproduce(prog, args):
 COMMANDS = {
     "train": command_train, "evaluate": command_evaluate, "sample": command_sample,
     "reconstruct": command_reconstruct, "denoise": command_denoise, "interpolate": command_interpolate,
-    "classify": command_classify, "analogies": command_analogies,
+    "classify": command_classify, "analogies": command_analogies, "export": command_export,
     "bench": command_bench, "reproduce": command_reproduce,
 }
 

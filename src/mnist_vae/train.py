@@ -3,6 +3,9 @@
 `train(config)` reads straight down: set up the output folder, the data and the model
 (or restore them from a checkpoint), then for each epoch train, evaluate on the whole
 test set, write the images, metrics and a checkpoint.
+
+The module is callable: `mnist_vae.train(output=..., **settings)` is the Python API's
+api.train (see the end of this file for why).
 """
 
 import csv
@@ -10,7 +13,9 @@ import dataclasses
 import io
 import math
 import signal
+import sys
 import tempfile
+import types
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +167,10 @@ def evaluate(model, x, batch_size=2000, labels=None):
 
 
 @torch.no_grad()
-def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None):
-    """Importance-weighted NLL over `x`: (mean, standard error) in nats per image; of -log p(x|y)
-    given the `labels`, for a conditional model. Draws from `generator`, else from the global
-    generator seeded with IW_SEED. The standard error is NaN for a single image. Returns None if
-    `stop` (a StopSignal) received a signal on the way."""
+def log_likelihoods(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None):
+    """Importance-weighted estimate of log p(x) (of log p(x|y) given the `labels`, for a conditional
+    model) for each image of `x`: a tensor (n,). Draws from `generator`, else from the global generator
+    seeded with IW_SEED. Returns None if `stop` (a StopSignal) received a signal on the way."""
     was_training = model.training
     model.eval()
     if generator is None:
@@ -183,7 +187,16 @@ def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=N
         per_image.append(importance_weighted_log_likelihood(model, x[start: start + batch_size], k,
                                                             labels=batch_labels, generator=generator))
     model.train(was_training)
-    nll = -torch.cat(per_image).double()
+    return torch.cat(per_image)
+
+
+def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None):
+    """Importance-weighted NLL over `x`: (mean, standard error) in nats per image; the standard error is
+    NaN for a single image. None if `stop` received a signal on the way (see log_likelihoods)."""
+    log_p = log_likelihoods(model, x, k, batch_size, progress, labels, generator, stop)
+    if log_p is None:
+        return None
+    nll = -log_p.double()
     stderr = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     return nll.mean().item(), stderr
 
@@ -491,3 +504,18 @@ def _log_tensorboard(board, row, out, config, epoch):
             board.add_image(prefix, np.asarray(Image.open(path)), epoch, dataformats="HW")
     board.flush()
 
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: `mnist_vae.train(output=..., **settings)` is the Python API's api.train."""
+
+    def __call__(self, *args, **kwargs):
+        from .api import train as api_train
+
+        return api_train(*args, **kwargs)
+
+
+# `mnist_vae.train` is both this module and the API's training function, as the issue spells it.
+# Importing a submodule sets the package's attribute to the module, so the module itself is made
+# callable rather than letting one name hide the other.
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,479 @@
+"""The Python API: load a trained model (a run folder, or the one shipped in the package) and use it, or train one.
+
+    import mnist_vae
+    model = mnist_vae.load("pretrained")          # or a run folder: mnist_vae.load("runs/z2")
+    mu, std = model.encode(images)                # q(z|x) of each image
+    pictures = model.decode(mu)                   # (N, 28, 28) mean pixel values in [0, 1]
+
+The command line's model commands (evaluate, sample, reconstruct, denoise, interpolate,
+export) are thin calls of this module, so there is one implementation of each.
+
+Images may be a NumPy array of shape (N, 28, 28) or (N, 784) (or one image, (28, 28) or
+(784,)), uint8 in 0..255 or float in [0, 1]; a torch tensor of the same; a PIL image or a
+path to a PNG or JPEG (prepared as MNIST's digits were, as the command line does); or a
+list of these. Outputs are NumPy arrays, or torch tensors when a tensor came in.
+
+Bad arguments raise ValueError or TypeError; where the command line reports the same
+problem (a bad run folder, an unreadable image), the message is the line it prints.
+
+Conditional models (a label per image) are not in this version: `sample` already takes
+`label=`, which an unconditional model refuses; a conditional model will take it there
+and in `decode`, and add `classify(images)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+import numpy as np
+
+from .config import MODEL_DEFINING, SETTINGS, Config, UserError
+
+if TYPE_CHECKING:  # imported for real inside the functions, so that `import mnist_vae` stays quick
+    import torch
+
+__all__ = ["Model", "load", "train", "prepare_images", "PRETRAINED", "ArgumentError", "ArgumentTypeError"]
+
+PRETRAINED = "pretrained"  # the name that loads the model shipped in the package
+DEVICES = ("auto", "cpu", "cuda", "mps")  # what --device accepts
+
+Images = Any  # np.ndarray | torch.Tensor | PIL.Image.Image | str | os.PathLike | a list of these
+
+
+class ArgumentError(UserError, ValueError):
+    """A bad argument: a ValueError for Python callers, and the command line's one-line error."""
+
+
+class ArgumentTypeError(UserError, TypeError):
+    """An argument of the wrong type: a TypeError for Python callers, one line on the command line."""
+
+
+def _as_argument_error(error: UserError) -> UserError:
+    """The same message as an ArgumentError (a ValueError), unless it already is a ValueError or TypeError."""
+    if isinstance(error, (ValueError, TypeError)):
+        return error
+    converted = ArgumentError(str(error))
+    converted.exit_code = error.exit_code
+    return converted
+
+
+# ---------------------------------------------------------------- loading
+
+def load(run_dir: Union[str, os.PathLike] = PRETRAINED, device: str = "cpu") -> "Model":
+    """The trained model of a run folder (the --output of a training run), ready to use.
+
+    `run_dir="pretrained"` loads the dim_z 2 MNIST model shipped with the package, unless a
+    folder named `pretrained` exists in the current directory: a real folder always wins.
+    `device` is "cpu" (the default, whatever device trained the model), "cuda", "mps" or "auto".
+    Raises ValueError for a missing folder, a folder without a checkpoint, or a damaged checkpoint.
+    """
+    from . import checkpoint
+    from .train import resolve_device
+
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise ArgumentTypeError(f"run_dir must be a folder name (str or path), not {type(run_dir).__name__}")
+    if device not in DEVICES:
+        raise ArgumentError(f"device must be one of auto, cpu, cuda, mps; got {device!r}")
+    try:
+        torch_device = resolve_device(device)
+        if str(run_dir) == PRETRAINED and not Path(run_dir).is_dir():
+            from . import pretrained
+
+            config, module, info = pretrained.load_model()
+            return Model(module.to(torch_device), config, epoch=info["epoch"], run_dir=None, name=PRETRAINED,
+                         provenance=info["provenance"])
+        config, state, tensors = checkpoint.load(run_dir)
+        module = checkpoint.build_model(config, tensors, Path(run_dir) / checkpoint.FILENAME)
+    except UserError as e:
+        raise _as_argument_error(e) from None
+    return Model(module.to(torch_device), config, epoch=state["epoch"], run_dir=Path(run_dir), name=str(run_dir))
+
+
+def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, overwrite: bool = False,
+          log: Callable[[str], None] = print, **settings: Any) -> "Model":
+    """Train a model exactly as `mnist-vae --output OUTPUT --SETTING VALUE ...` does; return it loaded.
+
+    `settings` are the command line's flags by their Python names (dim_z=2, num_epochs=60, ...),
+    with the same defaults and checks; every file lands in `output`, as from the command line.
+    `resume=True` continues the run in `output` (settings that define the model must then match
+    it); `overwrite=True` writes over an earlier run there. Progress goes to `log` (print).
+    Raises TypeError for an unknown setting and ValueError for a bad value.
+    """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if "output" in settings or unknown:
+        name = "output" if "output" in settings else unknown[0]
+        raise ArgumentTypeError(f"train() got an unknown setting {name!r}" + (
+            "; pass the folder as train(output=...)" if name == "output" else
+            f"; the settings are {', '.join(SETTINGS)}"))
+    for flag, value in (("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(f"{flag} must be True or False, not {value!r}")
+    output = os.fspath(output)
+    from . import checkpoint, files
+    from .train import prepare_output
+    from .train import train as run_training
+
+    try:
+        if resume:
+            saved, state, _ = checkpoint.load(output)
+            for name in MODEL_DEFINING:
+                if name in settings and settings[name] != getattr(saved, name):
+                    raise ArgumentError(
+                        f"--{name} {settings[name]} contradicts the run in {output}, which has "
+                        f"{name}={getattr(saved, name)}; drop the flag to resume, or start a new run "
+                        f"with another --output")
+            config = dataclasses.replace(saved, **settings, output=output)
+        else:
+            config = Config(**settings, output=output)
+        try:
+            config.check()
+        except ValueError as e:
+            raise ArgumentError(f"--{e}") from None
+        if config.tensorboard:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install "
+                                "'mnist-vae[tensorboard]' (or pip install tensorboard)") from None
+        try:  # the folder's checks before any work, so that they are ValueErrors; training repeats them
+            prepare_output(output, resume, overwrite)
+        except files.WriteError:
+            raise
+        except UserError as e:
+            raise ArgumentError(str(e)) from None
+        if resume and state["epoch"] >= config.num_epochs:
+            log(f"{output} has finished all {state['epoch']} epochs; to train further, "
+                f"pass --num_epochs with more than {state['epoch']}")
+        else:
+            run_training(config, resume=resume, overwrite=overwrite, log=log)
+    except (checkpoint.CheckpointError, ArgumentError) as e:
+        raise _as_argument_error(e) from None
+    return load(output)
+
+
+# ---------------------------------------------------------------- the model
+
+class Model:
+    """A trained VAE and its run's settings; every method works in eval mode (no dropout), without gradients.
+
+    Attributes: `config` (the run's settings, a Config dataclass), `epoch` (epochs trained),
+    `dim_z`, `device`, `module` (the torch.nn.Module), `run_dir` (None for the packaged model),
+    `name` (what it was loaded from), `provenance` (for the packaged model: how it was made).
+    """
+
+    def __init__(self, module: "torch.nn.Module", config: Config, *, epoch: int, run_dir: Optional[Path],
+                 name: str, provenance: Optional[dict] = None):
+        self.module = module.eval()
+        self.config = config
+        self.epoch = epoch
+        self.run_dir = run_dir
+        self.name = name
+        self.provenance = provenance
+
+    def __repr__(self) -> str:
+        return (f"<mnist_vae.Model {self.name}: {self.config.dataset}, dim_z={self.dim_z}, "
+                f"likelihood={self.config.likelihood}, {self.epoch} epochs, on {self.device}>")
+
+    @property
+    def dim_z(self) -> int:
+        return self.config.dim_z
+
+    @property
+    def device(self) -> "torch.device":
+        return next(self.module.parameters()).device
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes a class label (not in this version: always False)."""
+        return False
+
+    # ------------------------------------------------------------ the model's maps
+
+    def encode(self, images: Images) -> tuple:
+        """Mean and standard deviation of q(z|x) for each image: two arrays of shape (N, dim_z)."""
+        x, as_tensor = self._images(images)
+        with _no_grad():
+            mu, std = self.module.encode(x)
+        return as_tensor(mu), as_tensor(std)
+
+    def decode(self, z: Any) -> Any:
+        """Mean pixel values of p(x|z) for each row of `z` (N, dim_z): images (N, 28, 28) in [0, 1]."""
+        z, as_tensor = self._latents(z)
+        with _no_grad():
+            images = self.module.mean_image(self.module.decode(z))
+        return as_tensor(images.reshape(-1, 28, 28))
+
+    def sample(self, n: int, seed: Optional[int] = None, label: Optional[int] = None) -> np.ndarray:
+        """`n` images (n, 28, 28) decoded from z drawn from the prior N(0, I).
+
+        The same `seed` gives the same images (`mnist-vae sample --seed`); None draws fresh ones.
+        `label` is for conditional models, which this version does not have.
+        """
+        import torch
+
+        n = _whole_number("n", n, low=1)
+        if label is not None:
+            raise ArgumentError(f"label={label!r}: {self.name} is not a conditional model; sample without a label")
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(_whole_number("seed", seed, low=0, high=2**63 - 1))
+        z = torch.randn((n, self.dim_z), generator=generator)  # drawn on the CPU, so every device gets the same z
+        return self.decode(z).cpu().numpy()
+
+    def reconstruct(self, images: Images) -> Any:
+        """Each image decoded from its posterior mean: images (N, 28, 28), what the reconstruction grids show."""
+        from .train import reconstruct
+
+        x, as_tensor = self._images(images)
+        return as_tensor(reconstruct(self.module, x).reshape(-1, 28, 28))
+
+    def add_noise(self, images: Images, seed: int = 0) -> Any:
+        """The images with the run's training noise added (noise_factor · N(0, 1), clipped to [0, 1]): (N, 28, 28).
+
+        For trying a denoising run (`mnist-vae denoise --add_noise`); the same seed gives the same noise.
+        """
+        import torch
+
+        from .train import add_noise
+
+        x, as_tensor = self._images(images)
+        generator = torch.Generator().manual_seed(_whole_number("seed", seed, low=0, high=2**63 - 1))
+        noisy = add_noise(x.cpu(), self.config.noise_factor, generator).to(x.device)
+        return as_tensor(noisy.reshape(-1, 28, 28))
+
+    def interpolate(self, a: Images, b: Images, steps: int = 10) -> np.ndarray:
+        """`steps` images (steps, 28, 28) decoded along the straight line between the latent means of `a` and `b`.
+
+        The first and last are the reconstructions of `a` and `b`; each of `a`, `b` is one image.
+        """
+        import torch
+
+        steps = _whole_number("steps", steps, low=2)
+        ends = []
+        for name, image in (("a", a), ("b", b)):
+            x, _ = self._images(image)
+            if len(x) != 1:
+                raise ArgumentError(f"{name}: expected one image, got {len(x)}")
+            ends.append(x)
+        with _no_grad():
+            mu, _ = self.module.encode(torch.cat(ends))
+        weights = torch.linspace(0, 1, steps, device=mu.device)[:, None]
+        return self.decode((1 - weights) * mu[0] + weights * mu[1]).cpu().numpy()
+
+    # ------------------------------------------------------------ numbers
+
+    def elbo(self, images: Images) -> Any:
+        """The ELBO of each image, in nats (N,): the lower bound on log p(x), with one z per image.
+
+        The z draws are fixed (as in the runs' test metrics), so the same images give the same numbers.
+        """
+        import torch
+
+        from .train import EVAL_SEED
+
+        x, as_tensor = self._images(images)
+        generator = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
+        values = []
+        with _no_grad():
+            for start in range(0, len(x), 2000):  # the batches of train.evaluate, so the draws are its own
+                batch = x[start: start + 2000]
+                eps = torch.randn((len(batch), self.dim_z), generator=generator, device=x.device)
+                values.append(self.module(batch, eps=eps)[0])
+        return as_tensor(torch.cat(values))
+
+    def log_likelihood(self, images: Images, k: int = 1000) -> Any:
+        """Importance-weighted estimate of log p(x) of each image (N,) in nats, with `k` samples from q(z|x).
+
+        Burda et al.'s bound, which tightens as k grows; the draws are fixed, so it is repeatable.
+        With grey-level pixels and the Bernoulli likelihood it is a cross-entropy, not a density.
+        """
+        import torch
+
+        from .train import log_likelihoods
+
+        k = _whole_number("k", k, low=1)
+        x, as_tensor = self._images(images)
+        with torch.random.fork_rng(devices=[]):  # the estimate seeds torch's generator; leave the caller's alone
+            values = log_likelihoods(self.module, x, k, progress=False)
+        return as_tensor(values)
+
+    def evaluate(self, k: int = 1000, n_test: int = 0, data_dir: Optional[str] = None,
+                 progress: bool = False) -> dict:
+        """The run's test metrics, as `mnist-vae evaluate` prints them, in nats per image.
+
+        Returns {"images", "neg_elbo", "recon", "kl", "source" (where the data came from)} and, when k > 0, the importance-weighted
+        {"nll", "nll_stderr"} (± one standard error over the images). The test set is the run's
+        dataset (binarized as the run was); `n_test` > 0 uses its first n images.
+        """
+        from .train import evaluate, load_tensors, log_likelihood_estimate
+
+        k = _whole_number("k", k, low=0)
+        n_test = _whole_number("n_test", n_test, low=0)
+        config = dataclasses.replace(self.config, data_dir=data_dir or self.config.data_dir, n_test=n_test,
+                                     n_train=1)
+        try:
+            tensors = load_tensors(config, self.device, log=lambda _: None)
+        except UserError as e:
+            raise _as_argument_error(e) from None
+        test = tensors.test
+        neg_elbo, recon, kl = evaluate(self.module, test)
+        result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source}
+        if k > 0:
+            import torch
+
+            with torch.random.fork_rng(devices=[]):
+                result["nll"], result["nll_stderr"] = log_likelihood_estimate(self.module, test, k, progress=progress)
+        return result
+
+    def export(self, out: Union[str, os.PathLike], format: str = "onnx") -> dict:
+        """Write the encoder and decoder as ONNX files into the folder `out`; return {name: path}.
+
+        `encoder.onnx` (image -> mu, std), `decoder.onnx` (z -> mean image) and `model.json`
+        (inputs, outputs and the run's settings). Needs `pip install 'mnist-vae[export]'`.
+        """
+        from .export import export_onnx
+
+        if format != "onnx":
+            raise ArgumentError(f"format must be 'onnx', got {format!r}")
+        return export_onnx(self, Path(out))
+
+    # ------------------------------------------------------------ inputs
+
+    def _images(self, images: Images) -> tuple:
+        """The images as a float tensor (N, 784) on the model's device, and how to hand results back."""
+        x = prepare_images(images)
+        return x.to(self.device), _returner(images)
+
+    def _latents(self, z: Any) -> tuple:
+        import torch
+
+        as_tensor = _returner(z)
+        if isinstance(z, torch.Tensor):
+            values = z.detach().to("cpu", torch.float32)
+        else:
+            try:
+                values = torch.from_numpy(np.array(z, dtype=np.float32))
+            except (TypeError, ValueError):
+                raise ArgumentTypeError(f"z must be an array of numbers of shape (N, {self.dim_z}), "
+                                        f"not {type(z).__name__}") from None
+        if values.ndim == 1:
+            values = values[None]
+        if values.ndim != 2 or values.shape[1] != self.dim_z:
+            raise ArgumentError(f"z must have shape (N, {self.dim_z}) for this model (dim_z={self.dim_z}), "
+                                f"got {tuple(values.shape)}")
+        if not torch.isfinite(values).all():
+            raise ArgumentError("z holds NaN or infinite values")
+        return values.to(self.device), as_tensor
+
+
+# ---------------------------------------------------------------- images in
+
+def prepare_images(images: Images) -> "torch.Tensor":
+    """Images in any of the accepted forms (see the module's docstring) as a float32 tensor (N, 784) in [0, 1].
+
+    Arrays and tensors are taken as MNIST-style pixels as they are; PIL images and files are
+    prepared as MNIST's digits were (made grey, inverted on a light background, cropped to the
+    ink, scaled to 20 x 20 and centred in 28 x 28), as the command line does.
+    """
+    import torch
+
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ArgumentError("images: the list is empty; give at least one image")
+        return torch.cat([prepare_images(image) for image in images])
+    if isinstance(images, (str, os.PathLike)):
+        from .data import load_user_image
+
+        try:
+            return torch.from_numpy(load_user_image(images))[None]
+        except UserError as e:
+            raise _as_argument_error(e) from None
+    if _is_pil_image(images):
+        from .data import prepare_digit
+
+        grey = np.asarray(images.convert("L"), dtype=np.float32) / 255.0
+        try:
+            return torch.from_numpy(prepare_digit(grey, "the image"))[None]
+        except UserError as e:
+            raise _as_argument_error(e) from None
+    if isinstance(images, torch.Tensor):
+        array = images.detach().cpu()
+        array = array.numpy() if array.dtype != torch.bfloat16 else array.float().numpy()
+    elif isinstance(images, np.ndarray):
+        array = images
+    else:
+        raise ArgumentTypeError("images must be a NumPy array, a torch tensor, a PIL image, a path or a list of "
+                                f"these, not {type(images).__name__}")
+    return torch.from_numpy(_pixels(array))
+
+
+def _pixels(array: np.ndarray) -> np.ndarray:
+    """An array of MNIST-style images as float32 (N, 784) in [0, 1], with a clear error for anything else."""
+    shape = array.shape
+    if shape in ((28, 28), (784,)):
+        array = array.reshape(1, 784)
+    elif len(shape) == 3 and shape[1:] == (28, 28) or len(shape) == 4 and shape[1:] == (1, 28, 28) or \
+            len(shape) == 2 and shape[1] == 784:
+        array = array.reshape(len(array), 784)
+    else:
+        raise ArgumentError(f"images must have shape (N, 28, 28) or (N, 784), or (28, 28) or (784,) for one "
+                            f"image; got {shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ArgumentTypeError(f"images must hold numbers (uint8 0..255 or float in [0, 1]), not {array.dtype}")
+    if array.size == 0:
+        raise ArgumentError("images: the array holds no image")
+    low, high = float(array.min()), float(array.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ArgumentError("images hold NaN or infinite values")
+    if np.issubdtype(array.dtype, np.integer):
+        if low < 0 or high > 255:
+            raise ArgumentError(f"integer pixel values must lie in 0..255; got {low:g}..{high:g}")
+        return array.astype(np.float32) / 255.0
+    if low < 0 or high > 1:
+        hint = " (divide 0..255 pixel values by 255)" if high <= 255 and low >= 0 else ""
+        raise ArgumentError(f"float pixel values must lie in [0, 1]; got {low:g}..{high:g}{hint}")
+    return array.astype(np.float32)
+
+
+def _is_pil_image(value: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    return isinstance(value, Image.Image)
+
+
+def _returner(given: Any) -> Callable:
+    """How to hand results back: a tensor on the input's device if a tensor came in, else a NumPy array."""
+    import torch
+
+    if isinstance(given, torch.Tensor):
+        return lambda result: result.to(given.device)
+    return lambda result: result.cpu().numpy()
+
+
+def _whole_number(name: str, value: Any, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be a whole number, not {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise ArgumentError(f"{name}: expected a whole number {bounds}, got {value}")
+    return int(value)
+
+
+def _no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
