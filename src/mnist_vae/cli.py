@@ -31,7 +31,7 @@ def train_parser(prog):
         prog=prog, argument_default=argparse.SUPPRESS,
         description="Train a variational auto-encoder on MNIST or Fashion-MNIST and write its pictures, "
                     "metrics and checkpoint into --output.",
-        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, bench, reproduce "
+        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, explore, bench, reproduce "
                f"({prog} COMMAND --help)")
     for name, (check, help_text) in SETTINGS.items():
         default = getattr(defaults, name)
@@ -239,6 +239,12 @@ def command_bench(prog, args):
     return bench_main(prog, args)
 
 
+def command_explore(prog, args):
+    from .explore import command_explore as explore_main
+
+    return explore_main(prog, args)
+
+
 def command_reproduce(prog, args):
     from .reproduce import main as reproduce_main
 
@@ -248,7 +254,7 @@ def command_reproduce(prog, args):
 COMMANDS = {
     "train": command_train, "evaluate": command_evaluate, "sample": command_sample,
     "reconstruct": command_reconstruct, "denoise": command_denoise, "interpolate": command_interpolate,
-    "bench": command_bench, "reproduce": command_reproduce,
+    "explore": command_explore, "bench": command_bench, "reproduce": command_reproduce,
 }
 
 
