@@ -64,7 +64,9 @@ def make_run(folder, data_dir, seed=0, **settings):
     """A run folder with a checkpoint of a VAE with seeded random weights (no training)."""
     config = Config(output=str(folder), data_dir=str(data_dir), n_hidden=settings.pop("n_hidden", 24), **settings)
     torch.manual_seed(seed)
-    model = VAE(config.dim_z, config.n_hidden, config.dropout, config.likelihood)
+    # A conditional model (issue #12) takes its flag from the config, as the checkpoint builds it.
+    conditional = {"conditional": True} if getattr(config, "conditional", False) else {}
+    model = VAE(config.dim_z, config.n_hidden, config.dropout, config.likelihood, **conditional)
     # Larger weights than the default initialisation, so the decoded images vary over the map.
     with torch.no_grad():
         for parameter in model.parameters():
@@ -264,13 +266,16 @@ def test_a_layer_that_lies_about_its_kind_is_refused():
 
 # ---------------------------------------------------------------- the page in Chromium
 
-def test_page_opens_from_disk_without_error_or_request(run_z2, open_page):
-    page = open_page(write_page(run_z2))
+@pytest.mark.parametrize("dim_z", [2, 1])
+def test_page_opens_from_disk_without_error_or_request(dim_z, run_z2, dataset_dir, tmp_path, open_page):
+    run = run_z2 if dim_z == 2 else make_run(tmp_path / "z1", dataset_dir, dim_z=1)
+    page = open_page(write_page(run))
+    page.page.mouse.move(*page.map_pixel(0.5, 0.5))
     page.settled()
     assert page.errors == []
     assert page.requests == [page.url]  # the page itself, and nothing else
     header = page.js("document.getElementById('summary').textContent")
-    assert "dim_z 2" in header and "test −ELBO 543.21" in header and "1 epochs" in header
+    assert f"dim_z {dim_z}" in header and "test −ELBO 543.21" in header and "1 epochs" in header
     assert page.js("document.querySelectorAll('#legend > span').length") == 10
     assert page.js("document.getElementById('noise-control').hidden") is True
     assert page.js("document.getElementById('class-panel').hidden") is True
@@ -437,6 +442,43 @@ def test_noise_slider_of_a_denoising_run(run_z5, open_page):
     assert page.errors == []
 
 
+def one_hot(cls, n=10):
+    return nn.functional.one_hot(torch.tensor([cls]), n).float()
+
+
+def conditional_pixels(model, z, cls):
+    """What a conditional model decodes at z in class cls: the decoder on [z, one-hot]."""
+    with torch.no_grad():
+        logits = model.decoder(torch.cat([torch.tensor(z, dtype=torch.float32)[None], one_hot(cls)], 1))
+        return model.mean_image(logits)[0].numpy()
+
+
+def check_class_picker(page, model):
+    """The class picker re-decodes the point in every class, and a drawing is encoded with the class."""
+    dim_z = model.dim_z
+    assert page.js("document.getElementById('class-panel').hidden") is False
+    page.page.mouse.click(*page.map_pixel(0.4, 0.6))
+    page.settled()
+    z = page.state("z")
+    strip = np.array(page.js("explore.state.classStrip.map(image => Array.from(image))"))
+    assert strip.shape == (10, 784)
+    for cls in range(10):
+        assert np.abs(strip[cls] - conditional_pixels(model, z, cls)).max() <= PIXEL_TOLERANCE
+    assert np.abs(np.array(page.state("decoded")) - strip[0]).max() <= PIXEL_TOLERANCE
+    page.page.click("#class-picker button[data-cls='7']")
+    page.settled()
+    assert page.js("explore.state.cls") == 7
+    decoded = np.array(page.state("decoded"))
+    assert np.abs(decoded - conditional_pixels(model, z, 7)).max() <= PIXEL_TOLERANCE
+    assert np.abs(decoded - strip[0]).max() > 0.05  # another class, another image
+    draw_seven(page)
+    drawn = torch.tensor(page.js("Array.from(explore.state.drawing.input)"), dtype=torch.float32)
+    with torch.no_grad():
+        out = model.encoder(torch.cat([drawn[None], one_hot(7)], 1))
+    assert np.abs(np.array(page.js("Array.from(explore.state.drawing.mu)")) - out[0, :dim_z].numpy()).max() <= 1e-4
+    assert page.errors == []
+
+
 class HandMadeConditional(nn.Module):
     """The conditional model's seam as issue #12 describes it: the one-hot class after x and after z."""
 
@@ -451,13 +493,11 @@ class HandMadeConditional(nn.Module):
         with torch.no_grad():
             self.decoder[0].weight[:, dim_z:] *= 8  # the class matters to the image
 
-    def decode_pixels(self, z, cls):
-        y = nn.functional.one_hot(torch.tensor([cls]), self.n_classes).float()
-        with torch.no_grad():
-            return torch.sigmoid(self.decoder(torch.cat([torch.tensor(z, dtype=torch.float32)[None], y], 1)))[0]
+    def mean_image(self, logits):
+        return torch.sigmoid(logits)
 
 
-def test_class_picker_redecodes_in_every_class(dataset_dir, tmp_path, open_page):
+def test_class_picker_on_a_hand_made_conditional_model(dataset_dir, tmp_path, open_page):
     model = HandMadeConditional().eval()
     config = Config(dim_z=3, n_hidden=16)
     test = data.load_dataset("mnist", dataset_dir)
@@ -465,35 +505,18 @@ def test_class_picker_redecodes_in_every_class(dataset_dir, tmp_path, open_page)
     path = tmp_path / "conditional.html"
     path.write_text(render_page(*page_data(model, config, {"epoch": 3, "history": []}, tmp_path, images,
                                            test.test_labels[:100], test.classes)))
-    page = open_page(path)
-    assert page.js("document.getElementById('class-panel').hidden") is False
-    page.page.mouse.click(*page.map_pixel(0.4, 0.6))
-    page.settled()
-    z = page.state("z")
-    strip = np.array(page.js("explore.state.classStrip.map(image => Array.from(image))"))
-    assert strip.shape == (10, 784)
-    for cls in range(10):
-        assert np.abs(strip[cls] - model.decode_pixels(z, cls).numpy()).max() <= PIXEL_TOLERANCE
-    assert np.abs(np.array(page.state("decoded")) - strip[0]).max() <= PIXEL_TOLERANCE
-    page.page.click("#class-picker button[data-cls='7']")
-    page.settled()
-    assert page.js("explore.state.cls") == 7
-    decoded = np.array(page.state("decoded"))
-    assert np.abs(decoded - model.decode_pixels(z, 7).numpy()).max() <= PIXEL_TOLERANCE
-    assert np.abs(decoded - strip[0]).max() > 0.05  # another class, another image
-    # A drawing is encoded with the chosen class as the encoder's extra input.
-    draw_seven(page)
-    prepared = torch.tensor(page.js("Array.from(explore.state.drawing.input)"), dtype=torch.float32)
-    with torch.no_grad():
-        out = model.encoder(torch.cat([prepared[None], nn.functional.one_hot(torch.tensor([7]), 10).float()], 1))
-    assert np.abs(np.array(page.js("Array.from(explore.state.drawing.mu)")) - out[0, :3].numpy()).max() <= 1e-4
-    assert page.errors == []
+    check_class_picker(open_page(path), model)
 
 
-def test_class_picker_on_a_real_conditional_run():
-    if "conditional" not in inspect.signature(VAE).parameters:
+def test_class_picker_on_a_real_conditional_run(dataset_dir, tmp_path, open_page):
+    if "conditional" not in inspect.signature(VAE).parameters or not hasattr(Config(), "conditional"):
         pytest.skip("needs the conditional model (issue #12)")
-    pytest.fail("the conditional model has arrived: test the class picker on a real conditional run")
+    run = make_run(tmp_path / "conditional", dataset_dir, dim_z=2, conditional=True)
+    model = load_model(run)
+    assert getattr(model, "conditional", False)
+    page = open_page(write_page(run))
+    assert page.js("explore.data.network.conditional") is True
+    check_class_picker(page, model)
 
 
 def test_a_default_size_page_loads_within_two_seconds(tmp_path, dataset_dir, open_page):
@@ -519,12 +542,15 @@ def test_screenshots_of_real_runs(open_page, tmp_path):
         assert cli.main(["explore", str(run), "--out", str(out)], prog="mnist-vae") == 0
         page = open_page(out)
         print(f"{run}: {out.stat().st_size / 1e6:.1f} MB, loaded in {page.load_seconds:.2f} s")
-        draw_seven(page)
+        # A walk between two pinned points, then a drawn '7' with its ellipse, the pointer elsewhere.
+        page.page.mouse.click(*page.map_pixel(0.3, 0.7))
         page.page.click("#walk-a")
-        page.page.click("#clear")
         page.page.mouse.click(*page.map_pixel(0.7, 0.3))
         page.page.click("#walk-b")
-        page.page.mouse.move(*page.map_pixel(0.45, 0.55))
+        draw_seven(page)
+        page.page.mouse.move(*page.map_pixel(0.6, 0.6))
         page.settled()
         assert page.errors == []
-        page.page.screenshot(path=str(SCREENSHOTS / f"{run.name}.png"), full_page=True)
+        summary = page.js("explore.data.summary")
+        name = f"{summary['dataset']}_dim{summary['dim_z']}.png"
+        page.page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
