@@ -292,8 +292,9 @@ def build_page(run_dir, n_points=None, device="cpu", log=print):
 
 def command_explore(prog, args):
     """mnist-vae explore RUN_DIR [--out FILE.html] [--open]."""
-    from ..cli import Parser, integer, text
     from .. import files
+    from ..cli import Parser
+    from ..config import boolean, integer, text
 
     parser = Parser(prog=f"{prog} explore",
                     description="Write one self-contained HTML page that runs the trained model in your browser: "
@@ -301,7 +302,7 @@ def command_explore(prog, args):
                                 "offline, opened straight from disk.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a training run")
     parser.add_argument("--out", type=text, help="page to write (default: RUN_DIR/explore.html)")
-    parser.add_argument("--open", nargs="?", const=True, default=False, type=_boolean,
+    parser.add_argument("--open", nargs="?", const=True, default=False, type=boolean,
                         metavar="BOOL", help="open the page in the system's web browser")
     parser.add_argument("--n_points", "--n-points", type=integer(1, 10000),
                         help="test images on the latent map (default: the run's PMLR_n_samples, 5000)")
@@ -324,8 +325,3 @@ def command_explore(prog, args):
             print(f"note: no browser could be started; open {out} yourself")
     return 0
 
-
-def _boolean(value):
-    from ..config import boolean
-
-    return boolean(value)

@@ -9,7 +9,6 @@ Locally the browser tests skip when Chromium or Playwright is missing; with CI=t
 import base64
 import gzip
 import inspect
-import io
 import json
 import os
 import re
@@ -541,7 +540,11 @@ def test_screenshots_of_real_runs(open_page, tmp_path):
         out = tmp_path / f"{run.name}.html"
         assert cli.main(["explore", str(run), "--out", str(out)], prog="mnist-vae") == 0
         page = open_page(out)
-        print(f"{run}: {out.stat().st_size / 1e6:.1f} MB, loaded in {page.load_seconds:.2f} s")
+        decode_ms = page.js("""(() => { const z = explore.state.z, t = performance.now();
+            for (let i = 0; i < 50; i++) explore.decode(z, 0);
+            return (performance.now() - t) / 50; })()""")
+        print(f"{run}: {out.stat().st_size / 1e6:.1f} MB, loaded in {page.load_seconds:.2f} s, "
+              f"one decode {decode_ms:.2f} ms")
         # A walk between two pinned points, then a drawn '7' with its ellipse, the pointer elsewhere.
         page.page.mouse.click(*page.map_pixel(0.3, 0.7))
         page.page.click("#walk-a")
