@@ -46,12 +46,11 @@
       switch (layer.op) {
         case "linear": {
           const out = new Float64Array(layer.out), w = layer.w, n = layer.in;
-          // Input-major order skips the zeros of a drawing's empty pixels.
-          for (let o = 0; o < layer.out; o++) out[o] = layer.b[o];
-          for (let i = 0; i < n; i++) {
-            const xi = x[i];
-            if (xi === 0) continue;
-            for (let o = 0, k = i; o < layer.out; o++, k += n) out[o] += w[k] * xi;
+          // Row by row: each output reads one contiguous row of the weights (cache-friendly).
+          for (let o = 0; o < layer.out; o++) {
+            let sum = 0;
+            for (let i = 0, k = o * n; i < n; i++, k++) sum += w[k] * x[i];
+            out[o] = sum + layer.b[o];
           }
           x = out;
           break;
