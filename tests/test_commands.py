@@ -306,6 +306,7 @@ RUN_COMMANDS = {
     "reconstruct": lambda run, images: ["reconstruct", run, images.dark],
     "denoise": lambda run, images: ["denoise", run, images.light, "--add_noise"],
     "interpolate": lambda run, images: ["interpolate", run, "--from", images.light, "--to", images.dark],
+    "explore": lambda run, images: ["explore", run],
     "resume": lambda run, images: ["--resume", run, "--num_epochs", "5"],
 }
 

@@ -34,7 +34,7 @@ def train_parser(prog):
         description="Train a variational auto-encoder on MNIST or Fashion-MNIST and write its pictures, "
                     "metrics and checkpoint into --output.",
         epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, classify, analogies, export, "
-               "bench, reproduce "
+               "explore, bench, reproduce "
                f"({prog} COMMAND --help)")
     for name, (check, help_text) in SETTINGS.items():
         default = getattr(defaults, name)
@@ -392,6 +392,12 @@ def command_bench(prog, args):
     return bench_main(prog, args)
 
 
+def command_explore(prog, args):
+    from .explore import command_explore as explore_main
+
+    return explore_main(prog, args)
+
+
 def command_reproduce(prog, args):
     from .reproduce import main as reproduce_main
 
@@ -402,7 +408,7 @@ COMMANDS = {
     "train": command_train, "evaluate": command_evaluate, "sample": command_sample,
     "reconstruct": command_reconstruct, "denoise": command_denoise, "interpolate": command_interpolate,
     "classify": command_classify, "analogies": command_analogies, "export": command_export,
-    "bench": command_bench, "reproduce": command_reproduce,
+    "explore": command_explore, "bench": command_bench, "reproduce": command_reproduce,
 }
 
 

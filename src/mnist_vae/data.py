@@ -367,9 +367,13 @@ def prepare_digit(grey, path="the image"):
 
     Inverted when the background is light (ink on paper), the ink cropped, scaled to fit
     20x20 and centred by its centre of mass in a 28x28 frame.
-    """
-    from PIL import Image
 
+    `mnist-vae explore` repeats these steps in JavaScript (explore/explore.js) on the user's
+    drawing, and a test holds the two to the same result: so every step is plain arithmetic
+    that JavaScript can do in the same order, float32 up to the crop (as read_user_image
+    gives it), float64 after.
+    """
+    grey = np.asarray(grey, dtype=np.float32)
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) > 0.5:
         grey = 1.0 - grey
@@ -378,18 +382,35 @@ def prepare_digit(grey, path="the image"):
         raise DataError(f"{path}: the image is blank; give an image with a visible digit or object")
     grey = grey / grey.max()
     rows, cols = np.nonzero(grey > 0.2)
-    grey = grey[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+    grey = grey[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1].astype(np.float64)
     height, width = grey.shape
     scale = 20.0 / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    ink = np.asarray(Image.fromarray(np.uint8(grey * 255)).resize(size, Image.LANCZOS),
-                     dtype=np.float32) / 255.0
+    # Area resampling (each output pixel the mean of the input area it covers), as two matrix
+    # products. It replaced Pillow's LANCZOS so that the page can compute the same pixels: it is
+    # the ideal anti-aliasing filter for shrinking, which is what users' images need.
+    ink = area_weights(max(1, round(height * scale)), height) @ grey @ area_weights(
+        max(1, round(width * scale)), width).T
     frame = np.zeros((28, 28), dtype=np.float32)
     total = ink.sum()
     ys, xs = np.indices(ink.shape)
     centre_y = (ys * ink).sum() / total if total > 0 else ink.shape[0] / 2
     centre_x = (xs * ink).sum() / total if total > 0 else ink.shape[1] / 2
+    # round() halves to even, as the page does too.
     top = int(np.clip(round(14 - centre_y), 0, 28 - ink.shape[0]))
     left = int(np.clip(round(14 - centre_x), 0, 28 - ink.shape[1]))
     frame[top: top + ink.shape[0], left: left + ink.shape[1]] = ink
     return frame.reshape(-1)
+
+
+def area_weights(n_out, n_in):
+    """The (n_out, n_in) matrix of area resampling: row i averages input span [i, i+1) * n_in / n_out.
+
+    Each weight is the length of the overlap of output pixel i's span with input pixel j,
+    over the span's length, so every row sums to 1, shrinking or enlarging.
+    """
+    weights = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        low, high = i * n_in / n_out, (i + 1) * n_in / n_out
+        for j in range(int(low), min(n_in, math.ceil(high))):
+            weights[i, j] = (min(high, j + 1) - max(low, j)) * n_out / n_in
+    return weights
