@@ -198,7 +198,8 @@ def hold_if_run(folder, what="--out"):
 
 EPOCH_IMAGE_PREFIXES = ("PRR", "samples", "analogies", "PMLR", r"PMLR_class\d+", "PMLR_map")
 RUN_FILES = ("input.jpg", "input_noise.jpg", "metrics.csv", "loss_curves.png", "config.json", "evaluation.json",
-             "samples.png", "reconstruct.png", "denoise.png", "interpolate.png", "analogies.png")
+             "samples.png", "reconstruct.png", "denoise.png", "interpolate.png", "analogies.png",
+             "explore.html")
 _EPOCH_IMAGE = re.compile(rf"(?:{'|'.join(EPOCH_IMAGE_PREFIXES)})_epoch_\d+\.jpg")
 _TEMP_FILE = re.compile(r"\..+\.\d+(?:\.[0-9a-f]+)?\.tmp")  # files.atomic_path's, left by a killed process
 

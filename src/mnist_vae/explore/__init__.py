@@ -280,14 +280,28 @@ def build_page(run_dir, n_points=None, device="cpu", log=print):
     from .. import checkpoint
     from ..train import load_tensors
 
-    config, state, tensors = checkpoint.load(run_dir)
-    path = Path(run_dir) / checkpoint.FILENAME
-    model = checkpoint.build_model(config, tensors, path).to(device).eval()
+    if _is_packaged(run_dir):
+        from ..api import load
+
+        packaged = load(run_dir, device=device)
+        config, model, path = packaged.config, packaged.module, "the packaged model"
+        state = {"epoch": packaged.epoch, "history": []}
+    else:
+        config, state, tensors = checkpoint.load(run_dir)
+        path = Path(run_dir) / checkpoint.FILENAME
+        model = checkpoint.build_model(config, tensors, path).to(device).eval()
     n_points = config.PMLR_n_samples if n_points is None else n_points
     data_config = dataclasses.replace(config, n_test=n_points, n_train=1)
     test = load_tensors(data_config, torch.device(device), log=log)
     data, blob = page_data(model, config, state, run_dir, test.test, test.test_labels, test.classes, path)
     return render_page(data, blob)
+
+
+def _is_packaged(run_dir):
+    """Whether RUN_DIR names the model shipped with the package (a real folder of that name wins)."""
+    from ..api import PRETRAINED
+
+    return str(run_dir) == PRETRAINED and not Path(run_dir).is_dir()
 
 
 def command_explore(prog, args):
@@ -300,14 +314,17 @@ def command_explore(prog, args):
                     description="Write one self-contained HTML page that runs the trained model in your browser: "
                                 "the latent map, decoding under the cursor, drawing and encoding, walks. It works "
                                 "offline, opened straight from disk.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a training run")
-    parser.add_argument("--out", type=text, help="page to write (default: RUN_DIR/explore.html)")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a training run, or `pretrained` "
+                                                           "for the model shipped with mnist-vae")
+    parser.add_argument("--out", type=text, help="page to write (default: RUN_DIR/explore.html; for pretrained, "
+                                                 "./explore.html)")
     parser.add_argument("--open", nargs="?", const=True, default=False, type=boolean,
                         metavar="BOOL", help="open the page in the system's web browser")
     parser.add_argument("--n_points", "--n-points", type=integer(1, 10000),
                         help="test images on the latent map (default: the run's PMLR_n_samples, 5000)")
     args = parser.parse_args(args)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "explore.html"
+    out = Path(args.out) if args.out else (Path("explore.html") if _is_packaged(args.run_dir)
+                                           else Path(args.run_dir) / "explore.html")
     if args.out:
         if out.is_dir():
             raise ExploreError(f"--out {out} is a folder; give a file name such as {out / 'explore.html'}")

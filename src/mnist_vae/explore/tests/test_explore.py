@@ -560,3 +560,11 @@ def test_screenshots_of_real_runs(open_page, tmp_path):
         summary = page.js("explore.data.summary")
         name = f"{summary['dataset']}_dim{summary['dim_z']}.png"
         page.page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
+
+
+def test_explore_pretrained_writes_the_packaged_models_page(tmp_path, open_page, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the packaged model has no run folder: the page goes to the current one
+    assert cli.main(["explore", "pretrained", "--n_points", "200"], prog="mnist-vae") == 0
+    page = open_page(tmp_path / "explore.html")
+    assert page.js("explore.data.network.dim_z") == 2
+    assert page.errors == []
