@@ -199,3 +199,23 @@ def test_tensorboard_logs_scalars_and_images(tmp_path, capsys):
                   "--num_epochs", "2", "--n_hidden", "16", "--batch_size", "32")
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_reproduce_runs_keeps_the_rows_of_an_earlier_reproduction(tmp_path):
+    from types import SimpleNamespace
+
+    from mnist_vae import reproduce
+    from mnist_vae.config import Config
+
+    earlier = {"command": "mnist-vae reproduce --epochs 60", "runs": [
+        {"run": "dim4", "dim_z": 4, "epochs": 60, "test_neg_elbo": 122.44, "iw_nll": 118.78, "iw_nll_stderr": 0.4,
+         "likelihood": "bernoulli", "binarize": "none", "wall_seconds": 190.0},
+        {"run": "fashion_dim2", "skipped": "no data"}]}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    rows = reproduce._earlier_rows(tmp_path / "results.json")
+    assert list(rows) == ["dim4"] and rows["dim4"]["command"] == earlier["command"]
+    args = SimpleNamespace(epochs=2, out=str(tmp_path), k=10, quick=False, data_dir=None, runs="cond_dim2")
+    table = reproduce.results_table([rows["dim4"]], args, Config(eval_k=10))
+    assert "| dim4 | mnist | 4 | no | 60 | 122.44 | 118.78 ± 0.40 |" in table
+    assert "kept from an earlier `mnist-vae reproduce --epochs 60`" in table
+    assert reproduce._earlier_rows(tmp_path / "missing.json") == {}

@@ -14,7 +14,6 @@ a finished run is not trained again.
 import json
 import os
 import platform
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,12 +78,14 @@ def main(prog, args):
     base = Config(num_epochs=args.epochs, eval_k=args.k, data_dir=args.data_dir)
     if args.quick:
         base = replace(base, num_epochs=2, n_train=1000, n_test=500, eval_k=10, PMLR_n_samples=500)
-    rows = []
+    rows, earlier = [], _earlier_rows(out / "results.json")
     for name, settings in RUNS:
         config = replace(base, output=str(out / "runs" / name), **settings)
         if config.dataset != "mnist":
             config = replace(config, data_dir=None)
         if name not in selected and _finished(config) is None:
+            if name in earlier:  # not asked for, its folder gone: the row an earlier reproduction wrote stays
+                rows.append(earlier[name])
             continue  # not asked for and not trained before: left out of the tables
         print(f"== {name}: {settings}, {config.num_epochs} epochs")
         try:
@@ -102,6 +103,16 @@ def main(prog, args):
     files.write_text(out / "results.md", results_table(rows, args, base))
     print(f"wrote {out / 'results.md'} and the images beside it")
     return 0
+
+
+def _earlier_rows(path):
+    """The rows of an earlier results.json by run name, each with the command that made it, so that
+    `--runs` adds to the tables rather than replacing them."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        return {row["run"]: {"command": earlier["command"], **row} for row in earlier["runs"] if "skipped" not in row}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _train_or_reuse(train, config):
@@ -163,7 +174,7 @@ def _collect_images(out, epochs):
             copies[runs / run / f"{prefix}_{tag}.jpg"] = f"{run}_{prefix}_epoch_{epochs}.jpg"
     for source, name in copies.items():
         if source.exists():
-            shutil.copyfile(source, out / name)
+            files.write_bytes(out / name, source.read_bytes())
 
 
 def machine():
@@ -241,4 +252,8 @@ def results_table(rows, args, base):
         f"({m['threads']} threads), Python {m['python']}.",
         "",
     ]
+    kept = sorted({row["command"] for row in rows if "command" in row})
+    lines += [f"Runs {', '.join(row['run'] for row in rows if row.get('command') == command)}: kept from an "
+              f"earlier `{command}` (their folders are gone, so they were not trained again)." for command in kept]
+    lines += [""] if kept else []
     return "\n".join(lines)
