@@ -325,3 +325,52 @@ def test_readme_from_python_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert any(Path(tmp_path).iterdir())
+
+
+# ---------------------------------------------------------------- conditional models
+
+@pytest.fixture(scope="module")
+def conditional_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "conditional"
+    return mnist_vae.train(output=out, data_dir=str(data), log=lambda _: None, conditional=True,
+                           **{**SETTINGS, "num_epochs": 1})
+
+
+def test_a_conditional_model_takes_labels_and_classifies(conditional_run, digits):
+    from mnist_vae.model import classify
+
+    model = conditional_run
+    assert model.conditional and model.classes[7] == "7"
+    # sample(label=) decodes the seeded z with that class, as the module does with its one-hot column.
+    z = torch.randn((4, model.dim_z), generator=torch.Generator().manual_seed(5))
+    expected = decode_images(model.module, z, torch.full((4,), 7)).reshape(-1, 28, 28).numpy()
+    assert np.array_equal(model.sample(4, seed=5, label=7), expected)
+    assert np.array_equal(model.sample(4, seed=5, label="7"), expected)
+    assert not np.array_equal(model.sample(4, seed=5, label=1), expected)
+    # classify: p(y|x), rows summing to 1, the module's own classifier.
+    p = model.classify(digits)
+    x = mnist_vae.prepare_images(digits)
+    assert p.shape == (8, 10) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert np.allclose(p, classify(model.module, x, k=1).exp().numpy(), atol=1e-6)
+    # reconstruct without labels uses the class it finds; with labels, the ones given.
+    given = model.reconstruct(digits, labels=[3] * 8)
+    assert np.allclose(given, reconstruct(model.module, x, torch.full((8,), 3)).reshape(-1, 28, 28).numpy())
+    assert model.elbo(digits, labels=3).shape == (8,)
+    assert model.log_likelihood(digits[:2], k=5, labels=[3, 4]).shape == (2,)
+
+
+def test_a_conditional_model_refuses_calls_without_what_it_needs(conditional_run, run, digits):
+    with pytest.raises(ValueError, match="conditional model: sample"):
+        conditional_run.sample(2)
+    with pytest.raises(ValueError, match="needs the class of each row"):
+        conditional_run.decode(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="give the labels"):
+        conditional_run.elbo(digits)
+    with pytest.raises(ValueError, match="expected 8 labels"):
+        conditional_run.reconstruct(digits, labels=[1, 2])
+    with pytest.raises(ValueError, match="no such class"):
+        conditional_run.sample(2, label="sneaker")
+    with pytest.raises(ValueError, match="not a conditional model"):
+        run.classify(digits)
+    with pytest.raises(ValueError, match="not a conditional model"):
+        run.decode(np.zeros((2, 3)), labels=[1, 2])

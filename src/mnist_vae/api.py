@@ -16,9 +16,9 @@ list of these. Outputs are NumPy arrays, or torch tensors when a tensor came in.
 Bad arguments raise ValueError or TypeError; where the command line reports the same
 problem (a bad run folder, an unreadable image), the message is the line it prints.
 
-Conditional models (a label per image) are not in this version: `sample` already takes
-`label=`, which an unconditional model refuses; a conditional model will take it there
-and in `decode`, and add `classify(images)`.
+A conditional model (a run trained with --conditional) takes labels: `sample(n, label=7)`,
+`decode(z, labels)`, `encode`/`reconstruct(images, labels)` (the labels it finds when none are
+given), `elbo`/`log_likelihood(images, labels=...)` of log p(x|y), and `classify(images)`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ PRETRAINED = "pretrained"  # the name that loads the model shipped in the packag
 DEVICES = ("auto", "cpu", "cuda", "mps")  # what --device accepts
 
 Images = Any  # np.ndarray | torch.Tensor | PIL.Image.Image | str | os.PathLike | a list of these
+Labels = Any  # None | a class number or name | a sequence, NumPy array or tensor of them (conditional models)
 
 
 class ArgumentError(UserError, ValueError):
@@ -188,50 +189,78 @@ class Model:
 
     @property
     def conditional(self) -> bool:
-        """Whether the model takes a class label (not in this version: always False)."""
-        return False
+        """Whether the model takes a class label: q(z|x, y), p(x|z, y) (a run trained with --conditional)."""
+        return bool(getattr(self.module, "conditional", False))
+
+    @property
+    def classes(self) -> list:
+        """The names of the dataset's classes, by label."""
+        from .data import DATASETS
+
+        return list(DATASETS[self.config.dataset]["classes"])
 
     # ------------------------------------------------------------ the model's maps
 
-    def encode(self, images: Images) -> tuple:
-        """Mean and standard deviation of q(z|x) for each image: two arrays of shape (N, dim_z)."""
+    def encode(self, images: Images, labels: Labels = None) -> tuple:
+        """Mean and standard deviation of q(z|x) (of q(z|x, y) for a conditional model) for each image:
+        two arrays of shape (N, dim_z)."""
         x, as_tensor = self._images(images)
+        y = self._labels(labels, len(x), x)
         with _no_grad():
-            mu, std = self.module.encode(x)
+            mu, std = self.module.encode(x, y)
         return as_tensor(mu), as_tensor(std)
 
-    def decode(self, z: Any) -> Any:
-        """Mean pixel values of p(x|z) for each row of `z` (N, dim_z): images (N, 28, 28) in [0, 1]."""
+    def decode(self, z: Any, labels: Labels = None) -> Any:
+        """Mean pixel values of p(x|z) (of p(x|z, y) given `labels`, which a conditional model needs) for
+        each row of `z` (N, dim_z): images (N, 28, 28) in [0, 1]."""
         z, as_tensor = self._latents(z)
+        if self.conditional and labels is None:
+            raise ArgumentError(f"{self.name} is a conditional model: decode(z, labels) needs the class of each row")
+        y = self._labels(labels, len(z))
         with _no_grad():
-            images = self.module.mean_image(self.module.decode(z))
+            images = self.module.mean_image(self.module.decode(z, y))
         return as_tensor(images.reshape(-1, 28, 28))
+
+    def classify(self, images: Images, k: int = 1) -> Any:
+        """p(y|x) of each image for each class (N, n_classes), for a conditional model: the bounds on
+        log p(x|y) (the ELBO for k = 1, the importance-weighted bound for k > 1) with a uniform p(y).
+        The class is the argmax of each row; `classes` names them."""
+        from .model import classify
+
+        if not self.conditional:
+            raise ArgumentError(f"{self.name} is not a conditional model; classify needs a run trained with "
+                                f"--conditional")
+        k = _whole_number("k", k, low=1)
+        x, as_tensor = self._images(images)
+        return as_tensor(classify(self.module, x, k=k).exp())
 
     def sample(self, n: int, seed: Optional[int] = None, label: Optional[int] = None) -> np.ndarray:
         """`n` images (n, 28, 28) decoded from z drawn from the prior N(0, I).
 
         The same `seed` gives the same images (`mnist-vae sample --seed`); None draws fresh ones.
-        `label` is for conditional models, which this version does not have.
+        `label` (a class number or name) is the class a conditional model draws; it needs one.
         """
         import torch
 
         n = _whole_number("n", n, low=1)
-        if label is not None:
-            raise ArgumentError(f"label={label!r}: {self.name} is not a conditional model; sample without a label")
+        if self.conditional and label is None:
+            raise ArgumentError(f"{self.name} is a conditional model: sample(n, label=...) needs a class "
+                                f"(a number or one of {', '.join(self.classes)})")
         generator = torch.Generator()
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(_whole_number("seed", seed, low=0, high=2**63 - 1))
         z = torch.randn((n, self.dim_z), generator=generator)  # drawn on the CPU, so every device gets the same z
-        return self.decode(z).cpu().numpy()
+        return self.decode(z, None if label is None else [label] * n).cpu().numpy()
 
-    def reconstruct(self, images: Images) -> Any:
-        """Each image decoded from its posterior mean: images (N, 28, 28), what the reconstruction grids show."""
+    def reconstruct(self, images: Images, labels: Labels = None) -> Any:
+        """Each image decoded from its posterior mean: images (N, 28, 28), what the reconstruction grids show.
+        A conditional model uses `labels`, or else the class it finds for each image (classify)."""
         from .train import reconstruct
 
         x, as_tensor = self._images(images)
-        return as_tensor(reconstruct(self.module, x).reshape(-1, 28, 28))
+        return as_tensor(reconstruct(self.module, x, self._labels(labels, len(x), x)).reshape(-1, 28, 28))
 
     def add_noise(self, images: Images, seed: int = 0) -> Any:
         """The images with the run's training noise added (noise_factor · N(0, 1), clipped to [0, 1]): (N, 28, 28).
@@ -255,6 +284,9 @@ class Model:
         import torch
 
         steps = _whole_number("steps", steps, low=2)
+        if self.conditional:
+            raise ArgumentError(f"{self.name} is a conditional model: its z is a style, not a digit; use "
+                                f"sample(label=...) or the analogies instead of interpolate")
         ends = []
         for name, image in (("a", a), ("b", b)):
             x, _ = self._images(image)
@@ -268,8 +300,9 @@ class Model:
 
     # ------------------------------------------------------------ numbers
 
-    def elbo(self, images: Images) -> Any:
-        """The ELBO of each image, in nats (N,): the lower bound on log p(x), with one z per image.
+    def elbo(self, images: Images, labels: Labels = None) -> Any:
+        """The ELBO of each image, in nats (N,): the lower bound on log p(x) (on log p(x|y) given the
+        `labels`, which a conditional model needs), with one z per image.
 
         The z draws are fixed (as in the runs' test metrics), so the same images give the same numbers.
         """
@@ -278,17 +311,20 @@ class Model:
         from .train import EVAL_SEED
 
         x, as_tensor = self._images(images)
+        y = self._labels(labels, len(x), required=True)
         generator = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
         values = []
         with _no_grad():
             for start in range(0, len(x), 2000):  # the batches of train.evaluate, so the draws are its own
                 batch = x[start: start + 2000]
                 eps = torch.randn((len(batch), self.dim_z), generator=generator, device=x.device)
-                values.append(self.module(batch, eps=eps)[0])
+                batch_labels = None if y is None else y[start: start + 2000]
+                values.append(self.module(batch, eps=eps, labels=batch_labels)[0])
         return as_tensor(torch.cat(values))
 
-    def log_likelihood(self, images: Images, k: int = 1000) -> Any:
-        """Importance-weighted estimate of log p(x) of each image (N,) in nats, with `k` samples from q(z|x).
+    def log_likelihood(self, images: Images, k: int = 1000, labels: Labels = None) -> Any:
+        """Importance-weighted estimate of log p(x) of each image (N,) in nats, with `k` samples from q(z|x);
+        of log p(x|y) given the `labels`, which a conditional model needs.
 
         Burda et al.'s bound, which tightens as k grows; the draws are fixed, so it is repeatable.
         With grey-level pixels and the Bernoulli likelihood it is a cross-entropy, not a density.
@@ -299,8 +335,9 @@ class Model:
 
         k = _whole_number("k", k, low=1)
         x, as_tensor = self._images(images)
+        y = self._labels(labels, len(x), required=True)
         with torch.random.fork_rng(devices=[]):  # the estimate seeds torch's generator; leave the caller's alone
-            values = log_likelihoods(self.module, x, k, progress=False)
+            values = log_likelihoods(self.module, x, k, progress=False, labels=y)
         return as_tensor(values)
 
     def evaluate(self, k: int = 1000, n_test: int = 0, data_dir: Optional[str] = None,
@@ -322,13 +359,15 @@ class Model:
         except UserError as e:
             raise _as_argument_error(e) from None
         test = tensors.test
-        neg_elbo, recon, kl = evaluate(self.module, test)
+        labels = tensors.test_y if self.conditional else None  # bounds on log p(x|y) then
+        neg_elbo, recon, kl = evaluate(self.module, test, labels=labels)
         result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source}
         if k > 0:
             import torch
 
             with torch.random.fork_rng(devices=[]):
-                result["nll"], result["nll_stderr"] = log_likelihood_estimate(self.module, test, k, progress=progress)
+                result["nll"], result["nll_stderr"] = log_likelihood_estimate(
+                    self.module, test, k, progress=progress, labels=labels)
         return result
 
     def export(self, out: Union[str, os.PathLike], format: str = "onnx") -> dict:
@@ -349,6 +388,36 @@ class Model:
         """The images as a float tensor (N, 784) on the model's device, and how to hand results back."""
         x = prepare_images(images)
         return x.to(self.device), _returner(images)
+
+    def _labels(self, labels: Labels, n: int, x: Any = None, required: bool = False) -> Any:
+        """The labels as an int64 tensor (n,) on the model's device, for a conditional model; None for another.
+
+        A label is a class number or name ("7", "sneaker"); one label serves every image. Without labels, a
+        conditional model's `x` is classified (for encode/reconstruct), unless they are `required`.
+        """
+        import torch
+
+        if not self.conditional:
+            if labels is not None:
+                raise ArgumentError(f"{self.name} is not a conditional model; call it without labels")
+            return None
+        if labels is None:
+            if required or x is None:
+                raise ArgumentError(f"{self.name} is a conditional model: give the labels of the images")
+            from .model import classify
+
+            return classify(self.module, x, k=100).argmax(1)
+        from .cli import class_index
+
+        values = labels.tolist() if isinstance(labels, (np.ndarray, torch.Tensor)) else labels
+        values = [values] * n if isinstance(values, (int, str, np.integer)) else list(values)
+        if len(values) != n:
+            raise ArgumentError(f"labels: expected {n} labels, one per image, got {len(values)}")
+        try:
+            index = [class_index(str(value), self.config.dataset) for value in values]
+        except UserError as e:
+            raise ArgumentError(str(e).replace("--class ", "label ")) from None
+        return torch.tensor(index, dtype=torch.int64, device=self.device)
 
     def _latents(self, z: Any) -> tuple:
         import torch
