@@ -3,6 +3,7 @@
 import csv
 import gzip
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,25 @@ def implementation(request, monkeypatch):
     else:
         monkeypatch.setenv("MNIST_VAE_NO_KERNELS", "1")
     return request.param
+
+
+def signal_at_call(monkeypatch, call, signals):
+    """Make the fused training step send `signals` to this process during its `call`-th call."""
+    calls = {"n": 0}
+
+    from mnist_vae import fused
+
+    class Step(fused.FusedTrainStep):
+        def __call__(self, *batch):
+            result = super().__call__(*batch)
+            calls["n"] += 1
+            if calls["n"] == call:
+                for sig in signals:
+                    handler = signal.getsignal(sig)  # never let a signal loose on pytest itself
+                    assert callable(handler) and handler is not signal.default_int_handler, \
+                        f"training installed no handler for {signal.Signals(sig).name}"
+                    os.kill(os.getpid(), sig)
+            return result
+
+    monkeypatch.setattr(fused, "FusedTrainStep", Step)  # what step.make_step builds
+    return calls

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, read_metrics, snapshot
+from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, read_metrics, signal_at_call, snapshot
 from mnist_vae import checkpoint, cli, files, fused
 from mnist_vae import train as train_module
 from mnist_vae.config import Config
@@ -45,26 +45,6 @@ def without_seconds(rows):
 
 def temp_files(folder):
     return [p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp")]
-
-
-def signal_at_call(monkeypatch, call, signals):
-    """Make the fused training step send `signals` to this process during its `call`-th call."""
-    calls = {"n": 0}
-
-    class Step(fused.FusedTrainStep):
-        def __call__(self, *batch):
-            result = super().__call__(*batch)
-            calls["n"] += 1
-            if calls["n"] == call:
-                for sig in signals:
-                    handler = signal.getsignal(sig)  # never let a signal loose on pytest itself
-                    assert callable(handler) and handler is not signal.default_int_handler, \
-                        f"training installed no handler for {signal.Signals(sig).name}"
-                    os.kill(os.getpid(), sig)
-            return result
-
-    monkeypatch.setattr(fused, "FusedTrainStep", Step)  # what step.make_step builds
-    return calls
 
 
 @pytest.fixture(scope="module")

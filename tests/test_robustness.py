@@ -23,8 +23,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, snapshot, write_idx
-from mnist_vae import checkpoint, fused
+from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, signal_at_call, snapshot, write_idx
+from mnist_vae import checkpoint
 from mnist_vae import train as train_module
 
 RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "3", "--PRR_n_img_x", "4", "--PRR_n_img_y", "4",
@@ -71,21 +71,6 @@ def digit(tmp_path_factory):
 
 def temp_files(folder):
     return [p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp")]
-
-
-def send_at_step(monkeypatch, call, sig=signal.SIGINT):
-    """Make the training step send `sig` to this process during its `call`-th call."""
-    calls = {"n": 0}
-
-    class Step(fused.FusedTrainStep):
-        def __call__(self, *batch):
-            result = super().__call__(*batch)
-            calls["n"] += 1
-            if calls["n"] == call:
-                os.kill(os.getpid(), sig)
-            return result
-
-    monkeypatch.setattr(fused, "FusedTrainStep", Step)
 
 
 # ================================================================ 1. two runs, one folder
@@ -563,7 +548,7 @@ def test_resume_of_a_run_without_a_fingerprint_says_it_cannot_check(run_copy, ca
 def test_training_a_run_further_keeps_its_file_names(tmp_path, data, capsys, monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as mp:
-        send_at_step(mp, STEPS_PER_EPOCH)  # stop after epoch 1 of 100
+        signal_at_call(mp, STEPS_PER_EPOCH, [signal.SIGINT])  # stop after epoch 1 of 100
         result = main(capsys, *RUN_ARGS, "--num_epochs", "100", "--data_dir", data, "--output", out)
     assert result.returncode == 130
     result = main(capsys, "--resume", out, "--num_epochs", "2")
@@ -577,7 +562,7 @@ def test_ctrl_c_in_the_last_epochs_end_phase_skips_the_estimate_and_resume_does_
                                                                                   monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as mp:
-        send_at_step(mp, 2 * STEPS_PER_EPOCH)  # the last step of the last epoch
+        signal_at_call(mp, 2 * STEPS_PER_EPOCH, [signal.SIGINT])  # the last step of the last epoch
         result = main(capsys, *RUN_ARGS, "--num_epochs", "2", "--eval_k", "5", "--data_dir", data, "--output", out)
     assert result.returncode == 130
     assert f"--resume {out}" in result.stdout + result.stderr
