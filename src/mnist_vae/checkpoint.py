@@ -46,6 +46,12 @@ def save(run_dir, model, optimizer, state, extra_tensors):
         raise CheckpointError(f"{e}; the previous checkpoint, if any, is unchanged") from None
 
 
+def read_file(path):
+    """(metadata, tensors) of a safetensors file, on the CPU; safetensors' and the OS's errors pass through."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+
+
 def load(run_dir):
     """Read the checkpoint of `run_dir`: (config, state, tensors), with clear errors for bad files."""
     run_dir = Path(run_dir)
@@ -56,9 +62,7 @@ def load(run_dir):
         raise CheckpointError(f"{run_dir} holds no {FILENAME}; train into it first "
                               f"(mnist-vae --output {run_dir})")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        metadata, tensors = read_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({e}); it cannot be loaded; "
                               f"retrain, or restore it from a backup") from None

@@ -32,9 +32,9 @@ def path() -> Path:
 
 def read(file=None):
     """(config, float16 weights named "model.*", info) of the packaged file; info holds `epoch` and `provenance`."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, read_file
     from ..config import Config
 
     file = Path(file or path())
@@ -42,9 +42,7 @@ def read(file=None):
         raise CheckpointError(f"the packaged model {file} is missing; reinstall mnist-vae, or refresh it with "
                               f"python -m mnist_vae.pretrained RUN_DIR")
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        metadata, tensors = read_file(file)
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
         config = Config.from_dict(json.loads(metadata["config"]))
