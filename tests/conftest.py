@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mnist_vae import kernels
+import torch
+
+from mnist_vae import kernels, products
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -127,6 +129,16 @@ def implementation(request, monkeypatch):
     else:
         monkeypatch.setenv("MNIST_VAE_NO_KERNELS", "1")
     return request.param
+
+
+@pytest.fixture(params=["torch.mm", "oneDNN"])
+def routine(request):
+    """Run a test with the training step's matrix products through torch.mm, then through oneDNN."""
+    if not products.onednn_available(torch.device("cpu")):
+        pytest.skip("this torch has no oneDNN")
+    products.use(request.param)
+    yield request.param
+    products.use(None)
 
 
 def signal_at_call(monkeypatch, call, signals):

@@ -49,13 +49,26 @@ def train_both(data, steps, likelihood="bernoulli", noise=False, batch_size=128,
     return reference, fast, torch.stack(reference_terms), torch.stack(fast_terms)
 
 
-def test_fused_step_matches_autograd_for_300_steps(mnist_batches, implementation):
+def test_fused_step_matches_autograd_for_300_steps(mnist_batches, implementation, routine):
     reference, fast, reference_terms, fast_terms = train_both(mnist_batches, steps=300)
+    assert fast_step_routine(fast) == routine
     # the loss fell, so the comparison is over real learning, not a flat start
     assert reference_terms[-20:, 0].mean() < reference_terms[:20, 0].mean() - 50
     torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
     for (name, p_fast), p_reference in zip(fast.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p_fast, p_reference, rtol=1e-3, atol=2e-4, msg=name)
+        torch.testing.assert_close(p_fast, p_reference, rtol=1e-3, atol=weight_atol(routine), msg=name)
+
+
+def weight_atol(routine):
+    """How far weights may drift from autograd's: the reference's products are torch.mm's, so through
+    torch.mm only the elementwise loops round differently; through oneDNN every product does too, and
+    Adam's normalised steps (about lr for any gradient far above eps) magnify the difference on weights
+    whose gradients are near zero."""
+    return 2e-4 if routine == "torch.mm" else 5e-4
+
+
+def fast_step_routine(model):
+    return FusedTrainStep(model, torch.optim.Adam(model.parameters())).products.name
 
 
 def test_fused_step_matches_autograd_when_denoising_with_two_latent_dimensions(mnist_batches, implementation):
@@ -92,14 +105,14 @@ def test_fused_step_uses_the_optimizer_state_torch_would():
     assert all(s["exp_avg"].abs().sum() > 0 for s in state.values())
 
 
-def test_fused_step_matches_autograd_for_the_conditional_model(mnist_batches, implementation):
+def test_fused_step_matches_autograd_for_the_conditional_model(mnist_batches, implementation, routine):
     """The label as more input columns of both first layers: the same losses and weights as autograd."""
     reference, fast, reference_terms, fast_terms = train_both(mnist_batches, steps=100, dim_z=2,
                                                               model_class=ConditionalVAE)
     assert reference_terms[-20:, 0].mean() < reference_terms[:20, 0].mean() - 30
     torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
     for (name, p_fast), p_reference in zip(fast.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p_fast, p_reference, rtol=1e-3, atol=2e-4, msg=name)
+        torch.testing.assert_close(p_fast, p_reference, rtol=1e-3, atol=weight_atol(routine), msg=name)
 
 
 # ---------------------------------------------------------------- what the fused step is given

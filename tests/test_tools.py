@@ -105,6 +105,19 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
                      result.stdout), result.stdout
     assert f"floor {evaluation['iw_floor_s']:.1f} s" in result.stdout
     assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
+    # Every routine is timed, the floors use the fastest, and the table says which the step uses.
+    by_name = {r["routine"]: r for r in results["routines"]}
+    assert {"torch.mm", "NumPy"} <= set(by_name) and results["step_routine"] in by_name
+    assert results["fastest_routine"] == min(by_name, key=lambda name: by_name[name]["floor_s"])
+    for r in by_name.values():
+        assert r["gflop_per_s"] > 0 and r["peak_gflop_per_s"] > 0
+        assert re.search(rf"{re.escape(r['routine'])} +{r['floor_s']:.2f} +{r['gflop_per_s']:.0f}", result.stdout)
+    assert f"fastest: {results['fastest_routine']}" in result.stdout
+    # The busy-CPU row: epochs with a competing process, against the unloaded epoch of the defaults row.
+    busy = results["busy"]
+    assert busy["unloaded_s"] == row["epoch_s"] and busy["epoch_s"] > 0 and busy["fixed_epoch_s"] > 0
+    assert busy["ratio"] == pytest.approx(busy["epoch_s"] / row["epoch_s"])
+    assert f"default epoch {busy['epoch_s']:.2f} s, {busy['ratio']:.2f} x" in result.stdout
 
 
 def test_reproduce_runs_selects_runs_and_tables_every_finished_one(reproduced, capsys):
@@ -123,6 +136,19 @@ def test_bench_floor_counts_label_columns_and_iwae_draws():
 
     seconds = floor_epoch_seconds(256, 128, 16, 2, torch.device("cpu"), repeats=2, n_labels=10, k=5)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
+
+
+def test_bench_routines_compute_the_products_they_time():
+    from mnist_vae.bench import epoch_gflop, routines
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 30, generator=g), torch.randn(20, 30, generator=g)
+    for name, matmul in routines(torch.device("cpu")).items():
+        out = torch.empty(64, 20)
+        result = matmul(a, b.t(), out)  # oneDNN returns a new tensor; the others write into out
+        torch.testing.assert_close(result if name == "oneDNN" else out, a @ b.t(), msg=name)
+    # 2 m n k per product: forward, weight gradient, and input gradient of all but the first layer
+    assert epoch_gflop(1, 1, 500, 20) == pytest.approx(2 * (3 * 1_314_000 - 392_000) / 1e9)
 
 
 @pytest.mark.parametrize("command, args, flag", [

@@ -1,13 +1,16 @@
-"""`mnist-vae bench`: training speed against the matrix-multiply floor, evaluation speed, memory, start-up.
+"""`mnist-vae bench`: training speed against the matrix-multiply floor, evaluation speed, a busy CPU, memory, start-up.
 
 The floor of an epoch is the time of its matrix products alone: for every batch, the
 forward product of each of the six layers, the weight-gradient product of each, and
 the input-gradient product of all but the first (the images need no gradient); same
-shapes, batch sizes, dtype, device and threads as training. Floors and epochs are
+shapes, batch sizes, dtype, device and threads as training, each product by the
+fastest float32 routine this process has (torch.mm, oneDNN, NumPy's BLAS: each is
+timed, and the table says which the training step uses). Floors and epochs are
 measured in one process, in alternation, and the ratio is the median of each epoch
 over the floor measured just before it, so a busy moment of the machine moves both.
 The importance-weighted log-likelihood is measured the same way: its floor is the
-decoder's matrix products for every draw of z.
+decoder's matrix products for every draw of z. The busy-CPU row times default epochs
+while a competing process (a bounded busy loop) takes one core.
 """
 
 import json
@@ -21,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import files
+from . import files, products
 from .config import Config, choice, integer, text
 
 SETTINGS = {
@@ -63,15 +66,24 @@ def main(prog, args):
         settings, epochs, k = {"defaults": {}}, 1, min(k, 10)
 
     results = {"machine": {**machine(), "device": str(device)}, "training": []}
+    print("bench: matrix-product routines ...", file=sys.stderr)
+    results["routines"] = bench_routines(base, device, rounds=1 if args.quick else 3)
+    best = min(results["routines"], key=lambda row: row["floor_s"])["routine"]
+    results["fastest_routine"], results["step_routine"] = best, products.routine(device)
+    matmul = routines(device)[best]
     with tempfile.TemporaryDirectory() as tmp:
         for name, changes in settings.items():
             config = replace(base, output=f"{tmp}/{name.replace(' ', '_')}", **changes)
             print(f"bench: training, {name} ...", file=sys.stderr)
-            row = bench_training(config, device, epochs)
+            row = bench_training(config, device, epochs, matmul)
             results["training"].append({"setting": name, **row})
+        if device.type == "cpu":
+            print("bench: training on a busy CPU ...", file=sys.stderr)
+            results["busy"] = bench_busy(replace(base, output=f"{tmp}/busy"), device, epochs,
+                                         unloaded_s=results["training"][0]["epoch_s"])
         run_dir = f"{tmp}/defaults"
         print("bench: evaluation ...", file=sys.stderr)
-        results["evaluation"] = bench_evaluation(run_dir, device, k)
+        results["evaluation"] = bench_evaluation(run_dir, device, k, matmul)
         print("bench: memory of a default training run ...", file=sys.stderr)
         results["peak_rss_mb"] = peak_rss_of_training_run(base, f"{tmp}/memory")
     results["startup_help_s"] = startup_seconds()
@@ -82,9 +94,10 @@ def main(prog, args):
     return 0
 
 
-def bench_training(config, device, epochs):
-    """Training seconds per epoch and the floor, measured in alternation: a floor, then an epoch of
-    train() itself (the real loop), `epochs` times after one warm-up pair; medians and their ratio."""
+def bench_training(config, device, epochs, matmul=None):
+    """Training seconds per epoch and the floor (by `matmul`, the fastest routine), measured in
+    alternation: a floor, then an epoch of train() itself (the real loop), `epochs` times after one
+    warm-up pair; medians and their ratio."""
     from .train import train
 
     n_train = config.n_train or 60000
@@ -92,7 +105,7 @@ def bench_training(config, device, epochs):
     for _ in range(epochs + 1):
         floor = floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device,
                                     repeats=1, n_labels=10 if config.conditional else 0,
-                                    k=config.k_train if config.objective == "iwae" else 1)[0]
+                                    k=config.k_train if config.objective == "iwae" else 1, matmul=matmul)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
         pairs.append((row["seconds"], floor))
     epochs_s, floors_s = [e for e, _ in pairs[1:]], [f for _, f in pairs[1:]]
@@ -101,6 +114,33 @@ def bench_training(config, device, epochs):
     return {"dim_z": config.dim_z, "batch_size": config.batch_size, "step": row["step"], "epoch_s": epoch, "epochs_s": epochs_s,
             "floor_s": statistics.median(floors_s), "floors_s": floors_s, "ratio": ratio,
             "images_per_s": n_train / epoch, **fixed_costs_seconds(config, device, n_train)}
+
+
+# The competing process of the busy-CPU row: a busy loop that ends by itself even if the bench is killed.
+SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+
+
+def bench_busy(config, device, epochs, unloaded_s):
+    """Default epochs while another process keeps one core busy, as training runs them (the thread count
+    following the load, threads.py), and one epoch with the count fixed at torch's, as it was before;
+    each against the unloaded epoch of the defaults row."""
+    import torch
+    from .train import train
+
+    def epoch(**changes):
+        return train(replace(config, num_epochs=1, **changes), overwrite=True, log=lambda *a: None)["seconds"]
+
+    competitor = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=120 * (epochs + 2))])
+    try:
+        time.sleep(0.5)  # let it start
+        adaptive = [epoch() for _ in range(epochs)]
+        fixed = epoch(threads=torch.get_num_threads())
+    finally:
+        competitor.kill()
+        competitor.wait()
+    return {"epoch_s": statistics.median(adaptive), "epochs_s": adaptive, "unloaded_s": unloaded_s,
+            "ratio": statistics.median(adaptive) / unloaded_s, "fixed_threads": torch.get_num_threads(),
+            "fixed_epoch_s": fixed, "fixed_ratio": fixed / unloaded_s}
 
 
 def fixed_costs_seconds(config, device, n_train):
@@ -128,11 +168,29 @@ def fixed_costs_seconds(config, device, n_train):
     return {"adam_s": adam, "masks_s": time.perf_counter() - started}
 
 
-def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3, n_labels=0, k=1):
-    """Seconds of one epoch's matrix products alone, `repeats` times; with `n_labels` one-hot columns
-    beside x and z (a conditional model) and the decoder on `k` draws of z per image (IWAE)."""
+def routines(device):
+    """The float32 routines that compute a product a @ b into `out` (b may be a transposed view), by
+    name: torch.mm everywhere; on the CPU also oneDNN (through torch) and NumPy's BLAS where they exist."""
+    import numpy as np
     import torch
 
+    from .products import _onednn, onednn_available
+
+    found = {"torch.mm": lambda a, b, out: torch.mm(a, b, out=out)}
+    if onednn_available(device):
+        found["oneDNN"] = lambda a, b, out: _onednn(a, b.t())
+    if device.type == "cpu":
+        found["NumPy"] = lambda a, b, out: np.matmul(a.numpy(), b.numpy(), out=out.numpy())
+    return found
+
+
+def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3, n_labels=0, k=1, matmul=None):
+    """Seconds of one epoch's matrix products alone, `repeats` times, by `matmul` (a routine of
+    `routines`; torch.mm by default); with `n_labels` one-hot columns beside x and z (a conditional
+    model) and the decoder on `k` draws of z per image (IWAE)."""
+    import torch
+
+    matmul = matmul or routines(device)["torch.mm"]
     layers = [(784 + n_labels, n_hidden, 1), (n_hidden, n_hidden, 1), (n_hidden, 2 * dim_z, 1),
               (dim_z + n_labels, n_hidden, k), (n_hidden, n_hidden, k), (n_hidden, 784, k)]
     batches = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size else [])
@@ -148,10 +206,10 @@ def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3,
 
     def products(batch):
         for index, b in enumerate(by_size[batch]):
-            torch.mm(b["x"], b["weight"].t(), out=b["y"])  # forward
-            torch.mm(b["grad"].t(), b["x"], out=b["grad_weight"])  # dL/dW
+            matmul(b["x"], b["weight"].t(), b["y"])  # forward
+            matmul(b["grad"].t(), b["x"], b["grad_weight"])  # dL/dW
             if index > 0:  # dL/dx; the images need none
-                torch.mm(b["grad"], b["weight"], out=b["grad_x"])
+                matmul(b["grad"], b["weight"], b["grad_x"])
 
     for _ in range(20):  # warm-up
         products(batches[0])
@@ -166,6 +224,42 @@ def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3,
     return seconds
 
 
+def epoch_gflop(n_train, batch_size, n_hidden, dim_z):
+    """The floating-point operations (GFLOP) of one default-shaped epoch's products: 2 m n k each."""
+    forward = sum(n_in * n_out for n_in, n_out in [(784, n_hidden), (n_hidden, n_hidden), (n_hidden, 2 * dim_z),
+                                                    (dim_z, n_hidden), (n_hidden, n_hidden), (n_hidden, 784)])
+    return 2 * n_train * (3 * forward - 784 * n_hidden) / 1e9
+
+
+def bench_routines(config, device, rounds=3):
+    """Each routine's floor of a default epoch (its median over `rounds`, taken in alternation) and its
+    peak: GFLOP/s of one 2048 x 2048 by 2048 x 2048 product, the best of three."""
+    import torch
+
+    n_train = config.n_train or 60000
+    found = routines(device)
+    floors = {name: [] for name in found}
+    for _ in range(rounds):
+        for name, matmul in found.items():
+            floors[name] += floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device,
+                                                repeats=1, matmul=matmul)
+    gflop = epoch_gflop(n_train, config.batch_size, config.n_hidden, config.dim_z)
+    rows = []
+    for name, matmul in found.items():
+        a, b, out = (torch.randn(2048, 2048, device=device) for _ in range(3))
+        matmul(a, b, out)
+        peak = []
+        for _ in range(3):
+            _synchronize(device)
+            started = time.perf_counter()
+            matmul(a, b, out)
+            _synchronize(device)
+            peak.append(2 * 2048**3 / 1e9 / (time.perf_counter() - started))
+        floor = statistics.median(floors[name])
+        rows.append({"routine": name, "floor_s": floor, "gflop_per_s": gflop / floor, "peak_gflop_per_s": max(peak)})
+    return rows
+
+
 def _synchronize(device):
     import torch
 
@@ -175,7 +269,7 @@ def _synchronize(device):
         torch.mps.synchronize()
 
 
-def bench_evaluation(run_dir, device, k):
+def bench_evaluation(run_dir, device, k, matmul=None):
     from . import checkpoint
     from .train import evaluate, load_tensors, log_likelihood_estimate
 
@@ -195,16 +289,19 @@ def bench_evaluation(run_dir, device, k):
         nll, stderr = log_likelihood_estimate(model, test, k, progress=False)
         _synchronize(device)
         seconds = time.perf_counter() - started
-        floor = iw_floor_seconds(len(test) * k, config.n_hidden, config.dim_z, device)
+        floor = iw_floor_seconds(len(test) * k, config.n_hidden, config.dim_z, device, matmul=matmul)
         result.update(iw_k=k, iw_seconds=seconds, iw_floor_s=floor, iw_ratio=seconds / floor, iw_nll=nll,
                       iw_nll_stderr=stderr)
     return result
 
 
-def iw_floor_seconds(rows, n_hidden, dim_z, device, chunk=1024, most=500_000):
+def iw_floor_seconds(rows, n_hidden, dim_z, device, chunk=1024, most=500_000, matmul=None):
     """Seconds of the decoder's matrix products for `rows` draws of z, in chunks as the estimator
-    draws them: measured on at most `most` rows and scaled, so the bench need not spend a minute on it."""
+    draws them, by `matmul` (torch.mm by default): measured on at most `most` rows and scaled, so the
+    bench need not spend a minute on it."""
     import torch
+
+    matmul = matmul or routines(device)["torch.mm"]
 
     layers = [(dim_z, n_hidden), (n_hidden, n_hidden), (n_hidden, 784)]
     buffers = [(torch.randn(chunk, n_in, device=device), torch.randn(n_out, n_in, device=device),
@@ -214,7 +311,7 @@ def iw_floor_seconds(rows, n_hidden, dim_z, device, chunk=1024, most=500_000):
     def products(n_chunks):
         for _ in range(n_chunks):
             for x, weight, y in buffers:
-                torch.mm(x, weight.t(), out=y)
+                matmul(x, weight.t(), y)
 
     products(10)  # warm-up
     _synchronize(device)
@@ -245,13 +342,28 @@ def format_table(results):
     m = results["machine"]
     lines = [f"mnist-vae bench: {m['cpu']}, {m['cores']} cores, {m['device']}, torch {m['torch']} "
              f"({m['threads']} threads), step kernels in {m.get('kernels', 'torch ops')}", "",
-             f"{'training':<11} {'step':<8} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
+             f"{'products':<9} {'floor s':>8} {'GFLOP/s':>8} {'peak GFLOP/s':>13}"]
+    for row in results["routines"]:
+        mark = "  (the training step's)" if row["routine"] == results["step_routine"] else ""
+        lines.append(f"{row['routine']:<9} {row['floor_s']:>8.2f} {row['gflop_per_s']:>8.0f} "
+                     f"{row['peak_gflop_per_s']:>13.0f}{mark}")
+    fastest, used = results["fastest_routine"], results["step_routine"]
+    lines += ["(floor s: a default epoch's products alone by each float32 routine; peak: one 2048^3 product)",
+              f"fastest: {fastest}; the floors below use it" + ("" if fastest == used else
+              f"; the training step uses {used} ({products.RULE}"
+              + ("" if fastest in products.ROUTINES else f"; {fastest} is not one it can use") + ")"), "",
+              f"{'training':<11} {'step':<8} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
              f"{'images/s':>9} {'adam s':>7} {'masks s':>8}"]
     for row in results["training"]:
         lines.append(f"{row['setting']:<11} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f}")
     lines.append("(adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone)")
+    if "busy" in results:
+        b = results["busy"]
+        lines += ["", f"busy CPU (another process takes a core): default epoch {b['epoch_s']:.2f} s, "
+                      f"{b['ratio']:.2f} x the unloaded {b['unloaded_s']:.2f} s; with the threads fixed at "
+                      f"{b['fixed_threads']}: {b['fixed_epoch_s']:.2f} s, {b['fixed_ratio']:.2f} x"]
     e = results["evaluation"]
     lines += ["", f"evaluation: test -ELBO {e['elbo_images_per_s']:,.0f} images/s"]
     if "iw_k" in e:

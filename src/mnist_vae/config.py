@@ -42,6 +42,7 @@ class Config:
     objective: str = "elbo"         # elbo or iwae
     k_train: int = 1                # importance samples of the iwae objective
     step: str = "auto"              # auto, fused or autograd: how the training step is computed
+    threads: int = 0                # torch's threads; 0: every core, fewer while other processes are busy
     # Not a flag: the digits of the epoch in image file names, fixed when a run starts (0: not yet),
     # so that a run trained further keeps PRR_epoch_01.jpg beside PRR_epoch_02.jpg, not _003.
     epoch_digits: int = 0
@@ -175,6 +176,8 @@ SETTINGS = {
     "k_train": (integer(1, 1000), "importance samples per image of --objective iwae (1 is the ELBO)"),
     "step": (choice("auto", "fused", "autograd"), "training step: auto uses the fused one where it computes "
                                                   "the same as autograd"),
+    "threads": (integer(0), "CPU threads: 0 uses every core and fewer while other processes take some "
+                            "(results are the same); N fixes N"),
 }
 
 

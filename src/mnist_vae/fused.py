@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .products import Products
 from .model import LIKELIHOODS, ConditionalVAE, VAE, continuous_bernoulli_log_norm
 
 # The seed's MLP, module by module: what the step below computes, and nothing else.
@@ -83,6 +84,7 @@ class FusedTrainStep:
         encoder, decoder = model.encoder, model.decoder
         self.layers = [encoder[0], encoder[3], encoder[6], decoder[0], decoder[3], decoder[6]]
         self.p = encoder[2].p
+        self.products = Products(self.layers[0].weight.device)  # torch.mm, or oneDNN where the rule says
         self.n_classes = model.n_classes if model.conditional else 0
         group = optimizer.param_groups[0]
         self.adam_by_layer = bool(group.get("fused") and hasattr(torch, "_fused_adam_") and not group["amsgrad"]
@@ -121,16 +123,17 @@ class FusedTrainStep:
         with torch.no_grad():
             # Forward, keeping what the backward pass needs: each layer's output h and the factor
             # f = m act'(a) that turns d(loss)/dh into d(loss)/da. Biases are added in the kernels.
-            h1, f1 = kernels.elu_dropout(torch.mm(x, W1.t()), b1, self._key(), p)
-            h2, f2 = kernels.tanh_dropout(torch.mm(h1, W2.t()), b2, self._key(), p)
-            gaussian = torch.addmm(b3, h2, W3.t())
+            mm = self.products.linear
+            h1, f1 = kernels.elu_dropout(mm(x, W1), b1, self._key(), p)
+            h2, f2 = kernels.tanh_dropout(mm(h1, W2), b2, self._key(), p)
+            gaussian = mm(h2, W3).add_(b3) if self.products.onednn else torch.addmm(b3, h2, W3.t())
             eps = torch.randn(batch, dim_z, device=x.device)
             z, std, kl = kernels.gaussian_sample(gaussian, eps)
             if y is not None:
                 z = torch.cat([z, y], dim=1)
-            h4, f4 = kernels.tanh_dropout(torch.mm(z, W4.t()), b4, self._key(), p)
-            h5, f5 = kernels.elu_dropout(torch.mm(h4, W5.t()), b5, self._key(), p)
-            logits = torch.mm(h5, W6.t())
+            h4, f4 = kernels.tanh_dropout(mm(z, W4), b4, self._key(), p)
+            h5, f5 = kernels.elu_dropout(mm(h4, W5), b5, self._key(), p)
+            logits = mm(h5, W6)
 
             # log p = target logits - softplus(logits), as model.log_likelihood; and
             # d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part.
@@ -164,9 +167,9 @@ class FusedTrainStep:
         (after W's last use in this step); return d(inputs)."""
         weight = self.layers[index].weight
         grad_weight, grad_bias = self.grads[index]
-        torch.mm(d_out.t(), inputs, out=grad_weight)
+        self.products.weight_grad(d_out, inputs, out=grad_weight)
         torch.sum(d_out, dim=0, out=grad_bias)
-        d_inputs = torch.mm(d_out, weight) if need_input_grad else None
+        d_inputs = self.products.input_grad(d_out, weight) if need_input_grad else None
         if self.adam_by_layer:
             self._adam(index)
         return d_inputs

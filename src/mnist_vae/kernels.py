@@ -153,9 +153,12 @@ def bernoulli_loss(logits, bias, target, scale):
         terms, d_logits = torch.empty_like(logits), torch.empty_like(logits)
         _kernels.bernoulli_loss(logits.data_ptr(), bias.data_ptr(), target.data_ptr(), terms.data_ptr(),
                                 d_logits.data_ptr(), scale, *logits.shape)
-        return terms.sum(), d_logits
+        # Row by row, then over the rows: each row's sum is one thread's, in one order, however many
+        # threads torch has; one sum over all pixels would split them by the thread count
+        # (threads.py changes it while training).
+        return terms.sum(dim=1).sum(), d_logits
     logits = logits + bias
-    log_p = torch.dot(target.reshape(-1), logits.reshape(-1)) - F.softplus(logits).sum()
+    log_p = (target * logits - F.softplus(logits)).sum(dim=1).sum()
     return log_p, torch.sigmoid(logits).sub_(target).mul_(scale)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, files, fused, limits, plots, runs
+from .threads import ThreadGovernor
 from .config import Interrupted, UserError
 from .data import load_dataset
 from .fused import FusedTrainStep
@@ -167,10 +168,15 @@ def evaluate(model, x, batch_size=2000, labels=None):
 
 
 @torch.no_grad()
-def log_likelihoods(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None):
+def log_likelihoods(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None,
+                    governor=None):
     """Importance-weighted estimate of log p(x) (of log p(x|y) given the `labels`, for a conditional
     model) for each image of `x`: a tensor (n,). Draws from `generator`, else from the global generator
-    seeded with IW_SEED. Returns None if `stop` (a StopSignal) received a signal on the way."""
+    seeded with IW_SEED. Returns None if `stop` (a StopSignal) received a signal on the way. The
+    `governor` (threads.ThreadGovernor; by default one that follows the machine's load) sets the threads."""
+    if governor is None:
+        with ThreadGovernor() as governor:
+            return log_likelihoods(model, x, k, batch_size, progress, labels, generator, stop, governor)
     was_training = model.training
     model.eval()
     if generator is None:
@@ -183,6 +189,7 @@ def log_likelihoods(model, x, k, batch_size=100, progress=True, labels=None, gen
         if stop is not None and stop.received is not None:
             model.train(was_training)
             return None
+        governor()
         batch_labels = None if labels is None else labels[start: start + batch_size]
         per_image.append(importance_weighted_log_likelihood(model, x[start: start + batch_size], k,
                                                             labels=batch_labels, generator=generator))
@@ -190,10 +197,11 @@ def log_likelihoods(model, x, k, batch_size=100, progress=True, labels=None, gen
     return torch.cat(per_image)
 
 
-def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None):
+def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None,
+                            governor=None):
     """Importance-weighted NLL over `x`: (mean, standard error) in nats per image; the standard error is
     NaN for a single image. None if `stop` received a signal on the way (see log_likelihoods)."""
-    log_p = log_likelihoods(model, x, k, batch_size, progress, labels, generator, stop)
+    log_p = log_likelihoods(model, x, k, batch_size, progress, labels, generator, stop, governor)
     if log_p is None:
         return None
     nll = -log_p.double()
@@ -362,7 +370,9 @@ def train(config, resume=False, overwrite=False, log=print):
             plots.save_grid(fixed["prr_input"].cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y,
                             out / "input_noise.jpg")
     files.write_json(out / "config.json", {**config.to_dict(), "data_source": tensors.source, "device": str(device),
-                                     "torch": torch.__version__, "model": model.name, "training_step": step_name})
+                                     "torch": torch.__version__, "model": model.name, "training_step": step_name,
+                                     # which routine did the step's products: their rounding differs
+                                     "products": step_function.products.name if step_name == "fused" else "torch"})
     board = _tensorboard(config)
 
     row = history[-1] if history else None
@@ -376,7 +386,7 @@ def train(config, resume=False, overwrite=False, log=print):
                  "seconds_in_epoch": seconds, "data_source": tensors.source, "data_fingerprint": tensors.fingerprint}
         checkpoint.save(out, model, optimizer, state, extra)
 
-    with StopSignal() as stop:
+    with StopSignal() as stop, ThreadGovernor(config.threads) as governor:
         while epoch < config.num_epochs:
             epoch_start_state = data_generator.get_state()
             order = torch.randperm(n_train, generator=data_generator, device=device)
@@ -396,6 +406,7 @@ def train(config, resume=False, overwrite=False, log=print):
                 if config.kl_warmup:
                     step_function.loss_options["kl_weight"] = kl_weight(config, epoch, step, n_steps)
                 step_terms[step] = step_function(x, target, labels)  # batch means of -ELBO, -log p(x|z), KL, loss
+                governor()
                 step += 1
                 bar.update(1)
                 if step % CHECK_EVERY == 0 or step == n_steps:
@@ -463,9 +474,10 @@ def train(config, resume=False, overwrite=False, log=print):
         # the finished training, and --resume runs the estimate that is still missing.
         estimate = None
         if stop.received is None:
-            with StopSignal() as stop:
+            with StopSignal() as stop, ThreadGovernor(config.threads) as governor:
                 estimate = log_likelihood_estimate(model, tensors.test, config.eval_k,
-                                                   labels=tensors.test_y if model.conditional else None, stop=stop)
+                                                   labels=tensors.test_y if model.conditional else None, stop=stop,
+                                                   governor=governor)
         if estimate is None:
             log(f"interrupted before the log-likelihood estimate was done; the trained model is saved; "
                 f"finish the estimate with:\n  mnist-vae --resume {out}")

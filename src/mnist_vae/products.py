@@ -1,0 +1,86 @@
+"""The training step's matrix products, through the fastest float32 routine this process offers.
+
+torch.mm sends float32 products on the CPU to MKL, which runs its generic code on AMD
+processors: on an AMD EPYC with AVX-512 oneDNN (which the same torch carries, reached
+through torch.ops.mkldnn._linear_pointwise) did this model's products about twice as
+fast (issue #15's measurements), while on an AMD EPYC with AVX2 only the two are within
+a few per cent of each other (the README's Speed section). The choice is a rule, not a
+timing taken at start-up, so that one seed on one machine always gives the same bits:
+oneDNN on an AMD CPU with AVX-512, torch.mm everywhere else (other CPUs, CUDA, MPS, a
+torch without oneDNN). `mnist-vae bench` times every routine and says whether the
+rule picked the fastest one on the machine it runs on. `use(name)` overrides it (the
+tests train through both).
+
+Each function computes one product of a linear layer y = x W' + b: `linear` (x W'),
+`weight_grad` (d_y' x, into `out`) and `input_grad` (d_y W).
+"""
+
+import functools
+from pathlib import Path
+
+import torch
+
+ROUTINES = ("torch.mm", "oneDNN")
+RULE = "the rule: oneDNN on an AMD CPU with AVX-512, torch.mm elsewhere"
+_override = None
+
+
+def onednn_available(device):
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@functools.lru_cache(maxsize=None)
+def _amd_with_avx512(cpuinfo="/proc/cpuinfo"):
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "AuthenticAMD" in text and "avx512f" in flags
+
+
+def rule(device):
+    """The routine the rule picks for `device`."""
+    if onednn_available(device) and _amd_with_avx512():
+        return "oneDNN"
+    return "torch.mm"
+
+
+def routine(device):
+    """The routine the training step uses on `device`: `use`'s choice where it is available, else the rule's."""
+    if _override is not None and (_override == "torch.mm" or onednn_available(device)):
+        return _override
+    return rule(device)
+
+
+def use(name):
+    """Train through `name` (one of ROUTINES) from now on; None goes back to the rule."""
+    global _override
+    if name is not None and name not in ROUTINES:
+        raise ValueError(f"no product routine {name!r}; choose from {ROUTINES}")
+    _override = name
+
+
+def _onednn(a, b_t):
+    """a b_t', by oneDNN; b_t may be a transposed view (it reads strides)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+class Products:
+    """The three products of a layer through one routine, fixed when the step is built."""
+
+    def __init__(self, device):
+        self.name = routine(device)
+        self.onednn = self.name == "oneDNN"
+
+    def linear(self, x, weight):
+        return _onednn(x, weight) if self.onednn else torch.mm(x, weight.t())
+
+    def weight_grad(self, d_y, x, out):
+        if self.onednn:
+            return out.copy_(_onednn(d_y.t(), x.t()))
+        return torch.mm(d_y.t(), x, out=out)
+
+    def input_grad(self, d_y, weight):
+        return _onednn(d_y, weight.t()) if self.onednn else torch.mm(d_y, weight)

@@ -1,0 +1,89 @@
+"""Fair sharing of a busy CPU: fewer of torch's threads while other processes take cores.
+
+torch's OpenMP threads meet at the end of every parallel region, and the first to
+arrive spins until the others come. When another process takes one of the cores,
+the thread that shares it runs half the time and its partner spins through the
+rest: on 2 cores one competing process made an epoch 4-5 times slower, where
+giving that core up and working on one thread costs about 2 times (measurements
+in the README's Speed section). So every second or so `ThreadGovernor` reads how
+much CPU time the rest of the machine used on this process's cores (Linux's
+/proc/stat, less this process's own time) and sets torch's thread count to the
+cores left free, at least one, and back up to the starting count once they are
+free again. Results do not change: the training step's products and kernels give
+the same bits on one thread or two (tests/test_threads.py checks it), so a run
+interrupted and resumed on a busy machine still matches one trained alone.
+Where /proc/stat cannot be read (macOS, Windows) the thread count is left alone.
+"""
+
+import os
+import time
+
+import torch
+
+INTERVAL_S = 1.0  # how often the machine's load is read: long enough to average out the scheduler's ticks
+
+
+def machine_cpu_seconds(cpus, path="/proc/stat"):
+    """Seconds of CPU time all processes spent so far on `cpus` (ids), from /proc/stat's cpuN lines;
+    None where that file does not exist or reads otherwise than on Linux."""
+    try:
+        with open(path) as stat:
+            lines = stat.read().splitlines()
+    except OSError:
+        return None
+    ticks = 0
+    found = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            # user nice system idle iowait irq softirq steal ...: all but idle and iowait were busy;
+            # steal counts too, since a virtual CPU that the host gives to others is lost to us as well.
+            values = [int(v) for v in fields[:8]]
+            ticks += sum(values) - values[3] - values[4]
+            found += 1
+    if found != len(cpus):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class ThreadGovernor:
+    """Call it often (every training step, every batch of an estimate); about once a second it sets
+    torch.set_num_threads to the cores that other processes leave free. `threads` > 0 fixes the count
+    instead (the governor then does nothing); 0 lets it follow the load, up to torch's count at start."""
+
+    def __init__(self, threads=0, interval=INTERVAL_S, read=machine_cpu_seconds, clock=time.perf_counter,
+                 own_cpu=time.process_time):
+        self.read, self.clock, self.own_cpu, self.interval = read, clock, own_cpu, interval
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.most = torch.get_num_threads()
+        self.fixed = threads > 0
+        if self.fixed:
+            torch.set_num_threads(threads)
+        self.last = self._sample() if not self.fixed and self.most > 1 else None
+        self.changes = 0  # how many times it changed the count: the bench and the tests read it
+
+    def _sample(self):
+        machine = self.read(set(self.cpus)) if self.cpus else None
+        return None if machine is None else (self.clock(), machine, self.own_cpu())
+
+    def __call__(self):
+        if self.last is None or self.clock() - self.last[0] < self.interval:
+            return
+        now = self._sample()
+        if now is None:
+            self.last = None
+            return
+        wall, machine, own = (b - a for a, b in zip(self.last, now))
+        self.last = now
+        others = max(0.0, machine - own) / wall  # cores' worth of time the rest of the machine used
+        threads = max(1, min(self.most, round(len(self.cpus) - others)))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.changes += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        """Give torch back the count it had at the start, for whatever the process does next."""
+        torch.set_num_threads(self.most)

@@ -1,0 +1,55 @@
+"""products.py: the rule that picks the step's product routine, and each routine's products."""
+
+import pytest
+import torch
+
+from mnist_vae import products
+
+
+def _cpuinfo(tmp_path, vendor, flags):
+    path = tmp_path / f"cpuinfo-{vendor}-{len(flags)}"
+    path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {' '.join(flags)}\n\n")
+    return str(path)
+
+
+def test_the_rule_picks_onednn_on_amd_with_avx512_only(tmp_path, monkeypatch):
+    assert products._amd_with_avx512(_cpuinfo(tmp_path, "AuthenticAMD", ["fma", "avx2", "avx512f", "avx512_bf16"]))
+    assert not products._amd_with_avx512(_cpuinfo(tmp_path, "AuthenticAMD", ["fma", "avx2"]))
+    assert not products._amd_with_avx512(_cpuinfo(tmp_path, "GenuineIntel", ["avx2", "avx512f"]))
+    assert not products._amd_with_avx512(str(tmp_path / "no-such-file"))
+    monkeypatch.setattr(products, "_amd_with_avx512", lambda: True)
+    expected = "oneDNN" if products.onednn_available(torch.device("cpu")) else "torch.mm"
+    assert products.rule(torch.device("cpu")) == expected
+    assert products.rule(torch.device("meta")) == "torch.mm"  # not a CPU: never oneDNN
+    monkeypatch.setattr(products, "_amd_with_avx512", lambda: False)
+    assert products.rule(torch.device("cpu")) == "torch.mm"
+
+
+def test_use_overrides_the_rule_and_refuses_unknown_names():
+    try:
+        products.use("torch.mm")
+        assert products.routine(torch.device("cpu")) == "torch.mm"
+        with pytest.raises(ValueError, match="no product routine"):
+            products.use("openblas")
+    finally:
+        products.use(None)
+
+
+@pytest.mark.parametrize("name", products.ROUTINES)
+def test_each_routine_computes_the_three_products_of_a_layer(name):
+    if name == "oneDNN" and not products.onednn_available(torch.device("cpu")):
+        pytest.skip("this torch has no oneDNN")
+    products.use(name)
+    try:
+        p = products.Products(torch.device("cpu"))
+    finally:
+        products.use(None)
+    assert p.name == name
+    g = torch.Generator().manual_seed(0)
+    x, weight, d_y = (torch.randn(shape, generator=g) for shape in ((64, 30), (20, 30), (64, 20)))
+    x64, weight64, d_y64 = x.double(), weight.double(), d_y.double()
+    torch.testing.assert_close(p.linear(x, weight).double(), x64 @ weight64.T, rtol=1e-5, atol=1e-5)
+    out = torch.empty(20, 30)
+    assert p.weight_grad(d_y, x, out=out) is out
+    torch.testing.assert_close(out.double(), d_y64.T @ x64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.input_grad(d_y, weight).double(), d_y64 @ weight64, rtol=1e-5, atol=1e-5)

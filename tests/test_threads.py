@@ -1,0 +1,156 @@
+"""threads.py: the thread count follows the machine's load, and the results do not depend on it."""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_vae import train as train_module
+from mnist_vae.config import Config
+from mnist_vae.step import make_step
+from mnist_vae.threads import ThreadGovernor, machine_cpu_seconds
+from mnist_vae.train import make_model, train
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+class FakeMachine:
+    """A clock, this process's CPU time and the machine's, moved by hand: `run(seconds, others, own)`."""
+
+    def __init__(self):
+        self.wall = self.machine = self.own = 0.0
+        self.readable = True
+
+    def run(self, seconds, others, own=1.0):
+        self.wall += seconds
+        self.own += own * seconds
+        self.machine += (others + own) * seconds
+
+    def governor(self, threads=0):
+        governor = ThreadGovernor(threads, interval=0.9, read=lambda cpus: self.machine if self.readable else None,
+                                  clock=lambda: self.wall, own_cpu=lambda: self.own)
+        governor.cpus = [0, 1]
+        governor.last = governor._sample() if not governor.fixed else None
+        return governor
+
+
+def test_one_thread_while_another_process_takes_a_core_and_two_again_after(two_threads):
+    machine = FakeMachine()
+    with machine.governor() as governor:
+        machine.run(1.5, others=0.02, own=2.0)  # idle machine: both cores are ours
+        governor()
+        assert torch.get_num_threads() == 2
+        machine.run(0.5, others=0.7, own=1.3)  # too soon after the last reading: nothing changes yet
+        governor()
+        assert torch.get_num_threads() == 2
+        machine.run(0.6, others=0.7, own=1.3)  # a competing process got 0.7 of a core
+        governor()
+        assert torch.get_num_threads() == 1
+        machine.run(1.0, others=1.0, own=1.0)  # it keeps its core while we run one thread
+        governor()
+        assert torch.get_num_threads() == 1
+        machine.run(1.0, others=0.0, own=1.0)  # it ended
+        governor()
+        assert torch.get_num_threads() == 2
+        assert governor.changes == 2
+        machine.run(1.0, others=0.9, own=1.1)
+        governor()
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2  # leaving gives torch back its count
+
+
+def test_a_fixed_count_or_an_unreadable_machine_leaves_the_count_alone(two_threads):
+    machine = FakeMachine()
+    with machine.governor(threads=1) as governor:
+        assert torch.get_num_threads() == 1
+        machine.run(2.0, others=0.0, own=1.0)
+        governor()
+        assert torch.get_num_threads() == 1 and governor.changes == 0
+    machine.readable = False
+    with machine.governor() as governor:
+        machine.run(2.0, others=1.5, own=0.5)
+        governor()
+        assert torch.get_num_threads() == 2 and governor.changes == 0
+
+
+def test_machine_cpu_seconds_reads_the_cores_it_is_given(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  300 0 30 900 9 0 0 0 0 0\n"
+                    "cpu0 100 0 10 300 3 0 0 0 0 0\n"
+                    "cpu1 200 0 20 600 6 0 0 1 0 0\n"
+                    "intr 12345\n")
+    hz = os.sysconf("SC_CLK_TCK")
+    assert machine_cpu_seconds({0}, stat) == pytest.approx(110 / hz)
+    assert machine_cpu_seconds({0, 1}, stat) == pytest.approx(331 / hz)  # steal time counts as taken
+    assert machine_cpu_seconds({0, 2}, stat) is None  # a core the file does not list
+    assert machine_cpu_seconds({0}, tmp_path / "missing") is None
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists() or len(os.sched_getaffinity(0)) != 2,
+                    reason="reads Linux's /proc/stat on a 2-core machine, where one busy process takes half")
+def test_a_real_competing_process_brings_the_count_down(two_threads):
+    spin = "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end: pass\n"
+    competitor = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        a = torch.randn(256, 256)
+        with ThreadGovernor(interval=0.3) as governor:
+            deadline = time.monotonic() + 10
+            while torch.get_num_threads() == 2 and time.monotonic() < deadline:
+                for _ in range(20):
+                    a = torch.tanh(a @ a)
+                governor()
+            assert torch.get_num_threads() == 1, "one thread while another process took a core"
+    finally:
+        competitor.kill()
+        competitor.wait()
+
+
+def _train_steps(threads_at_step, n_steps=25):
+    torch.manual_seed(0)
+    config = Config()
+    model, optimizer = make_model(config, torch.device("cpu"))
+    step = make_step(model, optimizer, config)
+    x = torch.rand(128 * n_steps, 784, generator=torch.Generator().manual_seed(1))
+    terms = []
+    for i in range(n_steps):
+        torch.set_num_threads(threads_at_step(i))
+        terms.append(step(x[128 * i: 128 * (i + 1)], None, None))
+    return torch.stack(terms), torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_the_fused_step_gives_the_same_bits_on_one_thread_or_two(two_threads):
+    terms_2, weights_2 = _train_steps(lambda i: 2)
+    terms_mixed, weights_mixed = _train_steps(lambda i: 1 + i % 2)
+    assert torch.equal(weights_2, weights_mixed)
+    assert torch.equal(terms_2, terms_mixed)
+
+
+def test_a_run_whose_thread_count_changes_every_step_matches_one_that_never_does(tmp_path, tiny_dataset, two_threads,
+                                                                                   monkeypatch):
+    settings = dict(data_dir=str(tiny_dataset), num_epochs=2, batch_size=32, n_test=64, eval_k=3)
+    train(Config(output=str(tmp_path / "steady"), threads=2, **settings), log=lambda *a: None)
+
+    class Flipping(ThreadGovernor):  # one thread, then two, then one...: the worst a busy machine can do
+        def __call__(self):
+            torch.set_num_threads(3 - torch.get_num_threads())
+            self.changes += 1
+
+    monkeypatch.setattr(train_module, "ThreadGovernor", Flipping)
+    train(Config(output=str(tmp_path / "flipping"), **settings), log=lambda *a: None)
+    rows = {}
+    for run in ("steady", "flipping"):
+        with open(tmp_path / run / "metrics.csv", newline="") as f:
+            rows[run] = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+    assert len(rows["steady"]) == 2 and rows["steady"] == rows["flipping"]
+    assert (tmp_path / "steady" / "evaluation.json").read_text() == (tmp_path / "flipping" / "evaluation.json").read_text()
