@@ -71,6 +71,12 @@ def main(prog, args):
     best = min(results["routines"], key=lambda row: row["floor_s"])["routine"]
     results["fastest_routine"], results["step_routine"] = best, products.routine(device)
     matmul = routines(device)[best]
+    try:  # mixed precision's row, where the hardware multiplies bfloat16; else why not
+        products.check_precision("bf16", device)
+        if not args.quick:
+            settings = {**settings, "bf16": {"precision": "bf16"}}
+    except ValueError as e:
+        results["bf16_not_measured"] = str(e)
     with tempfile.TemporaryDirectory() as tmp:
         for name, changes in settings.items():
             config = replace(base, output=f"{tmp}/{name.replace(' ', '_')}", **changes)
@@ -359,6 +365,12 @@ def format_table(results):
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f}")
     lines.append("(adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone)")
+    by_setting = {row["setting"]: row for row in results["training"]}
+    if "bf16" in by_setting:
+        lines.append(f"bf16: epoch {by_setting['bf16']['epoch_s'] / by_setting['defaults']['epoch_s']:.2f} x the "
+                     f"float32 defaults' (its floor is float32's)")
+    elif "bf16_not_measured" in results:
+        lines.append(f"bf16: not measured: {results['bf16_not_measured']}")
     if "busy" in results:
         b = results["busy"]
         lines += ["", f"busy CPU (another process takes a core): default epoch {b['epoch_s']:.2f} s, "

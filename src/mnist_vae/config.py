@@ -43,6 +43,7 @@ class Config:
     k_train: int = 1                # importance samples of the iwae objective
     step: str = "auto"              # auto, fused or autograd: how the training step is computed
     threads: int = 0                # torch's threads; 0: every core, fewer while other processes are busy
+    precision: str = "fp32"         # fp32, or bf16: bfloat16 products, float32 weights, Adam and loss
     # Not a flag: the digits of the epoch in image file names, fixed when a run starts (0: not yet),
     # so that a run trained further keeps PRR_epoch_01.jpg beside PRR_epoch_02.jpg, not _003.
     epoch_digits: int = 0
@@ -178,6 +179,8 @@ SETTINGS = {
                                                   "the same as autograd"),
     "threads": (integer(0), "CPU threads: 0 uses every core and fewer while other processes take some "
                             "(results are the same); N fixes N"),
+    "precision": (choice("fp32", "bf16"), "fp32, or bf16: mixed precision, bfloat16 matrix products with float32 "
+                                          "weights, Adam, loss and evaluation (where the hardware has bfloat16)"),
 }
 
 
@@ -199,6 +202,6 @@ class Interrupted(Exception):
 MODEL_DEFINING = (
     "dim_z", "dataset", "seed", "add_noise", "noise_factor", "n_hidden", "learning_rate",
     "batch_size", "likelihood", "binarize", "dropout", "n_train", "n_test",
-    "conditional", "beta", "kl_warmup", "objective", "k_train",
+    "conditional", "beta", "kl_warmup", "objective", "k_train", "precision",
 )
 

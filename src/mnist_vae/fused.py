@@ -79,12 +79,13 @@ class FusedTrainStep:
     the batch means of [-ELBO, reconstruction -log p(x|z), KL, loss] as one tensor, as model.VAE.loss,
     without synchronising. Use it only where `supports(model, config)`."""
 
-    def __init__(self, model, optimizer):
+    def __init__(self, model, optimizer, precision="fp32"):
         self.model, self.optimizer = model, optimizer
         encoder, decoder = model.encoder, model.decoder
         self.layers = [encoder[0], encoder[3], encoder[6], decoder[0], decoder[3], decoder[6]]
         self.p = encoder[2].p
-        self.products = Products(self.layers[0].weight.device)  # torch.mm, or oneDNN where the rule says
+        # torch.mm, or oneDNN where the rule says; bfloat16 copies of the operands with --precision bf16
+        self.products = Products(self.layers[0].weight.device, precision)
         self.n_classes = model.n_classes if model.conditional else 0
         group = optimizer.param_groups[0]
         self.adam_by_layer = bool(group.get("fused") and hasattr(torch, "_fused_adam_") and not group["amsgrad"]

@@ -61,7 +61,8 @@ class VAE(nn.Module):
 
     def encode(self, x, labels=None):
         """Mean and standard deviation of the Gaussian q(z|x) (q(z|x, y) in a conditional model)."""
-        mu, pre_std = self.encoder(self.with_label(x, labels)).chunk(2, dim=-1)
+        # Under autocast (--precision bf16) the layers give bfloat16; the Gaussian keeps x's dtype.
+        mu, pre_std = self.encoder(self.with_label(x, labels)).to(x.dtype).chunk(2, dim=-1)
         # softplus keeps std positive (the program this replaces used the raw output,
         # which can go negative); the floor keeps log(std) finite.
         std = F.softplus(pre_std) + 1e-6
@@ -69,7 +70,7 @@ class VAE(nn.Module):
 
     def decode(self, z, labels=None):
         """Logits of p(x|z) (p(x|z, y)), one per pixel."""
-        return self.decoder(self.with_label(z, labels))
+        return self.decoder(self.with_label(z, labels)).to(z.dtype)  # z's dtype under autocast too
 
     def mean_image(self, logits):
         """The expected pixel values under p(x|z): what the image grids show."""

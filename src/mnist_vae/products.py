@@ -13,6 +13,12 @@ tests train through both).
 
 Each function computes one product of a linear layer y = x W' + b: `linear` (x W'),
 `weight_grad` (d_y' x, into `out`) and `input_grad` (d_y W).
+
+With --precision bf16 ("bf16-mixed", as PyTorch Lightning names it) the products take
+bfloat16 copies of their operands and give float32 results, while the weights, Adam,
+the loss, the KL and their gradients stay float32. It is offered only where the
+hardware multiplies bfloat16 (AVX512_BF16 or AMX on x86, or a CUDA GPU that has it):
+elsewhere torch emulates it, several times slower than float32 (README, Speed).
 """
 
 import functools
@@ -38,6 +44,32 @@ def _amd_with_avx512(cpuinfo="/proc/cpuinfo"):
         return False
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return "AuthenticAMD" in text and "avx512f" in flags
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags(cpuinfo="/proc/cpuinfo"):
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
+
+
+def bf16_instructions(device):
+    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, or an x86 CPU
+    with AVX512_BF16 or AMX (as Linux lists its flags; elsewhere the CPU is taken not to)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def check_precision(precision, device):
+    """Raise ValueError with a one-line reason where `precision` cannot be had on `device`."""
+    if precision == "bf16" and not bf16_instructions(device):
+        raise ValueError(f"--precision bf16 needs bfloat16 instructions (AVX512_BF16 or AMX on the CPU, or a CUDA "
+                         f"GPU with bfloat16), and {device.type} here has none, so torch would emulate them, "
+                         f"slower than float32; use --precision fp32")
 
 
 def rule(device):
@@ -68,19 +100,27 @@ def _onednn(a, b_t):
 
 
 class Products:
-    """The three products of a layer through one routine, fixed when the step is built."""
+    """The three products of a layer through one routine, fixed when the step is built; with
+    precision "bf16", torch.mm on bfloat16 copies of the operands, giving float32."""
 
-    def __init__(self, device):
-        self.name = routine(device)
+    def __init__(self, device, precision="fp32"):
+        self.bf16 = precision == "bf16"
+        self.name = "torch.mm, bfloat16" if self.bf16 else routine(device)
         self.onednn = self.name == "oneDNN"
 
     def linear(self, x, weight):
+        if self.bf16:
+            return torch.mm(x.bfloat16(), weight.bfloat16().t()).float()
         return _onednn(x, weight) if self.onednn else torch.mm(x, weight.t())
 
     def weight_grad(self, d_y, x, out):
+        if self.bf16:
+            return out.copy_(torch.mm(d_y.t().bfloat16(), x.bfloat16()))
         if self.onednn:
             return out.copy_(_onednn(d_y.t(), x.t()))
         return torch.mm(d_y.t(), x, out=out)
 
     def input_grad(self, d_y, weight):
+        if self.bf16:
+            return torch.mm(d_y.bfloat16(), weight.bfloat16()).float()
         return _onednn(d_y, weight.t()) if self.onednn else torch.mm(d_y, weight)

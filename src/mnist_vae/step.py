@@ -6,6 +6,8 @@ back-propagates and lets Adam update, as minGPT's trainer knows nothing of GPT. 
 ELBO; `--step auto` uses it exactly where fused.supports() says it computes the same thing.
 """
 
+import torch
+
 from . import fused
 from .config import UserError
 
@@ -16,13 +18,18 @@ class AutogradTrainStep:
     """Calls of this object take one optimizer step on a batch through the model's loss; they return
     the batch means of [-ELBO, reconstruction, KL, loss] as one tensor, without synchronising.
     `loss_options` (kl_weight, objective, k) are passed to model.loss; kl_weight may change between
-    calls (KL warm-up)."""
+    calls (KL warm-up). With precision "bf16" the model runs under torch.autocast, whose layers multiply
+    in bfloat16; the models hand their encoder's and decoder's outputs on as float32, so that the
+    loss, the KL and the weights' updates are float32."""
 
-    def __init__(self, model, optimizer, **loss_options):
+    def __init__(self, model, optimizer, precision="fp32", **loss_options):
         self.model, self.optimizer, self.loss_options = model, optimizer, loss_options
+        device_type = next(model.parameters()).device.type
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def __call__(self, x, target=None, labels=None):
-        loss, terms = self.model.loss(x, target, labels, **self.loss_options)
+        with self.autocast:
+            loss, terms = self.model.loss(x, target, labels, **self.loss_options)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -36,8 +43,8 @@ def make_step(model, optimizer, config):
     if config.step == "fused" and reason is not None:
         raise UserError(f"--step fused cannot train this run: {reason}; use --step auto or autograd")
     if config.step != "autograd" and reason is None:
-        return fused.FusedTrainStep(model, optimizer)
-    return AutogradTrainStep(model, optimizer, kl_weight=config.beta, objective=config.objective,
+        return fused.FusedTrainStep(model, optimizer, config.precision)
+    return AutogradTrainStep(model, optimizer, config.precision, kl_weight=config.beta, objective=config.objective,
                              k=config.k_train)
 
 

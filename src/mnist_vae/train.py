@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, files, fused, limits, plots, runs
+from . import checkpoint, files, fused, limits, plots, products, runs
 from .threads import ThreadGovernor
 from .config import Interrupted, UserError
 from .data import load_dataset
@@ -315,6 +315,10 @@ def train(config, resume=False, overwrite=False, log=print):
 
     device = resolve_device(config.device)
     limits.check_training(config, device)  # memory and image sizes, before anything is written
+    try:
+        products.check_precision(config.precision, device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     # Gradients and Adam's second moments drift into denormal floats, which x86 CPUs handle
     # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
     torch.set_flush_denormal(True)
