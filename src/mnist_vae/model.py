@@ -1,4 +1,4 @@
-"""The models: the seed's VAE and the conditional VAE, each owning its loss (ELBO, beta, IWAE), and the importance-weighted bound.
+"""The models: the seed's VAE and the conditional VAE (the seed's MLP, or MLPs of a chosen depth and activation), each owning its loss (ELBO, beta, IWAE), and the importance-weighted bound.
 
 Kingma & Welling, "Auto-Encoding Variational Bayes" (2014), with the MLPs of the
 TensorFlow program this project replaces; Burda, Grosse & Salakhutdinov,
