@@ -296,3 +296,11 @@ def test_reproduce_paper_again_reuses_its_runs(literature):
 ])
 def test_bad_paper_arguments_are_one_line(capsys, args, flag, code):
     assert_one_line_error(main(capsys, "reproduce", *args), flag, code=code)
+
+
+def test_reproduce_paper_refuses_runs_of_another_budget(literature, capsys):
+    before = (literature.out / "literature.json").read_text()
+    result = main(capsys, "reproduce", "--paper", "iwae", "--quick", "--budget", "0.5", "--out", literature.out,
+                  "--data_dir", MNIST)
+    assert_one_line_error(result, "--budget 0.02", "another --out")
+    assert (literature.out / "literature.json").read_text() == before

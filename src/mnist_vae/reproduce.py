@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import files, runs
-from .config import Config, UserError, choice, integer, number, text
+from .config import Config, UserError, choice, fixed_length, integer, number, text
 
 RUNS = [  # name, settings, what the README shows of it
     ("dim2", dict(dim_z=2)),
@@ -157,8 +157,9 @@ def _finished(config):
         return None
     from . import checkpoint
 
-    saved, state, _ = checkpoint.load(folder)  # saved: with the epochs a --time_budget run planned
-    if not runs.training_done(saved, state) or not (evaluation.exists() or config.eval_k == 0):
+    saved, state, _ = checkpoint.load(folder)
+    length = saved if fixed_length(saved) else config  # the epochs it planned at its start, else those asked for now
+    if not runs.training_done(length, state) or not (evaluation.exists() or config.eval_k == 0):
         return None
     row = dict(state["history"][-1])
     if evaluation.exists():
@@ -317,12 +318,14 @@ def paper_main(args):
     base = Config(**BURDA_MODEL, time_budget=budget, eval_k=k, data_dir=args.data_dir)
     if args.quick:
         base = replace(base, n_train=1000, n_test=200)
+    from . import checkpoint
+
     rows = []
     for name, settings, (model, k_train) in PAPER_RUNS:
         config = replace(base, output=str(out / "runs" / name), **settings)
         print(f"== {name}: Burda et al.'s {model} trained with k={k_train}, {budget:g} minutes of training")
+        _check_same_paper_run(config)
         row = _train_or_reuse(train, config)
-        from . import checkpoint
 
         saved, state, _ = checkpoint.load(config.output)
         evaluation = json.loads((Path(config.output) / "evaluation.json").read_text())
@@ -342,6 +345,21 @@ def paper_main(args):
     files.write_text(out / "literature.md", literature_table(results))
     print(f"wrote {out / 'literature.md'} and literature.json")
     return 0
+
+
+def _check_same_paper_run(config):
+    """Refuse to go on with a run folder of an earlier --paper reproduction made with another budget or k."""
+    from . import checkpoint
+
+    folder = Path(config.output)
+    if not (folder / checkpoint.FILENAME).exists():
+        return
+    saved = checkpoint.load(folder)[0]
+    evaluation = folder / "evaluation.json"
+    k = json.loads(evaluation.read_text()).get("k") if evaluation.exists() else config.eval_k
+    if saved.time_budget != config.time_budget or k != config.eval_k or saved.n_test != config.n_test:
+        raise UserError(f"{folder} holds a run made with --budget {saved.time_budget:g}, --k {k}"
+                        f"{' and --quick' if saved.n_test else ''}; give the same, or another --out")
 
 
 def binarization_spread(config, n, fixed_nll):
