@@ -3,7 +3,9 @@ rot), their bad arguments, --device selection, and --tensorboard without the pac
 
 import csv
 import json
+import math
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -245,3 +247,86 @@ def test_reproduce_runs_keeps_the_rows_of_an_earlier_reproduction(tmp_path):
     assert "| dim4 | mnist | 4 | no | 60 | 122.44 | 118.78 ± 0.40 |" in table
     assert "kept from an earlier `mnist-vae reproduce --epochs 60`" in table
     assert reproduce._earlier_rows(tmp_path / "missing.json") == {}
+
+
+# ---------------------------------------------------------------- reproduce --paper iwae --quick
+
+@pytest.fixture(scope="module")
+def literature(tmp_path_factory):
+    out = tmp_path_factory.mktemp("literature") / "results"
+    result = run_command("reproduce", "--paper", "iwae", "--quick", "--out", out, "--data_dir", MNIST,
+                         env={"XDG_CACHE_HOME": str(out.parent / "cache")})
+    assert result.returncode == 0, result.stderr
+    return SimpleNamespace(out=out, result=result)
+
+
+def test_reproduce_paper_iwae_tables_burda_et_al_beside_its_runs(literature):
+    from mnist_vae import checkpoint
+    from mnist_vae.reproduce import BURDA_TABLE_1
+
+    results = json.loads((literature.out / "literature.json").read_text())
+    table = (literature.out / "literature.md").read_text()
+    rows = {row["run"]: row for row in results["rows"]}
+    assert list(rows) == ["iwae_paper_vae_k1", "iwae_paper_iwae_k5"]
+    for name, row in rows.items():
+        config, state, _ = checkpoint.load(literature.out / "runs" / name)
+        # The paper's model and training, each run on its own budget, planned and spent as recorded.
+        assert (config.dim_z, config.n_hidden, config.n_layers, config.activation, config.dropout) == (50, 200, 2, "tanh", 0)
+        assert (config.binarize, config.adam_eps, config.batch_size, config.lr_schedule) == ("dynamic", 1e-4, 20, "paper")
+        assert (config.objective, config.k_train) == (("elbo", 1) if row["model"] == "VAE" else ("iwae", 5))
+        assert config.time_budget == results["budget_minutes"] == 0.02
+        assert row["epochs"] == state["epoch"] >= 1 and row["planned_epochs"] == config.num_epochs
+        assert row["training_seconds"] == pytest.approx(sum(r["seconds"] for r in state["history"]))
+        # Its numbers are the run's own, finite, and the paper's is Table 1's for that model and k.
+        evaluation = json.loads((literature.out / "runs" / name / "evaluation.json").read_text())
+        assert row["nll"] == evaluation["iw_nll"] and evaluation["k"] == results["k"] == 10
+        assert math.isfinite(row["nll"]) and math.isfinite(row["nll_stderr"]) and row["nll"] > 0
+        assert row["paper_nll"] == BURDA_TABLE_1[(row["model"], row["k_train"])]
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row['model']} | k = {row['k_train']} |"))
+        assert f"| {row['paper_nll']:.2f} | {row['nll']:.2f} ± {row['nll_stderr']:.2f} |" in line
+    assert rows["iwae_paper_vae_k1"]["paper_nll"] == 86.76 and rows["iwae_paper_iwae_k5"]["paper_nll"] == 85.54
+    assert "mnist-vae reproduce --paper iwae --quick" in table and results["machine"]["cores"] >= 1
+
+
+def test_reproduce_paper_measures_other_test_binarizations(literature):
+    from mnist_vae.train import binarize_test, load_tensors
+    from mnist_vae.config import Config
+
+    spread = json.loads((literature.out / "literature.json").read_text())["rows"][0]["binarizations"]
+    assert spread["n"] == len(spread["nll"]) == 2 and all(math.isfinite(x) for x in spread["nll"])
+    assert spread["mean"] == pytest.approx(sum(spread["nll"]) / 2)
+    assert spread["difference"] == pytest.approx(spread["fixed"] - spread["mean"])
+    assert f"{spread['mean']:.2f}" in (literature.out / "literature.md").read_text()
+    # The fixed seed draws the very test set every binarized run is measured on; the others draw other ones.
+    config = Config(n_test=200, n_train=1, data_dir=str(MNIST))
+    binary = load_tensors(replace(config, binarize="dynamic"), torch.device("cpu"), log=lambda *a: None).test
+    grey = load_tensors(config, torch.device("cpu"), log=lambda *a: None).test
+    assert torch.equal(binarize_test(grey), binary) and not torch.equal(binarize_test(grey, 1), binary)
+
+
+def test_reproduce_paper_again_reuses_its_runs(literature):
+    before = (literature.out / "literature.json").read_text()
+    result = run_command("reproduce", "--paper", "iwae", "--quick", "--out", literature.out, "--data_dir", MNIST)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("already complete; reusing it") == 2 and "binarization 1:" not in result.stdout
+    after = json.loads((literature.out / "literature.json").read_text())
+    assert after["rows"] == json.loads(before)["rows"]
+
+
+@pytest.mark.parametrize("args, flag, code", [
+    (["--paper", "iwae", "--epochs", "3"], "--epochs", 1),
+    (["--paper", "iwae", "--runs", "dim4"], "--runs", 1),
+    (["--budget", "5"], "--budget", 1),
+    (["--paper", "vae"], "--paper", 2),
+    (["--paper", "iwae", "--budget", "0"], "--budget", 2),
+])
+def test_bad_paper_arguments_are_one_line(capsys, args, flag, code):
+    assert_one_line_error(main(capsys, "reproduce", *args), flag, code=code)
+
+
+def test_reproduce_paper_refuses_runs_of_another_budget(literature, capsys):
+    before = (literature.out / "literature.json").read_text()
+    result = main(capsys, "reproduce", "--paper", "iwae", "--quick", "--budget", "0.5", "--out", literature.out,
+                  "--data_dir", MNIST)
+    assert_one_line_error(result, "--budget 0.02", "another --out")
+    assert (literature.out / "literature.json").read_text() == before

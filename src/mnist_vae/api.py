@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 
-from .config import MODEL_DEFINING, SETTINGS, Config, UserError
+from . import runs
+from .config import SETTINGS, Config, UserError, resume_conflict
 
 if TYPE_CHECKING:  # imported for real inside the functions, so that `import mnist_vae` stays quick
     import torch
@@ -121,12 +122,9 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
     try:
         if resume:
             saved, state, _ = checkpoint.load(output)
-            for name in MODEL_DEFINING:
-                if name in settings and settings[name] != getattr(saved, name):
-                    raise ArgumentError(
-                        f"--{name} {settings[name]} contradicts the run in {output}, which has "
-                        f"{name}={getattr(saved, name)}; drop the flag to resume, or start a new run "
-                        f"with another --output")
+            conflict = resume_conflict(saved, settings, output)
+            if conflict:
+                raise ArgumentError(conflict)
             config = dataclasses.replace(saved, **settings, output=output)
         else:
             config = Config(**settings, output=output)
@@ -146,9 +144,8 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
             raise
         except UserError as e:
             raise ArgumentError(str(e)) from None
-        if resume and state["epoch"] >= config.num_epochs:
-            log(f"{output} has finished all {state['epoch']} epochs; to train further, "
-                f"pass --num_epochs with more than {state['epoch']}")
+        if resume and runs.training_done(config, state):
+            log(runs.finished_message(output, config, state))
         else:
             run_training(config, resume=resume, overwrite=overwrite, log=log)
     except (checkpoint.CheckpointError, ArgumentError) as e:

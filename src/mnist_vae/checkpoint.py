@@ -95,9 +95,12 @@ def load(run_dir):
 def build_model(config, tensors, path="checkpoint"):
     """The model `config` describes (model.MODELS) with the checkpoint's weights, checking that the two agree."""
     weights = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
+    # The encoder's last layer gives (mu, pre-std): encoder.6 in the seed's MLP.
+    last = max((int(name.split(".")[1]) for name in weights if re.fullmatch(r"encoder\.\d+\.weight", name)),
+               default=6)
     shapes = {  # what each setting fixes in the weights
         "n_hidden": ("encoder.0.weight", 0, config.n_hidden),
-        "dim_z": ("encoder.6.weight", 0, 2 * config.dim_z),
+        "dim_z": (f"encoder.{last}.weight", 0, 2 * config.dim_z),
     }
     for setting, (name, axis, expected) in shapes.items():
         if name not in weights:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import files, runs
-from .config import MODEL_DEFINING, SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, text
+from .config import SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, resume_conflict, text
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,20 +62,19 @@ def command_train(prog, args):
 
     if resume is not None:
         saved, state, _ = checkpoint.load(resume)
-        for name in MODEL_DEFINING:
-            if name in given and given[name] != getattr(saved, name):
-                raise UserError(f"--{name} {given[name]} contradicts the run in {resume}, which has "
-                                f"{name}={getattr(saved, name)}; drop the flag to resume, or start a new run "
-                                f"with another --output")
+        conflict = resume_conflict(saved, given, resume)
+        if conflict:
+            raise UserError(conflict)
         if "output" in given and Path(given["output"]).resolve() != Path(resume).resolve():
             raise UserError(f"--output {given['output']} differs from --resume {resume}; a resumed run "
                             f"writes into its own folder, so drop --output")
         config = dataclasses.replace(saved, **{**given, "output": resume})
-        if state["epoch"] >= config.num_epochs and not _estimate_missing(config, resume):
-            print(f"{resume} has finished all {state['epoch']} epochs; to train further, "
-                  f"pass --num_epochs with more than {state['epoch']}")
+        if runs.training_done(config, state) and not _estimate_missing(config, resume):
+            print(runs.finished_message(resume, config, state))
             return 0
     else:
+        if "num_epochs" in given and given.get("time_budget"):
+            raise UserError("--num_epochs and --time_budget both set how long the run trains; give one of them")
         config = Config(**given)
     if config.tensorboard:
         try:

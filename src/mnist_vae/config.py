@@ -44,6 +44,12 @@ class Config:
     step: str = "auto"              # auto, fused or autograd: how the training step is computed
     threads: int = 0                # torch's threads; 0: every core, fewer while other processes are busy
     precision: str = "fp32"         # fp32, or bf16: bfloat16 products, float32 weights, Adam and loss
+    n_layers: int = 2               # hidden layers of each MLP, n_hidden units each
+    activation: str = "seed"        # seed (the old program's ELU/tanh mix), tanh, relu or elu
+    adam_eps: float = 1e-8          # Adam's epsilon (Burda et al. used 1e-4)
+    lr_schedule: str = "constant"   # constant, paper (Burda et al.'s 3^i passes) or cosine
+    warmup_epochs: float = 0.0      # raise the learning rate linearly from 0 over the first N epochs
+    time_budget: float = 0.0        # minutes of training; plans num_epochs and stops there (0: none)
     # Not a flag: the digits of the epoch in image file names, fixed when a run starts (0: not yet),
     # so that a run trained further keeps PRR_epoch_01.jpg beside PRR_epoch_02.jpg, not _003.
     epoch_digits: int = 0
@@ -70,6 +76,9 @@ class Config:
         """Raise UserError for settings that are each valid but contradict each other."""
         if self.k_train != 1 and self.objective != "iwae":
             raise UserError(f"--k_train {self.k_train} needs --objective iwae (the ELBO uses one z per image)")
+        if self.activation == "seed" and self.n_layers != 2:
+            raise UserError(f"--n_layers {self.n_layers} needs --activation tanh, relu or elu (seed is the old "
+                            f"program's two-layer MLP)")
 
     @classmethod
     def from_dict(cls, values):
@@ -181,6 +190,17 @@ SETTINGS = {
                             "(results are the same); N fixes N"),
     "precision": (choice("fp32", "bf16"), "fp32, or bf16: mixed precision, bfloat16 matrix products with float32 "
                                           "weights, Adam, loss and evaluation (where the hardware has bfloat16)"),
+    "n_layers": (integer(1, 100), "hidden layers in each MLP (encoder and decoder), --n_hidden units each"),
+    "activation": (choice("seed", "tanh", "relu", "elu"), "the MLPs' activation; seed: the old program's ELU and "
+                                                          "tanh mix (two layers)"),
+    "adam_eps": (number(0.0), "epsilon of the Adam optimizer"),
+    "lr_schedule": (choice("constant", "paper", "cosine"),
+                    "learning rate over the run: constant; paper: Burda et al.'s passes of 3^i epochs at "
+                    "10^(-i/7) times it, scaled to --num_epochs; cosine: decay to 0"),
+    "warmup_epochs": (number(0.0, low_open=False), "raise the learning rate linearly from 0 over the first N "
+                                                   "epochs, step by step"),
+    "time_budget": (number(0.0, low_open=False), "minutes of training: --num_epochs is planned from a timing of "
+                                                 "the first steps, and training stops when they are spent (0: none)"),
 }
 
 
@@ -203,5 +223,30 @@ MODEL_DEFINING = (
     "dim_z", "dataset", "seed", "add_noise", "noise_factor", "n_hidden", "learning_rate",
     "batch_size", "likelihood", "binarize", "dropout", "n_train", "n_test",
     "conditional", "beta", "kl_warmup", "objective", "k_train", "precision",
+    "n_layers", "activation", "adam_eps", "lr_schedule", "warmup_epochs", "time_budget",
 )
+
+
+def fixed_length(config):
+    """Why the run's number of epochs was fixed when it started (its learning rate follows a schedule
+    over them, or they were planned from a time budget); None if a resume may train further."""
+    if config.time_budget:
+        return f"planned from --time_budget {config.time_budget:g}"
+    if config.lr_schedule != "constant":
+        return f"the span of its --lr_schedule {config.lr_schedule}"
+    return None
+
+
+def resume_conflict(saved, given, run_dir):
+    """What forbids resuming the run in `run_dir`, of config `saved`, with the settings `given` (a dict):
+    one line, or None."""
+    for name in MODEL_DEFINING:
+        if name in given and given[name] != getattr(saved, name):
+            return (f"--{name} {given[name]} contradicts the run in {run_dir}, which has {name}="
+                    f"{getattr(saved, name)}; drop the flag to resume, or start a new run with another --output")
+    if "num_epochs" in given and given["num_epochs"] != saved.num_epochs and fixed_length(saved):
+        return (f"--num_epochs {given['num_epochs']}: the run's {saved.num_epochs} epochs are "
+                f"{fixed_length(saved)}, fixed when it started; drop --num_epochs to resume, or start a new run")
+    return None
+
 

@@ -49,11 +49,12 @@ def available_memory():
         return None
 
 
-def parameters(dim_z, n_hidden):
-    """Weights and biases of the encoder (784 -> h -> h -> 2z) and decoder (z -> h -> h -> 784)."""
+def parameters(dim_z, n_hidden, n_layers=2):
+    """Weights and biases of the encoder (784 -> h -> ... -> 2z) and decoder (z -> h -> ... -> 784), with
+    n_layers hidden layers of h units each."""
     h = n_hidden
-    encoder = (PIXELS + 1) * h + (h + 1) * h + (h + 1) * 2 * dim_z
-    decoder = (dim_z + 1) * h + (h + 1) * h + (h + 1) * PIXELS
+    encoder = (PIXELS + 1) * h + (n_layers - 1) * (h + 1) * h + (h + 1) * 2 * dim_z
+    decoder = (dim_z + 1) * h + (n_layers - 1) * (h + 1) * h + (h + 1) * PIXELS
     return encoder + decoder
 
 
@@ -63,9 +64,9 @@ def training_memory(config):
     n_train = config.n_train or DEFAULT_N_TRAIN
     n_test = config.n_test or DEFAULT_N_TEST
     # Weights, gradients and Adam's two moments, plus a checkpoint's serialised copy of three of them.
-    model = parameters(z, h) * FLOAT * (4 + 3 * 2)
+    model = parameters(z, h, config.n_layers) * FLOAT * (4 + 3 * 2)
     # A training batch's activations and the test batches of 2000 images (evaluate()).
-    batch = max(config.batch_size, 2000) * (8 * h + 6 * PIXELS + 8 * z) * FLOAT
+    batch = max(config.batch_size, 2000) * (4 * config.n_layers * h + 6 * PIXELS + 8 * z) * FLOAT
     # The data as bytes and as float32, train and test.
     data = (n_train + n_test) * PIXELS * (1 + FLOAT + FLOAT)
     # The pictures: the images of a grid as float32 tensors and arrays, then its pixels.
@@ -94,7 +95,7 @@ def check_training(config, device=None):
     if free is not None and total > free:
         biggest = max(needs, key=needs.get)
         raise LimitError(f"these settings need about {_size(total)} of memory to train ({_size(needs[biggest])} "
-                         f"for {biggest}; the model has {parameters(config.dim_z, config.n_hidden):,} weights), "
+                         f"for {biggest}; the model has {parameters(config.dim_z, config.n_hidden, config.n_layers):,} weights), "
                          f"but {_size(free)} is available; choose smaller {biggest}")
 
 

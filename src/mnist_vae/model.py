@@ -1,4 +1,4 @@
-"""The models: the seed's VAE and the conditional VAE, each owning its loss (ELBO, beta, IWAE), and the importance-weighted bound.
+"""The models: the seed's VAE and the conditional VAE (the seed's MLP, or MLPs of a chosen depth and activation), each owning its loss (ELBO, beta, IWAE), and the importance-weighted bound.
 
 Kingma & Welling, "Auto-Encoding Variational Bayes" (2014), with the MLPs of the
 TensorFlow program this project replaces; Burda, Grosse & Salakhutdinov,
@@ -32,12 +32,19 @@ class VAE(nn.Module):
     name = "vae"  # its key in MODELS, recorded in checkpoints
     conditional = False  # whether encoder and decoder see the label y
 
-    def __init__(self, dim_z=4, n_hidden=500, dropout=0.1, likelihood="bernoulli", n_classes=10):
+    def __init__(self, dim_z=4, n_hidden=500, dropout=0.1, likelihood="bernoulli", n_classes=10, n_layers=2,
+                 activation="seed"):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}")
+        if activation == "seed" and n_layers != 2:
+            raise ValueError(f"the seed's MLP has two hidden layers, not {n_layers}; choose another activation")
         self.dim_z, self.n_hidden, self.likelihood, self.n_classes = dim_z, n_hidden, likelihood, n_classes
         n_y = n_classes if self.conditional else 0  # one-hot label columns beside x and z
+        if activation != "seed":  # the MLPs of Burda et al. and of most papers: one activation throughout
+            self.encoder = mlp(IMAGE_PIXELS + n_y, n_hidden, n_layers, 2 * dim_z, activation, dropout)
+            self.decoder = mlp(dim_z + n_y, n_hidden, n_layers, IMAGE_PIXELS, activation, dropout)
+            return
         # q(z|x): 784 -> ELU -> tanh -> (mu, pre-std), as in the original TensorFlow VAE.
         self.encoder = nn.Sequential(
             nn.Linear(IMAGE_PIXELS + n_y, n_hidden), nn.ELU(), Dropout(dropout),
@@ -53,7 +60,8 @@ class VAE(nn.Module):
 
     @classmethod
     def from_config(cls, config):
-        return cls(config.dim_z, config.n_hidden, config.dropout, config.likelihood)
+        return cls(config.dim_z, config.n_hidden, config.dropout, config.likelihood, n_layers=config.n_layers,
+                   activation=config.activation)
 
     def with_label(self, v, labels):
         """The input of a first layer: v itself here; [v, one-hot y] in a conditional model."""
@@ -140,6 +148,17 @@ class ConditionalVAE(VAE):
             raise ValueError("a conditional model needs the labels of its inputs")
         y = F.one_hot(labels, self.n_classes).to(v.dtype)
         return torch.cat([v, y.expand(*v.shape[:-1], self.n_classes)], dim=-1)
+
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
+
+
+def mlp(n_in, n_hidden, n_layers, n_out, activation, dropout):
+    """n_in -> n_layers hidden layers of n_hidden units, each with the activation (and dropout) -> n_out."""
+    layers = []
+    for n in [n_in] + [n_hidden] * (n_layers - 1):
+        layers += [nn.Linear(n, n_hidden), ACTIVATIONS[activation]()] + ([nn.Dropout(dropout)] if dropout else [])
+    return nn.Sequential(*layers, nn.Linear(n_hidden, n_out))
 
 
 # Every model by the name a checkpoint records; adding a model is a class and a line here

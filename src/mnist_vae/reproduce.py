@@ -9,16 +9,21 @@ number of epochs. `--runs` trains only the runs it names. Numbers under differen
 separate tables, never into one column. Each run keeps its own
 folder under OUT/runs, so an interrupted reproduction resumes where it stopped and
 a finished run is not trained again.
+
+`--paper iwae` instead trains the models of Burda, Grosse & Salakhutdinov's Table 1 (one stochastic
+layer: the VAE, and the IWAE with k = 5) on their architecture, each for a fixed time budget, and
+writes OUT/literature.md and literature.json: their numbers beside this project's.
 """
 
 import json
+import math
 import os
 import platform
 from dataclasses import replace
 from pathlib import Path
 
-from . import files
-from .config import Config, UserError, integer, text
+from . import files, runs
+from .config import Config, UserError, choice, fixed_length, integer, number, text
 
 RUNS = [  # name, settings, what the README shows of it
     ("dim2", dict(dim_z=2)),
@@ -49,18 +54,36 @@ def main(prog, args):
     from .cli import Parser
 
     parser = Parser(prog=f"{prog} reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=integer(1), default=60, help="epochs per run (default 60, as the old README)")
+    parser.add_argument("--epochs", type=integer(1), help="epochs per run (default 60, as the old README)")
     parser.add_argument("--out", type=text, default="docs/results",
                         help="folder for images and table (default docs/results)")
-    parser.add_argument("--k", type=integer(0), default=1000,
-                        help="importance samples for the test log-likelihood (default 1000)")
+    parser.add_argument("--k", type=integer(0),
+                        help="importance samples for the test log-likelihood (default 1000; 5000 with --paper)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke test: 2 epochs on 1000 training and 500 test images, k=10")
+                        help="a smoke test: 2 epochs on 1000 training and 500 test images, k=10 (with --paper: "
+                             "a budget of 0.02 minutes, 200 test images)")
     parser.add_argument("--data_dir", "--data-dir", type=text,
                         help="folder with MNIST's IDX files (default: found as usual)")
     parser.add_argument("--runs", type=text, metavar="NAME[,NAME...]",
                         help="train only these runs (default: all): " + ", ".join(name for name, _ in RUNS))
+    parser.add_argument("--paper", type=choice("iwae"),
+                        help="instead, the models of a paper beside its numbers: iwae (Burda et al. 2016, Table 1)")
+    parser.add_argument("--budget", type=number(0.0), metavar="MINUTES",
+                        help="--paper: minutes of training for each model (default 60)")
+    parser.add_argument("--binarizations", type=integer(0), metavar="N",
+                        help="--paper: also estimate the first model's NLL on N other binarizations of the test "
+                             "set (default 5; 0: skip)")
     args = parser.parse_args(args)
+    if args.paper:
+        if args.epochs is not None or args.runs:
+            raise UserError(f"--{'epochs' if args.epochs is not None else 'runs'} does not apply to --paper "
+                            f"{args.paper}, which trains its own models for --budget minutes each; drop it")
+        return paper_main(args)
+    for flag in ("budget", "binarizations"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} applies to --paper only; drop it, or add --paper iwae")
+    args.epochs = 60 if args.epochs is None else args.epochs
+    args.k = 1000 if args.k is None else args.k
     selected = [name for name, _ in RUNS if not (args.quick and name in QUICK_LEAVES_OUT)]
     if args.runs:
         names = [name.strip() for name in args.runs.split(",") if name.strip()]
@@ -134,8 +157,9 @@ def _finished(config):
         return None
     from . import checkpoint
 
-    _, state, _ = checkpoint.load(folder)
-    if state["epoch"] < config.num_epochs or not (evaluation.exists() or config.eval_k == 0):
+    saved, state, _ = checkpoint.load(folder)
+    length = saved if fixed_length(saved) else config  # the epochs it planned at its start, else those asked for now
+    if not runs.training_done(length, state) or not (evaluation.exists() or config.eval_k == 0):
         return None
     row = dict(state["history"][-1])
     if evaluation.exists():
@@ -256,4 +280,172 @@ def results_table(rows, args, base):
     lines += [f"Runs {', '.join(row['run'] for row in rows if row.get('command') == command)}: kept from an "
               f"earlier `{command}` (their folders are gone, so they were not trained again)." for command in kept]
     lines += [""] if kept else []
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- --paper iwae
+
+# Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders" (ICLR 2016), Table 1: test -log p(x)
+# (k = 5000) on dynamically binarized MNIST of the models with one stochastic layer, by objective and the
+# k they were trained with.
+BURDA_TABLE_1 = {("VAE", 1): 86.76, ("VAE", 5): 86.47, ("VAE", 50): 86.35,
+                 ("IWAE", 1): 86.76, ("IWAE", 5): 85.54, ("IWAE", 50): 84.78}
+# Their one-layer model and its training: 784-200-200-50 with tanh, a Bernoulli decoder, no dropout; Adam
+# with eps 1e-4, batch 20, learning rate 1e-3 * 10^(-i/7) in passes of 3^i epochs (here scaled to the
+# epochs the budget allows); training images binarized afresh every epoch.
+BURDA_MODEL = dict(dim_z=50, n_hidden=200, n_layers=2, activation="tanh", dropout=0.0, likelihood="bernoulli",
+                   binarize="dynamic", adam_eps=1e-4, batch_size=20, learning_rate=1e-3, lr_schedule="paper")
+PAPER_RUNS = [  # name, settings beside BURDA_MODEL, the row of Table 1
+    ("iwae_paper_vae_k1", dict(objective="elbo"), ("VAE", 1)),
+    ("iwae_paper_iwae_k5", dict(objective="iwae", k_train=5), ("IWAE", 5)),
+]
+OTHER_NUMBERS = ("pythae's reproductions, on statically binarized MNIST (so not the same test): VAE 89.78, "
+                 "IWAE (n = 50) 86.82.")
+
+
+def paper_main(args):
+    """mnist-vae reproduce --paper iwae: train PAPER_RUNS for args.budget minutes each (each resumable in
+    its own folder), and write OUT/literature.md and literature.json."""
+    from .train import train
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    budget = args.budget if args.budget is not None else 0.02 if args.quick else 60.0
+    k = args.k if args.k is not None else 10 if args.quick else 5000
+    binarizations = args.binarizations if args.binarizations is not None else 2 if args.quick else 5
+    base = Config(**BURDA_MODEL, time_budget=budget, eval_k=k, data_dir=args.data_dir)
+    if args.quick:
+        base = replace(base, n_train=1000, n_test=200)
+    from . import checkpoint
+
+    rows = []
+    for name, settings, (model, k_train) in PAPER_RUNS:
+        config = replace(base, output=str(out / "runs" / name), **settings)
+        print(f"== {name}: Burda et al.'s {model} trained with k={k_train}, {budget:g} minutes of training")
+        _check_same_paper_run(config)
+        row = _train_or_reuse(train, config)
+
+        saved, state, _ = checkpoint.load(config.output)
+        evaluation = json.loads((Path(config.output) / "evaluation.json").read_text())
+        rows.append({"run": name, "model": model, "k_train": k_train, "paper_nll": BURDA_TABLE_1[(model, k_train)],
+                     "nll": row["iw_nll"], "nll_stderr": row["iw_nll_stderr"], "test_neg_elbo": row["test_neg_elbo"],
+                     "epochs": state["epoch"], "planned_epochs": saved.num_epochs,
+                     "training_seconds": runs.training_seconds(state["history"]),
+                     "evaluation_seconds": evaluation.get("seconds")})
+    if binarizations:
+        print(f"== the first model's NLL on {binarizations} other binarizations of the test set")
+        rows[0]["binarizations"] = binarization_spread(replace(base, output=str(out / "runs" / PAPER_RUNS[0][0])),
+                                                       binarizations, rows[0]["nll"])
+    results = {"paper": "Burda, Grosse & Salakhutdinov, Importance Weighted Autoencoders (2016), Table 1",
+               "machine": machine(), "command": _paper_command(args), "budget_minutes": budget, "k": k,
+               "n_test": base.n_test or 10000, "settings": BURDA_MODEL, "rows": rows}
+    files.write_json(out / "literature.json", results)
+    files.write_text(out / "literature.md", literature_table(results))
+    print(f"wrote {out / 'literature.md'} and literature.json")
+    return 0
+
+
+def _check_same_paper_run(config):
+    """Refuse to go on with a run folder of an earlier --paper reproduction made with another budget or k."""
+    from . import checkpoint
+
+    folder = Path(config.output)
+    if not (folder / checkpoint.FILENAME).exists():
+        return
+    saved = checkpoint.load(folder)[0]
+    evaluation = folder / "evaluation.json"
+    k = json.loads(evaluation.read_text()).get("k") if evaluation.exists() else config.eval_k
+    if saved.time_budget != config.time_budget or k != config.eval_k or saved.n_test != config.n_test:
+        raise UserError(f"{folder} holds a run made with --budget {saved.time_budget:g}, --k {k}"
+                        f"{' and --quick' if saved.n_test else ''}; give the same, or another --out")
+
+
+def binarization_spread(config, n, fixed_nll):
+    """The NLL of the run in config.output on n other binarizations of the test set's grey levels (seeds 1..n),
+    beside `fixed_nll`, its NLL on the one every run is measured on: what sampling the test set afresh at each
+    evaluation, as Burda et al. did, would have given. Each binarization's estimate is kept in the run's
+    binarizations.json as it is done, so an interrupted measurement goes on where it stopped."""
+    import torch
+
+    from . import checkpoint
+    from .train import binarize_test, load_tensors, log_likelihood_estimate
+
+    folder = Path(config.output)
+    path = folder / "binarizations.json"
+    try:
+        done = json.loads(path.read_text())
+        done = done["nll"] if done.get("k") == config.eval_k and done.get("n_test") == config.n_test else {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        done = {}
+    saved, _, tensors = checkpoint.load(folder)
+    model = checkpoint.build_model(saved, tensors, folder).eval()
+    grey = load_tensors(replace(config, binarize="none", n_train=1), torch.device("cpu"), log=lambda *a: None).test
+    for seed in range(1, n + 1):
+        if str(seed) not in done:
+            nll, stderr = log_likelihood_estimate(model, binarize_test(grey, seed), config.eval_k)
+            done[str(seed)] = [nll, stderr]
+            files.write_json(path, {"k": config.eval_k, "n_test": config.n_test, "nll": done})
+            print(f"   binarization {seed}: NLL {nll:.3f} ± {stderr:.3f}")
+    nlls = [done[str(seed)][0] for seed in range(1, n + 1)]
+    mean = sum(nlls) / n
+    spread = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else math.nan
+    return {"n": n, "nll": nlls, "mean": mean, "std": spread, "fixed": fixed_nll, "difference": fixed_nll - mean}
+
+
+def _paper_command(args):
+    if args.quick:
+        return f"mnist-vae reproduce --paper {args.paper} --quick --out {args.out}"
+    parts = [f"--budget {args.budget:g}" if args.budget is not None else "",
+             f"--k {args.k}" if args.k is not None else "",
+             f"--binarizations {args.binarizations}" if args.binarizations is not None else ""]
+    return " ".join(["mnist-vae reproduce --paper", args.paper, *filter(None, parts), "--out", args.out])
+
+
+def literature_table(results):
+    """literature.md: Burda et al.'s numbers beside this project's, with what each of ours cost."""
+    m = results["machine"]
+    lines = [
+        f"Burda, Grosse & Salakhutdinov (2016), Table 1, one stochastic layer, beside this project's models of the "
+        f"same architecture and training (784–200–200–50 tanh, Bernoulli, dynamically binarized MNIST, Adam ε 1e-4, "
+        f"batch 20, their learning-rate schedule scaled to the epochs that {results['budget_minutes']:g} minutes "
+        f"of training allow). Test −log p(x) in nats, k = {results['k']} importance samples, "
+        f"{results['n_test']} test images.",
+        "",
+        "| model | trained with | paper (3,280 epochs) | this project | −ELBO | epochs | training time | "
+        "evaluation time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["rows"]:
+        epochs = f"{row['epochs']}" + (f" of {row['planned_epochs']} planned" if row["epochs"] < row["planned_epochs"]
+                                       else "")
+        lines.append(f"| {row['model']} | k = {row['k_train']} | {row['paper_nll']:.2f} | {row['nll']:.2f} ± "
+                     f"{row['nll_stderr']:.2f} | {row['test_neg_elbo']:.2f} | {epochs} | "
+                     f"{_duration(row['training_seconds'])} | "
+                     f"{_duration(row['evaluation_seconds']) if row['evaluation_seconds'] is not None else '–'} |")
+    lines += [
+        "",
+        "± is one standard error over test images. Training time sums the epochs' training steps (the planning, "
+        "the per-epoch test metrics and pictures are not counted); the schedule was planned from a timing of the "
+        "first steps, and a run whose epochs turn out slower stops when its minutes are spent, before the "
+        "schedule's end (then fewer epochs than planned are shown).",
+        "",
+        "The paper's other one-layer numbers (not trained here): VAE trained with k = 5: "
+        f"{BURDA_TABLE_1[('VAE', 5)]}, k = 50: {BURDA_TABLE_1[('VAE', 50)]}; IWAE k = 50: "
+        f"{BURDA_TABLE_1[('IWAE', 50)]}. " + OTHER_NUMBERS,
+        "",
+    ]
+    spread = results["rows"][0].get("binarizations")
+    if spread:
+        lines += [
+            f"The test set: every run here is measured on MNIST's test images binarized once with a fixed seed; "
+            f"the paper sampled them afresh. On {spread['n']} other binarizations of the same grey levels the "
+            f"{results['rows'][0]['model']} above has NLL {spread['mean']:.2f} on average (standard deviation "
+            f"{spread['std']:.2f} between binarizations), against {spread['fixed']:.2f} on the fixed one: a "
+            f"difference of {spread['difference']:+.2f} nats.",
+            "",
+        ]
+    lines += [f"Command: `{results['command']}`; machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+              f"({m['threads']} threads), Python {m['python']}.", ""]
     return "\n".join(lines)

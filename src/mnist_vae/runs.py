@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import files
-from .config import UserError
+from .config import UserError, fixed_length
 
 LOCK_NAME = ".mnist-vae.lock"
 CHECKPOINT_NAME = "checkpoint.safetensors"  # checkpoint.FILENAME; not imported, since that pulls in torch
@@ -262,3 +262,29 @@ def check_same_data(state, fingerprint, out, source, log=print):
 def epoch_digits(num_epochs):
     """Digits of the epoch number in file names: the width of num_epochs, two at least."""
     return max(2, len(str(num_epochs)))
+
+
+def training_seconds(history):
+    """Seconds of training in a run's metrics rows, whichever call trained each epoch."""
+    return sum(row["seconds"] for row in history)
+
+
+def budget_spent(config, history):
+    """Whether a --time_budget run has trained for its minutes (the epochs' training seconds, across resumes)."""
+    return config.time_budget > 0 and training_seconds(history) >= 60 * config.time_budget
+
+
+def training_done(config, state):
+    """Whether the run whose checkpoint holds `state` has trained all it will: its epochs, or its time budget."""
+    return state["epoch"] >= config.num_epochs or budget_spent(config, state["history"])
+
+
+def finished_message(run_dir, config, state):
+    """What --resume of a finished run says."""
+    if budget_spent(config, state["history"]):
+        return (f"{run_dir} has spent its time budget of {config.time_budget:g} minutes after {state['epoch']} "
+                f"epochs; train a new run to train more")
+    if fixed_length(config):
+        return f"{run_dir} has finished all {state['epoch']} epochs, {fixed_length(config)}; train a new run to train more"
+    return (f"{run_dir} has finished all {state['epoch']} epochs; to train further, "
+            f"pass --num_epochs with more than {state['epoch']}")

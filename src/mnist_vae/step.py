@@ -6,6 +6,8 @@ back-propagates and lets Adam update, as minGPT's trainer knows nothing of GPT. 
 ELBO; `--step auto` uses it exactly where fused.supports() says it computes the same thing.
 """
 
+import math
+
 import torch
 
 from . import fused
@@ -54,3 +56,29 @@ def kl_weight(config, epoch, step, n_steps):
     if config.kl_warmup == 0:
         return config.beta
     return config.beta * min(1.0, (epoch + step / n_steps) / config.kl_warmup)
+
+
+def learning_rate(config, epoch, step, n_steps):
+    """Adam's learning rate at this step of the run, under config.lr_schedule, with its linear warm-up
+    from 0 over the first warmup_epochs (step by step).
+
+    paper: Burda et al.'s schedule, passes i = 0..7 of 3^i epochs at learning_rate * 10^(-i/7), 3280
+    epochs in all, scaled to the run: pass i takes 3^i/3280 of num_epochs, so a shorter run follows
+    the same shape (a run of 3280 epochs is the paper's). cosine: half a cosine from learning_rate
+    after the warm-up to 0 at the end of the run (Loshchilov & Hutter, SGDR, 2017, without restarts).
+    """
+    epochs_done = epoch + step / n_steps
+    rate = config.learning_rate
+    if config.lr_schedule == "paper":
+        paper_epochs = epochs_done / config.num_epochs * 3280
+        i = 0
+        while i < 7 and paper_epochs >= (3 ** (i + 1) - 1) / 2:  # the end of pass i: 1 + 3 + ... + 3^i epochs
+            i += 1
+        rate *= 10 ** (-i / 7)
+    elif config.lr_schedule == "cosine":
+        span = config.num_epochs - config.warmup_epochs
+        progress = min(1.0, max(0.0, (epochs_done - config.warmup_epochs) / span)) if span > 0 else 0.0
+        rate *= 0.5 * (1 + math.cos(math.pi * progress))
+    if config.warmup_epochs:
+        rate *= min(1.0, (epoch * n_steps + step + 1) / (config.warmup_epochs * n_steps))
+    return rate

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from . import checkpoint, files, fused, limits, plots, products, runs
+from .config import Interrupted, UserError, fixed_length
 from .threads import ThreadGovernor
-from .config import Interrupted, UserError
 from .data import load_dataset
 from .fused import FusedTrainStep
 from .model import (analogies, build, classify, evaluating, importance_weighted_log_likelihood,
                     samples_by_class)
-from .step import kl_weight, make_step
+from .step import kl_weight, learning_rate, make_step
 
 # Fixed seeds, independent of --seed, so that every run is measured on the same draws.
 TEST_BINARIZATION_SEED = 20140101  # the binarized test set
@@ -39,6 +39,7 @@ IW_SEED = 6114  # the importance samples of the log-likelihood estimate
 METRIC_FIELDS = ["epoch", "train_neg_elbo", "train_recon", "train_kl",
                  "test_neg_elbo", "test_recon", "test_kl", "seconds", "likelihood", "binarize"]
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check synchronises)
+PLAN_SECONDS = 10  # at most this long timing the training step to plan a --time_budget run
 
 
 class TrainingError(UserError):
@@ -123,13 +124,19 @@ def load_tensors(config, device, log=print):
     train = torch.from_numpy(train.reshape(len(train), -1)).float().div_(255)
     test = torch.from_numpy(test.reshape(len(test), -1)).float().div_(255)
     if config.binarize != "none":
-        test = torch.bernoulli(test, generator=torch.Generator().manual_seed(TEST_BINARIZATION_SEED))
+        test = binarize_test(test)
     if config.binarize == "static":
         train = torch.bernoulli(train, generator=torch.Generator().manual_seed(config.seed))
     test_labels = dataset.test_labels[: config.n_test or None].copy()
     train_y = torch.from_numpy(dataset.train_labels[: config.n_train or None].astype(np.int64)).to(device)
     return Tensors(train.to(device), test.to(device), test_labels, dataset.classes, dataset.source,
                    train_y, torch.from_numpy(test_labels.astype(np.int64)).to(device), fingerprint)
+
+
+def binarize_test(grey, seed=TEST_BINARIZATION_SEED):
+    """Binary test images drawn from the grey levels: with the fixed seed, the one test set every run with
+    --binarize is measured on (other seeds: the other test sets the same grey levels could have given)."""
+    return torch.bernoulli(grey, generator=torch.Generator().manual_seed(seed))
 
 
 def add_noise(x, noise_factor, generator=None):
@@ -141,10 +148,41 @@ def add_noise(x, noise_factor, generator=None):
 def make_model(config, device):
     model = build(config).to(device)
     try:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=True)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True)
     except RuntimeError:  # a device without a fused Adam kernel
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps)
     return model, optimizer
+
+
+def plan_epochs(config, tensors, n_steps, device, log=print):
+    """The epochs that fit config.time_budget minutes of training, planned before the first epoch so that
+    the learning-rate schedule knows the run's length.
+
+    It times the run's own training step on a model and optimizer made for the purpose and thrown
+    away, with the random generators put back after, so that the run trains as it would without
+    the timing. The timing is at most PLAN_SECONDS (a hundredth of the budget when that is less),
+    and is not counted as training.
+    """
+    budget = 60 * config.time_budget
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model, optimizer = make_model(config, device)
+        step_function = make_step(model, optimizer, config)
+        x = tensors.train[: config.batch_size]
+        labels = tensors.train_y[: config.batch_size] if model.conditional else None
+        for _ in range(3):  # the first steps allocate and warm the caches
+            step_function(x, x, labels)
+        steps, started = 0, time.perf_counter()
+        while steps < 10 or time.perf_counter() - started < min(PLAN_SECONDS, budget / 100):
+            step_function(x, x, labels)
+            steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_seconds = (time.perf_counter() - started) / steps
+    epochs = max(1, int(budget / (step_seconds * n_steps)))
+    log(f"time budget {config.time_budget:g} min: {steps} training steps took {step_seconds * steps:.2f} s, so an "
+        f"epoch of {n_steps} steps about {step_seconds * n_steps:.2f} s; planned {epochs} epochs (training stops "
+        f"earlier if the budget is spent)")
+    return epochs
 
 
 # ---------------------------------------------------------------- evaluation
@@ -325,6 +363,8 @@ def train(config, resume=False, overwrite=False, log=print):
     config.check_combination()
     out = prepare_output(config.output, resume, overwrite)
     saved = checkpoint.load(out) if resume else None
+    if saved is not None and fixed_length(saved[0]):  # fixed when the run started (a schedule, a plan): keep it
+        config = dataclasses.replace(config, num_epochs=saved[0].num_epochs)
     if not config.epoch_digits:  # fixed at the run's start; an older run's from its saved num_epochs
         first = saved[0] if saved else config
         config = dataclasses.replace(config, epoch_digits=runs.epoch_digits(first.num_epochs))
@@ -350,6 +390,10 @@ def train(config, resume=False, overwrite=False, log=print):
     n_steps = math.ceil(n_train / batch_size)
     batch_sizes = torch.full((n_steps,), batch_size, device=device, dtype=torch.float64)
     batch_sizes[-1] = n_train - batch_size * (n_steps - 1)
+    if saved is None and config.time_budget:
+        planned = plan_epochs(config, tensors, n_steps, device, log)
+        config = dataclasses.replace(config, num_epochs=planned, epoch_digits=runs.epoch_digits(planned))
+    scheduled = config.lr_schedule != "constant" or config.warmup_epochs > 0
     epoch, step, history, seconds_before = 0, 0, [], 0.0
     if saved is not None:
         _, state, saved_tensors = saved
@@ -391,7 +435,7 @@ def train(config, resume=False, overwrite=False, log=print):
         checkpoint.save(out, model, optimizer, state, extra)
 
     with StopSignal() as stop, ThreadGovernor(config.threads) as governor:
-        while epoch < config.num_epochs:
+        while epoch < config.num_epochs and not runs.budget_spent(config, history):
             epoch_start_state = data_generator.get_state()
             order = torch.randperm(n_train, generator=data_generator, device=device)
             epoch_data = tensors.train
@@ -409,6 +453,9 @@ def train(config, resume=False, overwrite=False, log=print):
                 x = add_noise(target, config.noise_factor) if config.add_noise else target
                 if config.kl_warmup:
                     step_function.loss_options["kl_weight"] = kl_weight(config, epoch, step, n_steps)
+                if scheduled:  # a pure function of the position in the run, so a resumed run gets the same
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(config, epoch, step, n_steps)
                 step_terms[step] = step_function(x, target, labels)  # batch means of -ELBO, -log p(x|z), KL, loss
                 governor()
                 step += 1
@@ -473,15 +520,20 @@ def train(config, resume=False, overwrite=False, log=print):
 
     if board is not None:
         board.close()
+    if epoch < config.num_epochs:
+        log(f"time budget of {config.time_budget:g} minutes spent after {epoch} of the {config.num_epochs} "
+            f"planned epochs; training stops here")
     if config.eval_k > 0:
         # A signal in the last epoch's end phase, or during the estimate, stops here; the checkpoint holds
         # the finished training, and --resume runs the estimate that is still missing.
         estimate = None
         if stop.received is None:
             with StopSignal() as stop, ThreadGovernor(config.threads) as governor:
+                started = time.perf_counter()
                 estimate = log_likelihood_estimate(model, tensors.test, config.eval_k,
                                                    labels=tensors.test_y if model.conditional else None, stop=stop,
                                                    governor=governor)
+                estimate_seconds = time.perf_counter() - started
         if estimate is None:
             log(f"interrupted before the log-likelihood estimate was done; the trained model is saved; "
                 f"finish the estimate with:\n  mnist-vae --resume {out}")
@@ -492,7 +544,7 @@ def train(config, resume=False, overwrite=False, log=print):
         elbo = f"test_{elbo_name(config)}"
         result = {elbo: row[elbo] if row else None, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr,
                   "k": config.eval_k, "n_test": len(tensors.test), "likelihood": config.likelihood,
-                  "binarize": config.binarize}
+                  "binarize": config.binarize, "seconds": estimate_seconds}
         files.write_json(out / "evaluation.json", result)
         log(f"test log-likelihood (importance weighted, k={config.eval_k}): NLL {nll:.3f}"
             + (f" ± {stderr:.3f}" if stderr is not None else " (one test image: no standard error)")
