@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_vae import train as train_module
+from mnist_vae import threads, train as train_module
 from mnist_vae.config import Config
 from mnist_vae.step import make_step
 from mnist_vae.threads import ThreadGovernor, machine_cpu_seconds
@@ -158,3 +158,45 @@ def test_a_run_whose_thread_count_changes_every_step_matches_one_that_never_does
     assert "iw_nll" in steady
     assert {k: v for k, v in steady.items() if "seconds" not in k} == {k: v for k, v in flipping.items()
                                                                       if "seconds" not in k}
+
+
+class _Rounding:
+    """Products whose weight gradient rounds differently on one thread, as MKL's do for some shapes."""
+
+    def linear(self, x, weight):
+        return torch.mm(x, weight.t())
+
+    def weight_grad(self, d_y, x, out):
+        return torch.mm(d_y.t(), x, out=out).add_(1e-3 * (torch.get_num_threads() == 1))
+
+    def input_grad(self, d_y, weight):
+        return torch.mm(d_y, weight)
+
+
+def test_the_probe_finds_a_product_that_rounds_otherwise_on_one_thread(two_threads):
+    from mnist_vae.products import Products
+
+    model = make_model(Config(n_hidden=16, dim_z=2), torch.device("cpu"))[0]
+    assert not threads.products_thread_invariant(model, {8}, _Rounding())
+    assert torch.get_num_threads() == 2  # the probe gives the count back
+    torch.set_num_threads(1)  # one thread: nothing to compare
+    assert threads.products_thread_invariant(model, {8}, _Rounding())
+    torch.set_num_threads(2)
+    assert isinstance(threads.products_thread_invariant(model, {8, 3}, Products(torch.device("cpu"))), bool)
+
+
+def test_a_run_whose_products_round_otherwise_keeps_its_count(tmp_path, tiny_dataset, two_threads, monkeypatch):
+    made = []
+
+    class Recording(ThreadGovernor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.fixed)
+
+    monkeypatch.setattr(train_module, "ThreadGovernor", Recording)
+    monkeypatch.setattr(train_module, "products_thread_invariant", lambda *a: False)
+    settings = dict(data_dir=str(tiny_dataset), num_epochs=1, batch_size=32, n_test=64, eval_k=2)
+    train(Config(output=str(tmp_path / "kept"), **settings), log=lambda *a: None)
+    monkeypatch.setattr(train_module, "products_thread_invariant", lambda *a: True)
+    train(Config(output=str(tmp_path / "adapting"), **settings), log=lambda *a: None)
+    assert made == [True, True, False, False]  # the loop's and the estimate's, in each run

@@ -103,9 +103,9 @@ class Products:
     """The three products of a layer through one routine, fixed when the step is built; with
     precision "bf16", torch.mm on bfloat16 copies of the operands, giving float32."""
 
-    def __init__(self, device, precision="fp32"):
+    def __init__(self, device, precision="fp32", name=None):
         self.bf16 = precision == "bf16"
-        self.name = "torch.mm, bfloat16" if self.bf16 else routine(device)
+        self.name = "torch.mm, bfloat16" if self.bf16 else name or routine(device)
         self.onednn = self.name == "oneDNN"
 
     def linear(self, x, weight):

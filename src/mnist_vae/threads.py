@@ -9,10 +9,15 @@ in the README's Speed section). So every second or so `ThreadGovernor` reads how
 much CPU time the rest of the machine used on this process's cores (Linux's
 /proc/stat, less this process's own time) and sets torch's thread count to the
 cores left free, at least one, and back up to the starting count once they are
-free again. Results do not change: the training step's products and kernels give
-the same bits on one thread or two (tests/test_threads.py checks it), so a run
-interrupted and resumed on a busy machine still matches one trained alone.
-Where /proc/stat cannot be read (macOS, Windows) the thread count is left alone.
+free again. Results must not change with it, and mostly do not: the step's kernels
+give the same bits on any number of threads, and so do most products; but MKL splits
+the inner dimension of some small products between threads (seen here: the weight
+gradient of a layer with 6 or 10 outputs, as dim_z 3 or 5 give). So a run adapts only
+after `products_thread_invariant` has computed each product of its own layers on one
+thread and on all and found the same bits; otherwise it keeps its count, and a run
+interrupted and resumed on a busy machine still matches one trained alone
+(tests/test_threads.py and the resume tests check both). Where /proc/stat cannot be
+read (macOS, Windows) the thread count is left alone.
 """
 
 import os
@@ -46,18 +51,47 @@ def machine_cpu_seconds(cpus, path="/proc/stat"):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def products_thread_invariant(model, batch_rows, products):
+    """Whether every matrix product of a training step of `model` (each nn.Linear's forward product,
+    weight gradient and input gradient, by `products`, a products.Products, and torch.addmm as autograd
+    does them), on batches of each of `batch_rows` rows, gives the same bits on one thread as on torch's
+    count."""
+    most = torch.get_num_threads()
+    if most == 1:
+        return True
+    generator = torch.Generator().manual_seed(0)
+    layers = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    try:
+        for rows in set(batch_rows):
+            for n_in, n_out in layers:
+                x, weight, d_y, bias = (torch.randn(shape, generator=generator)
+                                        for shape in ((rows, n_in), (n_out, n_in), (rows, n_out), (n_out,)))
+                for product in (lambda: products.linear(x, weight), lambda: torch.addmm(bias, x, weight.t()),
+                                lambda: products.weight_grad(d_y, x, out=torch.empty(n_out, n_in)),
+                                lambda: products.input_grad(d_y, weight), lambda: torch.mm(x.t(), d_y)):
+                    torch.set_num_threads(1)
+                    one = product()
+                    torch.set_num_threads(most)
+                    if not torch.equal(one, product()):
+                        return False
+    finally:
+        torch.set_num_threads(most)
+    return True
+
+
 class ThreadGovernor:
     """Call it often (every training step, every batch of an estimate); about once a second it sets
     torch.set_num_threads to the cores that other processes leave free. `threads` > 0 fixes the count
-    instead (the governor then does nothing); 0 lets it follow the load, up to torch's count at start."""
+    instead (the governor then does nothing); 0 lets it follow the load, up to torch's count at start,
+    unless `adapt` is False (products_thread_invariant found a product that would round otherwise)."""
 
     def __init__(self, threads=0, interval=INTERVAL_S, read=machine_cpu_seconds, clock=time.perf_counter,
-                 own_cpu=time.process_time):
+                 own_cpu=time.process_time, adapt=True):
         self.read, self.clock, self.own_cpu, self.interval = read, clock, own_cpu, interval
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.most = torch.get_num_threads()
-        self.fixed = threads > 0
-        if self.fixed:
+        self.fixed = threads > 0 or not adapt  # adapt=False: the results would depend on the count
+        if threads > 0:
             torch.set_num_threads(threads)
         self.last = self._sample() if not self.fixed and self.most > 1 else None
         self.changes = 0  # how many times it changed the count: the bench and the tests read it

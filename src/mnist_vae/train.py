@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint, files, fused, limits, plots, products, runs
 from .config import Interrupted, UserError, fixed_length
-from .threads import ThreadGovernor
+from .threads import ThreadGovernor, products_thread_invariant
 from .data import load_dataset
 from .fused import FusedTrainStep
 from .model import (analogies, build, classify, evaluating, importance_weighted_log_likelihood,
@@ -434,7 +434,13 @@ def train(config, resume=False, overwrite=False, log=print):
                  "seconds_in_epoch": seconds, "data_source": tensors.source, "data_fingerprint": tensors.fingerprint}
         checkpoint.save(out, model, optimizer, state, extra)
 
-    with StopSignal() as stop, ThreadGovernor(config.threads) as governor:
+    # The thread count may follow the machine's load only where no product of this run rounds otherwise.
+    # (The autograd step's products are torch's, on k draws of z per image with --objective iwae.)
+    step_products = getattr(step_function, "products", None) or products.Products(device, name="torch.mm")
+    rows = {n * k for n in (batch_size, n_train - batch_size * (n_steps - 1)) for k in (1, config.k_train)}
+    adapt = (config.threads == 0 and device.type == "cpu" and config.precision == "fp32"
+             and products_thread_invariant(model, rows, step_products))
+    with StopSignal() as stop, ThreadGovernor(config.threads, adapt=adapt) as governor:
         while epoch < config.num_epochs and not runs.budget_spent(config, history):
             epoch_start_state = data_generator.get_state()
             order = torch.randperm(n_train, generator=data_generator, device=device)
@@ -528,7 +534,7 @@ def train(config, resume=False, overwrite=False, log=print):
         # the finished training, and --resume runs the estimate that is still missing.
         estimate = None
         if stop.received is None:
-            with StopSignal() as stop, ThreadGovernor(config.threads) as governor:
+            with StopSignal() as stop, ThreadGovernor(config.threads, adapt=adapt) as governor:
                 started = time.perf_counter()
                 estimate = log_likelihood_estimate(model, tensors.test, config.eval_k,
                                                    labels=tensors.test_y if model.conditional else None, stop=stop,
