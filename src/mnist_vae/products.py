@@ -18,7 +18,7 @@ With --precision bf16 ("bf16-mixed", as PyTorch Lightning names it) the products
 bfloat16 copies of their operands and give float32 results, while the weights, Adam,
 the loss, the KL and their gradients stay float32. It is offered only where the
 hardware multiplies bfloat16 (AVX512_BF16 or AMX on x86, or a CUDA GPU that has it):
-elsewhere torch emulates it, several times slower than float32 (README, Speed).
+elsewhere torch emulates it, slower than float32.
 """
 
 import functools
