@@ -37,23 +37,21 @@ def onednn_available(device):
 
 
 @functools.lru_cache(maxsize=None)
-def _amd_with_avx512(cpuinfo="/proc/cpuinfo"):
+def _cpuinfo(path="/proc/cpuinfo"):
+    """The text of Linux's CPU description; empty elsewhere."""
     try:
-        text = Path(cpuinfo).read_text()
+        return Path(path).read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "AuthenticAMD" in text and "avx512f" in flags
+        return ""
 
 
-@functools.lru_cache(maxsize=None)
 def _cpu_flags(cpuinfo="/proc/cpuinfo"):
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+    return frozenset(next((line.split(":", 1)[1].split() for line in _cpuinfo(cpuinfo).splitlines()
                            if line.startswith("flags")), []))
+
+
+def _amd_with_avx512(cpuinfo="/proc/cpuinfo"):
+    return "AuthenticAMD" in _cpuinfo(cpuinfo) and "avx512f" in _cpu_flags(cpuinfo)
 
 
 def bf16_instructions(device):
