@@ -304,6 +304,20 @@ def test_reproduce_paper_measures_other_test_binarizations(literature):
     assert torch.equal(binarize_test(grey), binary) and not torch.equal(binarize_test(grey, 1), binary)
 
 
+def test_paper_table_with_one_other_binarization_has_no_spread(literature):
+    from mnist_vae.reproduce import literature_table
+
+    results = json.loads((literature.out / "literature.json").read_text())
+    spread = results["rows"][0]["binarizations"]
+    one = {"n": 1, "nll": spread["nll"][:1], "mean": spread["nll"][0], "std": None, "fixed": spread["fixed"],
+           "difference": spread["fixed"] - spread["nll"][0]}
+    results["rows"][0]["binarizations"] = one
+    text = literature_table(results)
+    assert "nan" not in text.lower() and "standard deviation" not in text
+    assert f"NLL {one['mean']:.2f}, against {one['fixed']:.2f} on the fixed one" in text
+    assert "standard deviation" in literature_table(json.loads((literature.out / "literature.json").read_text()))
+
+
 def test_reproduce_paper_again_reuses_its_runs(literature):
     before = (literature.out / "literature.json").read_text()
     result = run_command("reproduce", "--paper", "iwae", "--quick", "--out", literature.out, "--data_dir", MNIST)

@@ -390,7 +390,7 @@ def binarization_spread(config, n, fixed_nll):
             print(f"   binarization {seed}: NLL {nll:.3f} ± {stderr:.3f}")
     nlls = [done[str(seed)][0] for seed in range(1, n + 1)]
     mean = sum(nlls) / n
-    spread = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else math.nan
+    spread = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (n - 1)) if n > 1 else None  # JSON has no NaN
     return {"n": n, "nll": nlls, "mean": mean, "std": spread, "fixed": fixed_nll, "difference": fixed_nll - mean}
 
 
@@ -441,9 +441,10 @@ def literature_table(results):
         lines += [
             f"The test set: every run here is measured on MNIST's test images binarized once with a fixed seed; "
             f"the paper sampled them afresh. On {spread['n']} other binarizations of the same grey levels the "
-            f"{results['rows'][0]['model']} above has NLL {spread['mean']:.2f} on average (standard deviation "
-            f"{spread['std']:.2f} between binarizations), against {spread['fixed']:.2f} on the fixed one: a "
-            f"difference of {spread['difference']:+.2f} nats.",
+            f"{results['rows'][0]['model']} above has NLL {spread['mean']:.2f}"
+            + (f" on average (standard deviation {spread['std']:.2f} between binarizations)" if spread["n"] > 1
+               else "")
+            + f", against {spread['fixed']:.2f} on the fixed one: a difference of {spread['difference']:+.2f} nats.",
             "",
         ]
     lines += [f"Command: `{results['command']}`; machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
