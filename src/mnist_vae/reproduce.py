@@ -440,7 +440,8 @@ def literature_table(results):
     if spread:
         lines += [
             f"The test set: every run here is measured on MNIST's test images binarized once with a fixed seed; "
-            f"the paper sampled them afresh. On {spread['n']} other binarizations of the same grey levels the "
+            f"the paper sampled them afresh. On {spread['n']} other binarization{'s' if spread['n'] > 1 else ''} "
+            f"of the same grey levels the "
             f"{results['rows'][0]['model']} above has NLL {spread['mean']:.2f}"
             + (f" on average (standard deviation {spread['std']:.2f} between binarizations)" if spread["n"] > 1
                else "")
