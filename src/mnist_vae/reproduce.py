@@ -438,14 +438,13 @@ def literature_table(results):
     ]
     spread = results["rows"][0].get("binarizations")
     if spread:
+        several = spread["n"] > 1  # one binarization has no spread to state
+        average = f" on average (standard deviation {spread['std']:.2f} between binarizations)" if several else ""
         lines += [
             f"The test set: every run here is measured on MNIST's test images binarized once with a fixed seed; "
-            f"the paper sampled them afresh. On {spread['n']} other binarization{'s' if spread['n'] > 1 else ''} "
-            f"of the same grey levels the "
-            f"{results['rows'][0]['model']} above has NLL {spread['mean']:.2f}"
-            + (f" on average (standard deviation {spread['std']:.2f} between binarizations)" if spread["n"] > 1
-               else "")
-            + f", against {spread['fixed']:.2f} on the fixed one: a difference of {spread['difference']:+.2f} nats.",
+            f"the paper sampled them afresh. On {spread['n']} other binarization{'s' if several else ''} of the "
+            f"same grey levels the {results['rows'][0]['model']} above has NLL {spread['mean']:.2f}{average}, "
+            f"against {spread['fixed']:.2f} on the fixed one: a difference of {spread['difference']:+.2f} nats.",
             "",
         ]
     lines += [f"Command: `{results['command']}`; machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
