@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test bench reproduce clean
 
-$(STAMP): pyproject.toml setup.py constraints.txt src/mnist_vae/_kernels.c
+$(STAMP): pyproject.toml setup.py constraints.txt src/mnist_vae/fast/_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,export,browser,tensorboard]'
 	touch $(STAMP)

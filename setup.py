@@ -27,6 +27,6 @@ class BuildExt(build_ext):
             super().build_extension(extension)
 
 
-setup(ext_modules=[Extension("mnist_vae._kernels", ["src/mnist_vae/_kernels.c"], optional=True,
+setup(ext_modules=[Extension("mnist_vae.fast._kernels", ["src/mnist_vae/fast/_kernels.c"], optional=True,
                              extra_compile_args=["-O3", *OPENMP], extra_link_args=OPENMP)],
       cmdclass={"build_ext": BuildExt})

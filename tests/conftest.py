@@ -14,7 +14,8 @@ import pytest
 
 import torch
 
-from mnist_vae import kernels, products
+from mnist_vae import layers
+from mnist_vae.fast import kernels, products
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -145,7 +146,7 @@ def signal_at_call(monkeypatch, call, signals):
     """Make the fused training step send `signals` to this process during its `call`-th call."""
     calls = {"n": 0}
 
-    from mnist_vae import fused
+    from mnist_vae.fast import fused
 
     class Step(fused.FusedTrainStep):
         def __call__(self, *batch):

@@ -17,8 +17,9 @@ from PIL import Image
 import mnist_vae
 from conftest import MNIST_DIR, ROOT, main, make_idx_dataset, read_metrics, run_command
 from mnist_vae import checkpoint, pretrained
-from mnist_vae.data import load_user_image
-from mnist_vae.train import decode_images, evaluate, load_tensors, reconstruct
+from mnist_vae.images import load_user_image
+from mnist_vae.data import load_tensors
+from mnist_vae.evaluation import decode_images, evaluate, reconstruct
 
 SETTINGS = dict(n_hidden=32, batch_size=32, dim_z=3, PRR_n_img_x=4, PRR_n_img_y=4, num_epochs=2, seed=3)
 

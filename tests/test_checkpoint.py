@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, read_metrics, signal_at_call, snapshot
-from mnist_vae import checkpoint, cli, files, fused
-from mnist_vae import train as train_module
+from mnist_vae import checkpoint, cli, files
+from mnist_vae.fast import fused
+from mnist_vae import loop as train_module
 from mnist_vae.config import Config
 
 STEPS_PER_EPOCH = 8  # 256 training images in batches of 32

@@ -4,7 +4,7 @@ dash spellings, the old program's defaults, and --help."""
 import pytest
 
 from conftest import assert_one_line_error, run_cli, run_command
-from mnist_vae import cli
+from mnist_vae import arguments, cli, loop
 from mnist_vae.config import Config
 
 
@@ -16,9 +16,7 @@ def no_training(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("the arguments were accepted and training started")
 
-    import mnist_vae.train
-
-    monkeypatch.setattr(mnist_vae.train, "train", refuse)
+    monkeypatch.setattr(loop, "train", refuse)
 
 
 def error_of(args, capsys):
@@ -103,7 +101,7 @@ def test_train_subcommand_fails_the_same_way(capsys):
 
 
 def parse(*args):
-    return cli.train_parser("x").parse_args(list(args))
+    return arguments.train_parser("x").parse_args(list(args))
 
 
 @pytest.mark.parametrize("word,meaning", [

@@ -23,8 +23,10 @@ from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, main, make_idx_dataset, run_cli, run_command, snapshot
 from mnist_vae import checkpoint, cli
-from mnist_vae.data import load_user_image
-from mnist_vae.train import decode_images, prepare_output, reconstruct
+from mnist_vae.errors import UserError
+from mnist_vae.images import load_user_image
+from mnist_vae.evaluation import decode_images, reconstruct
+from mnist_vae.loop import prepare_output
 
 RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "3", "--PRR_n_img_x", "4", "--PRR_n_img_y", "4",
             "--add_noise", "True", "--num_epochs", "2", "--seed", "3"]
@@ -356,7 +358,7 @@ def _prepare_output_as_nobody(folder):
             try:
                 prepare_output(folder)
                 code = 1
-            except cli.UserError as e:
+            except UserError as e:
                 code = 0 if "cannot write" in str(e) and str(folder) in str(e) else 2
             except BaseException:
                 code = 2

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, main, make_idx_dataset, read_metrics
 from mnist_vae import checkpoint
-from mnist_vae.cli import class_index
-from mnist_vae.config import Config, UserError
+from mnist_vae.data import class_index
+from mnist_vae.config import Config
+from mnist_vae.errors import UserError
 from mnist_vae.model import VAE, ConditionalVAE, classify
 from mnist_vae.step import AutogradTrainStep, kl_weight
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_idx_dataset, write_idx
-from mnist_vae import data
+from mnist_vae import data, images
 
 STEMS = list(data.FILES.values())
 GZ_NAMES = [stem + ".gz" for stem in STEMS]
@@ -490,7 +490,7 @@ def test_user_image_light_background_rgb(tmp_path):
     rgb[mask] = (20, 25, 40)  # ink
     path = tmp_path / "seven.png"
     Image.fromarray(rgb, "RGB").save(path)
-    pixels = data.load_user_image(path)
+    pixels = images.load_user_image(path)
     assert pixels.shape == (784,) and pixels.dtype == np.float32
     assert pixels.min() >= 0 and pixels.max() <= 1 and pixels.max() > 0.9
     image = pixels.reshape(28, 28)
@@ -510,8 +510,8 @@ def test_user_image_dark_background_is_not_inverted(tmp_path):
     dark = np.where(mask, 230, 0).astype(np.uint8)
     Image.fromarray(np.stack([light] * 3, axis=-1), "RGB").save(tmp_path / "light.png")
     Image.fromarray(dark, "L").save(tmp_path / "dark.png")
-    from_dark = data.load_user_image(tmp_path / "dark.png").reshape(28, 28)
-    from_light = data.load_user_image(tmp_path / "light.png").reshape(28, 28)
+    from_dark = images.load_user_image(tmp_path / "dark.png").reshape(28, 28)
+    from_light = images.load_user_image(tmp_path / "light.png").reshape(28, 28)
     assert from_dark[0].max() < 0.05 and from_dark[-1].max() < 0.05
     assert (from_dark > 0.5).mean() < 0.4
     np.testing.assert_allclose(from_dark, from_light, atol=0.02)
@@ -521,7 +521,7 @@ def test_user_image_jpeg_of_another_size(tmp_path):
     mask = stroke_mask(height=200, width=120)
     path = tmp_path / "digit.jpg"
     Image.fromarray(np.where(mask, 0, 255).astype(np.uint8), "L").save(path, quality=90)
-    image = data.load_user_image(path).reshape(28, 28)
+    image = images.load_user_image(path).reshape(28, 28)
     cy, cx = centre_of_mass(image)
     assert abs(cy - 14) < 1.5 and abs(cx - 14) < 1.5
     assert image[0].max() < 0.05
@@ -536,7 +536,7 @@ def test_user_image_errors(tmp_path, case):
         value = {"blank white": 255, "blank grey": 128, "blank black": 0}[case]
         Image.new("RGB", (40, 30), (value, value, value)).save(path)
     with pytest.raises(data.DataError) as excinfo:
-        data.load_user_image(path)
+        images.load_user_image(path)
     message = raise_message(path, excinfo)
     if case.startswith("blank"):
         assert "blank" in message

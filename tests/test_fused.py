@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from conftest import make_idx_dataset, read_metrics
-from mnist_vae import train as train_module
-from mnist_vae.config import Config, UserError
+from mnist_vae import loop as train_module
+from mnist_vae.config import Config
+from mnist_vae.errors import UserError
 from mnist_vae.data import load_dataset
-from mnist_vae.fused import FusedTrainStep, supports, unsupported
+from mnist_vae.fast.fused import FusedTrainStep, supports, unsupported
 from mnist_vae.model import VAE, ConditionalVAE
 from mnist_vae.step import AutogradTrainStep, make_step
-from mnist_vae.train import add_noise
+from mnist_vae.data import add_noise
 
 
 @pytest.fixture(scope="module")

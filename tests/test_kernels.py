@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_vae import kernels
+from mnist_vae import layers
+from mnist_vae.fast import kernels
 
 needs_c = pytest.mark.skipif(kernels._kernels is None, reason="the C extension was not built")
 
@@ -42,7 +43,7 @@ def splitmix64_in_python(key, n):
 
 @pytest.mark.parametrize("key", [0, 1, 2**63 + 12345, 2**64 - 1])
 def test_splitmix64_matches_the_reference(implementation, key):
-    got = [value % (1 << 64) for value in kernels.splitmix64(key, 257).tolist()]
+    got = [value % (1 << 64) for value in layers.splitmix64(key, 257).tolist()]
     assert got == splitmix64_in_python(key, 257)
     if key == 0:
         assert got[0] == 0xE220A8397B1DCDAF  # the first output of SplitMix64 from 0, as published
@@ -50,9 +51,9 @@ def test_splitmix64_matches_the_reference(implementation, key):
 
 def test_dropout_bits_follow_torch_seed_and_differ_between_calls(implementation):
     torch.manual_seed(3)
-    first, second = kernels.dropout_bits(1001), kernels.dropout_bits(1001)
+    first, second = layers.dropout_bits(1001), layers.dropout_bits(1001)
     torch.manual_seed(3)
-    assert torch.equal(kernels.dropout_bits(1001), first)
+    assert torch.equal(layers.dropout_bits(1001), first)
     assert not torch.equal(first, second)
     assert first.shape == (1001,) and first.dtype == torch.int16
 
@@ -60,10 +61,10 @@ def test_dropout_bits_follow_torch_seed_and_differ_between_calls(implementation)
 @needs_c
 def test_c_and_torch_ops_draw_the_same_dropout_bits(monkeypatch):
     torch.manual_seed(5)
-    c_bits = kernels.dropout_bits(128003)
+    c_bits = layers.dropout_bits(128003)
     monkeypatch.setenv("MNIST_VAE_NO_KERNELS", "1")
     torch.manual_seed(5)
-    assert torch.equal(kernels.dropout_bits(128003), c_bits)
+    assert torch.equal(layers.dropout_bits(128003), c_bits)
 
 
 def inputs(rows=130, cols=501):
@@ -80,9 +81,9 @@ def inputs(rows=130, cols=501):
 @pytest.mark.parametrize("activation", ["elu", "tanh"])
 def test_activation_dropout_and_its_backward_factor(implementation, activation, p):
     a, bias = inputs()
-    key = kernels.dropout_key() if p > 0 else None
+    key = layers.dropout_key() if p > 0 else None
     mask = torch.ones(a.shape, dtype=torch.float64) if key is None else (
-        (kernels.dropout_bits(a.numel(), key=key) >= kernels.keep_threshold(p)).double().view(a.shape) / (1 - p))
+        (layers.dropout_bits(a.numel(), key=key) >= layers.keep_threshold(p)).double().view(a.shape) / (1 - p))
     # float64 reference, with the derivative from autograd
     x = (a.double() + bias.double()).requires_grad_()
     act = F.elu(x) if activation == "elu" else torch.tanh(x)
@@ -111,8 +112,8 @@ def test_bernoulli_loss_and_its_gradient(implementation):
 def test_the_activation_loops_drop_the_units_of_dropout_bits(implementation, shape):
     """The C loop draws a mask's bits itself from its key; they must be dropout_bits' bits, also where
     one SplitMix64 output's four 16-bit values span two rows."""
-    key = kernels.dropout_key()
-    kept = kernels.dropout_bits(shape[0] * shape[1], key=key).view(shape) >= kernels.keep_threshold(0.5)
+    key = layers.dropout_key()
+    kept = layers.dropout_bits(shape[0] * shape[1], key=key).view(shape) >= layers.keep_threshold(0.5)
     for function in (kernels.elu_dropout, kernels.tanh_dropout):
         h, factor = function(torch.full(shape, 1.0), torch.zeros(shape[1]), key, 0.5)
         assert torch.equal(h != 0, kept) and torch.equal(factor != 0, kept)
@@ -124,7 +125,7 @@ def test_the_c_loops_give_the_same_on_any_number_of_threads():
     (3 threads over 131 rows) must give what one thread gives."""
     a, bias = inputs(131, 501)
     target = torch.rand(131, 501)
-    key = kernels.dropout_key()
+    key = layers.dropout_key()
     results = {}
     threads_before = torch.get_num_threads()
     try:
@@ -136,14 +137,14 @@ def test_the_c_loops_give_the_same_on_any_number_of_threads():
         torch.set_num_threads(threads_before)
     for one, three in zip(results[1], results[3]):
         torch.testing.assert_close(three, one, rtol=1e-6, atol=0)
-    kept = kernels.dropout_bits(a.numel(), key=key).view(a.shape) >= kernels.keep_threshold(0.3)
+    kept = layers.dropout_bits(a.numel(), key=key).view(a.shape) >= layers.keep_threshold(0.3)
     assert torch.equal(results[3][0] != 0, kept)
 
 
 @needs_c
 def test_non_contiguous_or_double_inputs_take_the_torch_ops(monkeypatch):
     a, bias = inputs()
-    key = kernels.dropout_key()
+    key = layers.dropout_key()
     h_c, factor_c = kernels.elu_dropout(a.clone(), bias, key, 0.1)
     wide = torch.zeros(a.shape[0], 2 * a.shape[1])
     wide[:, ::2] = a

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_vae.model import (VAE, continuous_bernoulli_log_norm, continuous_bernoulli_mean, dropout_mask,
-                             gaussian_kl, importance_weighted_log_likelihood, log_likelihood, log_likelihood_of_draws,
-                             loss_function, Tanh, tanh_)
+from mnist_vae.layers import Tanh, dropout_mask, tanh_
+from mnist_vae.model import (VAE, continuous_bernoulli_log_norm, continuous_bernoulli_mean, gaussian_kl,
+                             importance_weighted_log_likelihood, log_likelihood, log_likelihood_of_draws,
+                             loss_function)
 
 
 def test_shapes_and_positive_std():

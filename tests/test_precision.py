@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import make_idx_dataset
-from mnist_vae import products
+from mnist_vae.fast import products
 from mnist_vae.config import Config
 from mnist_vae.data import load_dataset
 from mnist_vae.step import make_step
-from mnist_vae.train import make_model
+from mnist_vae.loop import make_model
 
 
 @pytest.fixture(scope="module")

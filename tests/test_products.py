@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mnist_vae import products
+from mnist_vae.fast import products
 
 
 def _cpuinfo(tmp_path, vendor, flags):

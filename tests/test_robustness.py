@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, signal_at_call, snapshot, write_idx
-from mnist_vae import checkpoint
-from mnist_vae import train as train_module
+from mnist_vae import checkpoint, evaluation
+from mnist_vae import loop as train_module
 
 RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "3", "--PRR_n_img_x", "4", "--PRR_n_img_y", "4",
             "--seed", "5"]
@@ -442,7 +442,7 @@ def stroke():
 
 
 def test_black_ink_on_a_transparent_background(tmp_path):
-    from mnist_vae.data import load_user_image
+    from mnist_vae.images import load_user_image
 
     rgba = np.zeros(stroke().shape + (4,), dtype=np.uint8)  # transparent black everywhere...
     rgba[stroke(), 3] = 255  # ...and opaque black ink: what a canvas exports
@@ -454,7 +454,7 @@ def test_black_ink_on_a_transparent_background(tmp_path):
 
 
 def test_sixteen_bit_grey(tmp_path):
-    from mnist_vae.data import load_user_image
+    from mnist_vae.images import load_user_image
 
     Image.fromarray(np.where(stroke(), 0, 60000).astype(np.uint16)).save(tmp_path / "grey16.png")
     with Image.open(tmp_path / "grey16.png") as image:
@@ -465,7 +465,8 @@ def test_sixteen_bit_grey(tmp_path):
 
 
 def test_an_absurdly_large_image_is_one_line(tmp_path):
-    from mnist_vae.data import DataError, load_user_image
+    from mnist_vae.data import DataError
+    from mnist_vae.images import load_user_image
 
     path = tmp_path / "huge.png"
     Image.new("1", (20000, 20000), 1).save(path)  # a small file, 400 megapixels
@@ -574,14 +575,14 @@ def test_ctrl_c_in_the_last_epochs_end_phase_skips_the_estimate_and_resume_does_
 
 def test_ctrl_c_during_the_estimate_stops_it_and_resume_finishes_it(tmp_path, data, capsys, monkeypatch):
     out = tmp_path / "run"
-    real = train_module.importance_weighted_log_likelihood
+    real = evaluation.importance_weighted_log_likelihood
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_module, "importance_weighted_log_likelihood", interrupted)
+        mp.setattr(evaluation, "importance_weighted_log_likelihood", interrupted)
         result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--eval_k", "5", "--data_dir", data, "--output", out)
     assert result.returncode == 130
     assert "Traceback" not in result.stderr and f"--resume {out}" in result.stdout

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from conftest import assert_one_line_error, main, make_idx_dataset, read_metrics, signal_at_call
-from mnist_vae import checkpoint, fused, limits, runs, step
-from mnist_vae import train as train_module
+from mnist_vae import checkpoint, limits, runs, step
+from mnist_vae.fast import fused
+from mnist_vae import loop as train_module
 from mnist_vae.config import Config
 from mnist_vae.model import VAE, build
 

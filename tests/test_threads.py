@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_vae import threads, train as train_module
+from mnist_vae import loop as train_module
+from mnist_vae.fast import threads
 from mnist_vae.config import Config
 from mnist_vae.step import make_step
-from mnist_vae.threads import ThreadGovernor, machine_cpu_seconds
-from mnist_vae.train import make_model, train
+from mnist_vae.fast.threads import ThreadGovernor, machine_cpu_seconds
+from mnist_vae.loop import make_model, train
 
 
 @pytest.fixture
@@ -174,7 +175,7 @@ class _Rounding:
 
 
 def test_the_probe_finds_a_product_that_rounds_otherwise_on_one_thread(two_threads):
-    from mnist_vae.products import Products
+    from mnist_vae.fast.products import Products
 
     model = make_model(Config(n_hidden=16, dim_z=2), torch.device("cpu"))[0]
     assert not threads.products_thread_invariant(model, {8}, _Rounding())

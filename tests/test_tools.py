@@ -14,8 +14,9 @@ import torch
 
 from conftest import FASHION_SYSTEM_DIR, assert_one_line_error, main, make_idx_dataset, run_command
 from conftest import MNIST_DIR as MNIST
-from mnist_vae import train as train_module
-from mnist_vae.config import UserError
+from mnist_vae import loop as train_module
+from mnist_vae import machine
+from mnist_vae.errors import UserError
 
 FASHION_INSTALLED = (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file()
 
@@ -181,8 +182,8 @@ def test_reproduce_out_that_is_a_file(tmp_path, capsys):
 def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert train_module.resolve_device("auto").type == expected
-    assert train_module.resolve_device("cpu").type == "cpu"
+    assert machine.resolve_device("auto").type == expected
+    assert machine.resolve_device("cpu").type == "cpu"
 
 
 @pytest.mark.parametrize("name", ["cuda", "mps"])
@@ -190,7 +191,7 @@ def test_device_that_is_missing_is_refused(monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(UserError, match=f"--device {name}: no such device"):
-        train_module.resolve_device(name)
+        machine.resolve_device(name)
 
 
 def test_device_cuda_missing_from_the_command_line(monkeypatch, tmp_path, capsys):
@@ -287,7 +288,7 @@ def test_reproduce_paper_iwae_tables_burda_et_al_beside_its_runs(literature):
 
 
 def test_reproduce_paper_measures_other_test_binarizations(literature):
-    from mnist_vae.train import binarize_test, load_tensors
+    from mnist_vae.data import binarize_test, load_tensors
     from mnist_vae.config import Config
 
     spread = json.loads((literature.out / "literature.json").read_text())["rows"][0]["binarizations"]

@@ -13,12 +13,14 @@ The names are loaded on first use, so that `import mnist_vae` (and `mnist-vae --
 not wait for torch.
 """
 
-__version__ = "0.1.0"
+import importlib
+
+from .version import __version__
 
 __all__ = ["load", "train", "Model", "PRETRAINED", "prepare_images", "datasets", "ArgumentError",
            "ArgumentTypeError", "UserError", "__version__"]
 
-_FROM_API = {"load", "Model", "PRETRAINED", "prepare_images", "ArgumentError", "ArgumentTypeError"}
+_FROM_API = {"load", "train", "Model", "PRETRAINED", "prepare_images", "ArgumentError", "ArgumentTypeError"}
 
 
 def __getattr__(name):
@@ -26,12 +28,10 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
-    if name in ("datasets", "train"):  # train: the module, which is callable as api.train (see train.py)
-        import importlib
-
-        return importlib.import_module(f".{name}", __name__)
+    if name == "datasets":  # imported by name: `from . import datasets` would ask this function again
+        return importlib.import_module(".datasets", __name__)
     if name == "UserError":
-        from .config import UserError
+        from .errors import UserError
 
         return UserError
     raise AttributeError(f"module 'mnist_vae' has no attribute {name!r}")

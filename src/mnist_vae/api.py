@@ -24,43 +24,29 @@ given), `elbo`/`log_likelihood(images, labels=...)` of log p(x|y), and `classify
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
+import torch
 
-from . import runs
-from .config import SETTINGS, Config, UserError, resume_conflict
-
-if TYPE_CHECKING:  # imported for real inside the functions, so that `import mnist_vae` stays quick
-    import torch
+from . import checkpoint, loop, pretrained, runs
+from .config import SETTINGS, Config, resume_conflict
+from .data import DATASETS, add_noise, class_index, load_tensors
+from .errors import ArgumentError, ArgumentTypeError, UserError, as_argument_error
+from .evaluation import (EVAL_SEED, evaluate, log_likelihood_estimate, log_likelihoods, reconstruct)
+from .export import export_onnx
+from .images import Images, prepare_images
+from .machine import resolve_device
+from .model import classify
 
 __all__ = ["Model", "load", "train", "prepare_images", "PRETRAINED", "ArgumentError", "ArgumentTypeError"]
 
 PRETRAINED = "pretrained"  # the name that loads the model shipped in the package
 DEVICES = ("auto", "cpu", "cuda", "mps")  # what --device accepts
 
-Images = Any  # np.ndarray | torch.Tensor | PIL.Image.Image | str | os.PathLike | a list of these
 Labels = Any  # None | a class number or name | a sequence, NumPy array or tensor of them (conditional models)
-
-
-class ArgumentError(UserError, ValueError):
-    """A bad argument: a ValueError for Python callers, and the command line's one-line error."""
-
-
-class ArgumentTypeError(UserError, TypeError):
-    """An argument of the wrong type: a TypeError for Python callers, one line on the command line."""
-
-
-def _as_argument_error(error: UserError) -> UserError:
-    """The same message as an ArgumentError (a ValueError), unless it already is a ValueError or TypeError."""
-    if isinstance(error, (ValueError, TypeError)):
-        return error
-    converted = ArgumentError(str(error))
-    converted.exit_code = error.exit_code
-    return converted
 
 
 # ---------------------------------------------------------------- loading
@@ -73,9 +59,6 @@ def load(run_dir: Union[str, os.PathLike] = PRETRAINED, device: str = "cpu") -> 
     `device` is "cpu" (the default, whatever device trained the model), "cuda", "mps" or "auto".
     Raises ValueError for a missing folder, a folder without a checkpoint, or a damaged checkpoint.
     """
-    from . import checkpoint
-    from .train import resolve_device
-
     if not isinstance(run_dir, (str, os.PathLike)):
         raise ArgumentTypeError(f"run_dir must be a folder name (str or path), not {type(run_dir).__name__}")
     if device not in DEVICES:
@@ -83,15 +66,13 @@ def load(run_dir: Union[str, os.PathLike] = PRETRAINED, device: str = "cpu") -> 
     try:
         torch_device = resolve_device(device)
         if str(run_dir) == PRETRAINED and not Path(run_dir).is_dir():
-            from . import pretrained
-
             config, module, info = pretrained.load_model()
             return Model(module.to(torch_device), config, epoch=info["epoch"], run_dir=None, name=PRETRAINED,
                          provenance=info["provenance"])
         config, state, tensors = checkpoint.load(run_dir)
         module = checkpoint.build_model(config, tensors, Path(run_dir) / checkpoint.FILENAME)
     except UserError as e:
-        raise _as_argument_error(e) from None
+        raise as_argument_error(e) from None
     return Model(module.to(torch_device), config, epoch=state["epoch"], run_dir=Path(run_dir), name=str(run_dir))
 
 
@@ -102,8 +83,9 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
     `settings` are the command line's flags by their Python names (dim_z=2, num_epochs=60, ...),
     with the same defaults and checks; every file lands in `output`, as from the command line.
     `resume=True` continues the run in `output` (settings that define the model must then match
-    it); `overwrite=True` writes over an earlier run there. Progress goes to `log` (print).
-    Raises TypeError for an unknown setting and ValueError for a bad value.
+    it), or finishes its missing --eval_k estimate; `overwrite=True` writes over an earlier run
+    there. Progress goes to `log` (print). Raises TypeError for an unknown setting and ValueError
+    for a bad value. The command line's training is this function.
     """
     unknown = sorted(set(settings) - set(SETTINGS))
     if "output" in settings or unknown:
@@ -115,42 +97,40 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
         if not isinstance(value, bool):
             raise ArgumentTypeError(f"{flag} must be True or False, not {value!r}")
     output = os.fspath(output)
-    from . import checkpoint, files
-    from .train import prepare_output
-    from .train import train as run_training
-
     try:
-        if resume:
-            saved, state, _ = checkpoint.load(output)
-            conflict = resume_conflict(saved, settings, output)
-            if conflict:
-                raise ArgumentError(conflict)
-            config = dataclasses.replace(saved, **settings, output=output)
-        else:
-            config = Config(**settings, output=output)
-        try:
-            config.check()
-        except ValueError as e:
-            raise ArgumentError(f"--{e}") from None
-        if config.tensorboard:
-            try:
-                import torch.utils.tensorboard  # noqa: F401
-            except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install "
-                                "'mnist-vae[tensorboard]' (or pip install tensorboard)") from None
-        try:  # the folder's checks before any work, so that they are ValueErrors; training repeats them
-            prepare_output(output, resume, overwrite)
-        except files.WriteError:
-            raise
-        except UserError as e:
-            raise ArgumentError(str(e)) from None
-        if resume and runs.training_done(config, state):
-            log(runs.finished_message(output, config, state))
-        else:
-            run_training(config, resume=resume, overwrite=overwrite, log=log)
-    except (checkpoint.CheckpointError, ArgumentError) as e:
-        raise _as_argument_error(e) from None
+        config, state = _training_config(output, resume, settings)
+    except checkpoint.CheckpointError as e:
+        raise as_argument_error(e) from None
+    if resume and runs.training_done(config, state) and not runs.estimate_missing(config, output):
+        log(runs.finished_message(output, config, state))
+    else:
+        loop.train(config, resume=resume, overwrite=overwrite, log=log)
     return load(output)
+
+
+def _training_config(output: str, resume: bool, settings: dict) -> tuple:
+    """The settings of a run about to train, checked, and the state of the run it resumes (else None)."""
+    if resume:
+        saved, state, _ = checkpoint.load(output)
+        conflict = resume_conflict(saved, settings, output)
+        if conflict:
+            raise ArgumentError(conflict)
+        config = dataclasses.replace(saved, **settings, output=output)
+    else:
+        if "num_epochs" in settings and settings.get("time_budget"):
+            raise ArgumentError("--num_epochs and --time_budget both set how long the run trains; give one of them")
+        config, state = Config(**settings, output=output), None
+    try:
+        config.check()
+    except ValueError as e:
+        raise ArgumentError(f"--{e}") from None
+    if config.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (an optional extra)
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install "
+                            "'mnist-vae[tensorboard]' (or pip install tensorboard)") from None
+    return config, state
 
 
 # ---------------------------------------------------------------- the model
@@ -192,8 +172,6 @@ class Model:
     @property
     def classes(self) -> list:
         """The names of the dataset's classes, by label."""
-        from .data import DATASETS
-
         return list(DATASETS[self.config.dataset]["classes"])
 
     # ------------------------------------------------------------ the model's maps
@@ -222,8 +200,6 @@ class Model:
         """p(y|x) of each image for each class (N, n_classes), for a conditional model: the bounds on
         log p(x|y) (the ELBO for k = 1, the importance-weighted bound for k > 1) with a uniform p(y).
         The class is the argmax of each row; `classes` names them."""
-        from .model import classify
-
         if not self.conditional:
             raise ArgumentError(f"{self.name} is not a conditional model; classify needs a run trained with "
                                 f"--conditional")
@@ -237,8 +213,6 @@ class Model:
         The same `seed` gives the same images (`mnist-vae sample --seed`); None draws fresh ones.
         `label` (a class number or name) is the class a conditional model draws; it needs one.
         """
-        import torch
-
         n = _whole_number("n", n, low=1)
         if self.conditional and label is None:
             raise ArgumentError(f"{self.name} is a conditional model: sample(n, label=...) needs a class "
@@ -254,8 +228,6 @@ class Model:
     def reconstruct(self, images: Images, labels: Labels = None) -> Any:
         """Each image decoded from its posterior mean: images (N, 28, 28), what the reconstruction grids show.
         A conditional model uses `labels`, or else the class it finds for each image (classify)."""
-        from .train import reconstruct
-
         x, as_tensor = self._images(images)
         return as_tensor(reconstruct(self.module, x, self._labels(labels, len(x), x)).reshape(-1, 28, 28))
 
@@ -264,10 +236,6 @@ class Model:
 
         For trying a denoising run (`mnist-vae denoise --add_noise`); the same seed gives the same noise.
         """
-        import torch
-
-        from .train import add_noise
-
         x, as_tensor = self._images(images)
         generator = torch.Generator().manual_seed(_whole_number("seed", seed, low=0, high=2**63 - 1))
         noisy = add_noise(x.cpu(), self.config.noise_factor, generator).to(x.device)
@@ -278,8 +246,6 @@ class Model:
 
         The first and last are the reconstructions of `a` and `b`; each of `a`, `b` is one image.
         """
-        import torch
-
         steps = _whole_number("steps", steps, low=2)
         if self.conditional:
             raise ArgumentError(f"{self.name} is a conditional model: its z is a style, not a digit; use "
@@ -303,10 +269,6 @@ class Model:
 
         The z draws are fixed (as in the runs' test metrics), so the same images give the same numbers.
         """
-        import torch
-
-        from .train import EVAL_SEED
-
         x, as_tensor = self._images(images)
         y = self._labels(labels, len(x), required=True)
         generator = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
@@ -326,10 +288,6 @@ class Model:
         Burda et al.'s bound, which tightens as k grows; the draws are fixed, so it is repeatable.
         With grey-level pixels and the Bernoulli likelihood it is a cross-entropy, not a density.
         """
-        import torch
-
-        from .train import log_likelihoods
-
         k = _whole_number("k", k, low=1)
         x, as_tensor = self._images(images)
         y = self._labels(labels, len(x), required=True)
@@ -345,8 +303,6 @@ class Model:
         {"nll", "nll_stderr"} (± one standard error over the images). The test set is the run's
         dataset (binarized as the run was); `n_test` > 0 uses its first n images.
         """
-        from .train import evaluate, load_tensors, log_likelihood_estimate
-
         k = _whole_number("k", k, low=0)
         n_test = _whole_number("n_test", n_test, low=0)
         config = dataclasses.replace(self.config, data_dir=data_dir or self.config.data_dir, n_test=n_test,
@@ -354,14 +310,12 @@ class Model:
         try:
             tensors = load_tensors(config, self.device, log=lambda _: None)
         except UserError as e:
-            raise _as_argument_error(e) from None
+            raise as_argument_error(e) from None
         test = tensors.test
         labels = tensors.test_y if self.conditional else None  # bounds on log p(x|y) then
         neg_elbo, recon, kl = evaluate(self.module, test, labels=labels)
         result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source}
         if k > 0:
-            import torch
-
             with torch.random.fork_rng(devices=[]):
                 result["nll"], result["nll_stderr"] = log_likelihood_estimate(
                     self.module, test, k, progress=progress, labels=labels)
@@ -373,8 +327,6 @@ class Model:
         `encoder.onnx` (image -> mu, std), `decoder.onnx` (z -> mean image) and `model.json`
         (inputs, outputs and the run's settings). Needs `pip install 'mnist-vae[export]'`.
         """
-        from .export import export_onnx
-
         if format != "onnx":
             raise ArgumentError(f"format must be 'onnx', got {format!r}")
         return export_onnx(self, Path(out))
@@ -392,8 +344,6 @@ class Model:
         A label is a class number or name ("7", "sneaker"); one label serves every image. Without labels, a
         conditional model's `x` is classified (for encode/reconstruct), unless they are `required`.
         """
-        import torch
-
         if not self.conditional:
             if labels is not None:
                 raise ArgumentError(f"{self.name} is not a conditional model; call it without labels")
@@ -401,11 +351,7 @@ class Model:
         if labels is None:
             if required or x is None:
                 raise ArgumentError(f"{self.name} is a conditional model: give the labels of the images")
-            from .model import classify
-
             return classify(self.module, x, k=100).argmax(1)
-        from .cli import class_index
-
         values = labels.tolist() if isinstance(labels, (np.ndarray, torch.Tensor)) else labels
         values = [values] * n if isinstance(values, (int, str, np.integer)) else list(values)
         if len(values) != n:
@@ -417,8 +363,6 @@ class Model:
         return torch.tensor(index, dtype=torch.int64, device=self.device)
 
     def _latents(self, z: Any) -> tuple:
-        import torch
-
         as_tensor = _returner(z)
         if isinstance(z, torch.Tensor):
             values = z.detach().to("cpu", torch.float32)
@@ -440,89 +384,9 @@ class Model:
 
 # ---------------------------------------------------------------- images in
 
-def prepare_images(images: Images) -> "torch.Tensor":
-    """Images in any of the accepted forms (see the module's docstring) as a float32 tensor (N, 784) in [0, 1].
-
-    Arrays and tensors are taken as MNIST-style pixels as they are; PIL images and files are
-    prepared as MNIST's digits were (made grey, inverted on a light background, cropped to the
-    ink, scaled to 20 x 20 and centred in 28 x 28), as the command line does.
-    """
-    import torch
-
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ArgumentError("images: the list is empty; give at least one image")
-        return torch.cat([prepare_images(image) for image in images])
-    if isinstance(images, (str, os.PathLike)):
-        from .data import load_user_image
-
-        try:
-            return torch.from_numpy(load_user_image(images))[None]
-        except UserError as e:
-            raise _as_argument_error(e) from None
-    if _is_pil_image(images):
-        from .data import prepare_digit
-
-        grey = np.asarray(images.convert("L"), dtype=np.float32) / 255.0
-        try:
-            return torch.from_numpy(prepare_digit(grey, "the image"))[None]
-        except UserError as e:
-            raise _as_argument_error(e) from None
-    if isinstance(images, torch.Tensor):
-        array = images.detach().cpu()
-        array = array.numpy() if array.dtype != torch.bfloat16 else array.float().numpy()
-    elif isinstance(images, np.ndarray):
-        array = images
-    else:
-        raise ArgumentTypeError("images must be a NumPy array, a torch tensor, a PIL image, a path or a list of "
-                                f"these, not {type(images).__name__}")
-    return torch.from_numpy(_pixels(array))
-
-
-def _pixels(array: np.ndarray) -> np.ndarray:
-    """An array of MNIST-style images as float32 (N, 784) in [0, 1], with a clear error for anything else."""
-    shape = array.shape
-    if shape in ((28, 28), (784,)):
-        array = array.reshape(1, 784)
-    elif len(shape) == 3 and shape[1:] == (28, 28) or len(shape) == 4 and shape[1:] == (1, 28, 28) or \
-            len(shape) == 2 and shape[1] == 784:
-        array = array.reshape(len(array), 784)
-    else:
-        raise ArgumentError(f"images must have shape (N, 28, 28) or (N, 784), or (28, 28) or (784,) for one "
-                            f"image; got {shape}")
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.bool_:
-        return array.astype(np.float32)
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise ArgumentTypeError(f"images must hold numbers (uint8 0..255 or float in [0, 1]), not {array.dtype}")
-    if array.size == 0:
-        raise ArgumentError("images: the array holds no image")
-    low, high = float(array.min()), float(array.max())
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ArgumentError("images hold NaN or infinite values")
-    if np.issubdtype(array.dtype, np.integer):
-        if low < 0 or high > 255:
-            raise ArgumentError(f"integer pixel values must lie in 0..255; got {low:g}..{high:g}")
-        return array.astype(np.float32) / 255.0
-    if low < 0 or high > 1:
-        hint = " (divide 0..255 pixel values by 255)" if high <= 255 and low >= 0 else ""
-        raise ArgumentError(f"float pixel values must lie in [0, 1]; got {low:g}..{high:g}{hint}")
-    return array.astype(np.float32)
-
-
-def _is_pil_image(value: Any) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:
-        return False
-    return isinstance(value, Image.Image)
-
 
 def _returner(given: Any) -> Callable:
     """How to hand results back: a tensor on the input's device if a tensor came in, else a NumPy array."""
-    import torch
-
     if isinstance(given, torch.Tensor):
         return lambda result: result.to(given.device)
     return lambda result: result.cpu().numpy()
@@ -538,8 +402,6 @@ def _whole_number(name: str, value: Any, low: Optional[int] = None, high: Option
 
 
 def _no_grad():
-    import torch
-
     return torch.no_grad()
 
 

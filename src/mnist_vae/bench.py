@@ -24,8 +24,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import files, products
+import numpy as np
+import torch
+
+from . import checkpoint, files
+from .arguments import Parser
 from .config import Config, choice, integer, text
+from .data import load_tensors
+from .evaluation import evaluate, log_likelihood_estimate
+from .fast import machine, products
+from .fast.fused import FusedTrainStep
+from .fast.products import _onednn, onednn_available
+from .layers import dropout_bits
+from .loop import make_model, train
+from .machine import resolve_device
 
 SETTINGS = {
     "defaults": {},
@@ -39,7 +51,6 @@ SETTINGS = {
 
 
 def main(prog, args):
-    from .cli import Parser
 
     parser = Parser(prog=f"{prog} bench", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=integer(1, 1000), default=5,
@@ -54,8 +65,6 @@ def main(prog, args):
     args = parser.parse_args(args)
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: its folder does not exist; create it or choose another path")
-    from .reproduce import machine
-    from .train import resolve_device
 
     device = resolve_device(args.device)
     base = Config(device=str(device))
@@ -104,7 +113,6 @@ def bench_training(config, device, epochs, matmul=None):
     """Training seconds per epoch and the floor (by `matmul`, the fastest routine), measured in
     alternation: a floor, then an epoch of train() itself (the real loop), `epochs` times after one
     warm-up pair; medians and their ratio."""
-    from .train import train
 
     n_train = config.n_train or 60000
     pairs = []
@@ -130,8 +138,6 @@ def bench_busy(config, device, epochs, unloaded_s):
     """Default epochs while another process keeps one core busy, as training runs them (the thread count
     following the load, threads.py), and one epoch with the count fixed at torch's, as it was before;
     each against the unloaded epoch of the defaults row."""
-    import torch
-    from .train import train
 
     def epoch(**changes):
         return train(replace(config, num_epochs=1, **changes), overwrite=True, log=lambda *a: None)["seconds"]
@@ -152,9 +158,6 @@ def bench_busy(config, device, epochs, unloaded_s):
 def fixed_costs_seconds(config, device, n_train):
     """Seconds per epoch of two parts of a step that are not matrix products but belong to the algorithm:
     Adam's update of every parameter, and drawing the bits of the four dropout masks; each timed alone."""
-    from .fused import FusedTrainStep
-    from .kernels import dropout_bits
-    from .train import make_model
 
     n_steps = math.ceil(n_train / config.batch_size)
     model, optimizer = make_model(config, device)
@@ -177,10 +180,6 @@ def fixed_costs_seconds(config, device, n_train):
 def routines(device):
     """The float32 routines that compute a product a @ b into `out` (b may be a transposed view), by
     name: torch.mm everywhere; on the CPU also oneDNN (through torch) and NumPy's BLAS where they exist."""
-    import numpy as np
-    import torch
-
-    from .products import _onednn, onednn_available
 
     found = {"torch.mm": lambda a, b, out: torch.mm(a, b, out=out)}
     if onednn_available(device):
@@ -194,7 +193,6 @@ def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3,
     """Seconds of one epoch's matrix products alone, `repeats` times, by `matmul` (a routine of
     `routines`; torch.mm by default); with `n_labels` one-hot columns beside x and z (a conditional
     model) and the decoder on `k` draws of z per image (IWAE)."""
-    import torch
 
     matmul = matmul or routines(device)["torch.mm"]
     layers = [(784 + n_labels, n_hidden, 1), (n_hidden, n_hidden, 1), (n_hidden, 2 * dim_z, 1),
@@ -240,7 +238,6 @@ def epoch_gflop(n_train, batch_size, n_hidden, dim_z):
 def bench_routines(config, device, rounds=3):
     """Each routine's floor of a default epoch (its median over `rounds`, taken in alternation) and its
     peak: GFLOP/s of one 2048 x 2048 by 2048 x 2048 product, the best of three."""
-    import torch
 
     n_train = config.n_train or 60000
     found = routines(device)
@@ -267,7 +264,6 @@ def bench_routines(config, device, rounds=3):
 
 
 def _synchronize(device):
-    import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -276,8 +272,6 @@ def _synchronize(device):
 
 
 def bench_evaluation(run_dir, device, k, matmul=None):
-    from . import checkpoint
-    from .train import evaluate, load_tensors, log_likelihood_estimate
 
     config, _, tensors = checkpoint.load(run_dir)
     model = checkpoint.build_model(config, tensors).to(device)
@@ -305,7 +299,6 @@ def iw_floor_seconds(rows, n_hidden, dim_z, device, chunk=1024, most=500_000, ma
     """Seconds of the decoder's matrix products for `rows` draws of z, in chunks as the estimator
     draws them, by `matmul` (torch.mm by default): measured on at most `most` rows and scaled, so the
     bench need not spend a minute on it."""
-    import torch
 
     matmul = matmul or routines(device)["torch.mm"]
 

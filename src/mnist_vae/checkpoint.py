@@ -19,7 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from . import files
-from .config import Config, UserError
+from .config import Config
+from .errors import UserError
+from .evaluation import elbo_name, metric_fields
 from .model import MODELS, build, model_name
 
 FILENAME = "checkpoint.safetensors"
@@ -171,8 +173,6 @@ def _is_number(value):
 
 def check_contents(config, state, tensors, path):
     """Refuse (CheckpointError) a state or tensors that save() would not have written."""
-    from .train import elbo_name, metric_fields  # the columns of a history row (train imports this module)
-
     if not isinstance(state, dict):
         _fail(path, "its state is not a JSON object")
     epoch, step = state["epoch"], state["step"]

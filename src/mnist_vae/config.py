@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .errors import UserError
+
 
 @dataclass
 class Config:
@@ -202,20 +204,6 @@ SETTINGS = {
     "time_budget": (number(0.0, low_open=False), "minutes of training: --num_epochs is planned from a timing of "
                                                  "the first steps, and training stops when they are spent (0: none)"),
 }
-
-
-class UserError(Exception):
-    """A mistake or a problem the user can fix: reported as one line, no traceback."""
-
-    exit_code = 1
-
-
-class Interrupted(Exception):
-    """Training stopped by a signal after writing a checkpoint; exit with `exit_code` (128 + signal)."""
-
-    def __init__(self, exit_code):
-        super().__init__(exit_code)
-        self.exit_code = exit_code
 
 
 # Settings that change what the trained model is; --resume refuses to change them.

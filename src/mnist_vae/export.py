@@ -17,12 +17,17 @@ onnxruntime before they are written. They need the optional packages of
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from . import files
-from .config import UserError
+from .errors import UserError
+from .version import __version__
 
 FILES = ("encoder.onnx", "decoder.onnx", "model.json")  # what an export writes
 OPSET = 18
@@ -49,7 +54,6 @@ def require_packages():
 
 def export_onnx(model, out: Path) -> dict:
     """Write encoder.onnx, decoder.onnx and model.json for `model` (an api.Model) into `out`; return their paths."""
-    import torch
 
     require_packages()
     out = Path(out)
@@ -81,7 +85,6 @@ def export_onnx(model, out: Path) -> dict:
 
 def _modules():
     """The two graphs as torch modules (defined here, so that importing this file does not import torch)."""
-    import torch
 
     class Encoder(torch.nn.Module):
         """image (batch, 784) -> mu, std of q(z|x)."""
@@ -108,7 +111,6 @@ def _modules():
 
 def _onnx_bytes(module, example, inputs, outputs) -> bytes:
     """The ONNX model of `module`, with a dynamic batch axis, as bytes (weights inside, no side file)."""
-    import torch
 
     batch = torch.export.Dim("batch")
     with _quiet():
@@ -119,16 +121,13 @@ def _onnx_bytes(module, example, inputs, outputs) -> bytes:
 
 
 def _forward_args(module):
-    import inspect
 
     return inspect.signature(module.forward).parameters
 
 
 def _check(data: bytes, module, input_name: str, width: int, name: str):
     """Run the graph with onnxruntime on fresh inputs and compare it with PyTorch; refuse to write a wrong one."""
-    import numpy as np
     import onnxruntime
-    import torch
 
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
@@ -172,9 +171,6 @@ class _Null:
 
 def describe(model) -> dict:
     """model.json: what the graphs take and give, and the run's settings."""
-    import torch
-
-    from . import __version__
 
     dim_z = model.dim_z
     likelihood = model.config.likelihood

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import UserError
+from .errors import UserError
 
 
 class WriteError(UserError):

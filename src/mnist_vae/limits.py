@@ -9,7 +9,9 @@ encoder refused an image wider than 65500 pixels.
 import os
 from pathlib import Path
 
-from .config import UserError
+import torch
+
+from .errors import UserError
 
 # The largest side each format can hold: libjpeg's JPEG_MAX_DIMENSION, and PNG's 31-bit sizes.
 MAX_SIDE = {".jpg": 65500, ".jpeg": 65500, ".png": 2**31 - 1}
@@ -89,8 +91,6 @@ def check_training(config, device=None):
     total = sum(needs.values())
     free = available_memory()
     if device is not None and getattr(device, "type", "cpu") == "cuda":
-        import torch
-
         free = min(free or float("inf"), torch.cuda.mem_get_info(device)[0])
     if free is not None and total > free:
         biggest = max(needs, key=needs.get)

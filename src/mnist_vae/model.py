@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import Dropout, Tanh, dropout_mask, tanh_  # noqa: F401 (the seed's layers)
+from .layers import Dropout, Tanh
 
 IMAGE_PIXELS = 28 * 28
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli")

@@ -15,15 +15,22 @@ layer: the VAE, and the IWAE with k = 5) on their architecture, each for a fixed
 writes OUT/literature.md and literature.json: their numbers beside this project's.
 """
 
+import csv
 import json
 import math
-import os
-import platform
 from dataclasses import replace
 from pathlib import Path
 
-from . import files, runs
-from .config import Config, UserError, choice, fixed_length, integer, number, text
+import torch
+
+from . import checkpoint, files, runs
+from .arguments import Parser
+from .config import Config, choice, fixed_length, integer, number, text
+from .data import binarize_test, load_tensors
+from .errors import UserError
+from .evaluation import log_likelihood_estimate
+from .fast import machine
+from .loop import train
 
 RUNS = [  # name, settings, what the README shows of it
     ("dim2", dict(dim_z=2)),
@@ -51,7 +58,6 @@ PIXELS = {  # what the numbers of each --binarize are
 
 
 def main(prog, args):
-    from .cli import Parser
 
     parser = Parser(prog=f"{prog} reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=integer(1), help="epochs per run (default 60, as the old README)")
@@ -94,7 +100,6 @@ def main(prog, args):
         selected = names
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
-    from .train import train
 
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -155,7 +160,6 @@ def _finished(config):
     evaluation = folder / "evaluation.json"
     if not (folder / "checkpoint.safetensors").exists():
         return None
-    from . import checkpoint
 
     saved, state, _ = checkpoint.load(folder)
     length = saved if fixed_length(saved) else config  # the epochs it planned at its start, else those asked for now
@@ -170,7 +174,6 @@ def _finished(config):
 
 def _training_seconds(config):
     """Training time of the run: the sum of its epochs' seconds, whichever call trained them."""
-    import csv
 
     with open(Path(config.output) / "metrics.csv") as f:
         return sum(float(row["seconds"]) for row in csv.DictReader(f))
@@ -199,23 +202,6 @@ def _collect_images(out, epochs):
     for source, name in copies.items():
         if source.exists():
             files.write_bytes(out / name, source.read_bytes())
-
-
-def machine():
-    import torch
-
-    from . import kernels
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "kernels": kernels.description()}
 
 
 def _command(args):
@@ -306,7 +292,6 @@ OTHER_NUMBERS = ("pythae's reproductions, on statically binarized MNIST (so not 
 def paper_main(args):
     """mnist-vae reproduce --paper iwae: train PAPER_RUNS for args.budget minutes each (each resumable in
     its own folder), and write OUT/literature.md and literature.json."""
-    from .train import train
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -318,7 +303,6 @@ def paper_main(args):
     base = Config(**BURDA_MODEL, time_budget=budget, eval_k=k, data_dir=args.data_dir)
     if args.quick:
         base = replace(base, n_train=1000, n_test=200)
-    from . import checkpoint
 
     rows = []
     for name, settings, (model, k_train) in PAPER_RUNS:
@@ -349,7 +333,6 @@ def paper_main(args):
 
 def _check_same_paper_run(config):
     """Refuse to go on with a run folder of an earlier --paper reproduction made with another budget or k."""
-    from . import checkpoint
 
     folder = Path(config.output)
     if not (folder / checkpoint.FILENAME).exists():
@@ -367,10 +350,6 @@ def binarization_spread(config, n, fixed_nll):
     beside `fixed_nll`, its NLL on the one every run is measured on: what sampling the test set afresh at each
     evaluation, as Burda et al. did, would have given. Each binarization's estimate is kept in the run's
     binarizations.json as it is done, so an interrupted measurement goes on where it stopped."""
-    import torch
-
-    from . import checkpoint
-    from .train import binarize_test, load_tensors, log_likelihood_estimate
 
     folder = Path(config.output)
     path = folder / "binarizations.json"

@@ -15,14 +15,14 @@ import contextlib
 import errno
 import fcntl
 import functools
-import hashlib
 import os
 import re
 import time
 from pathlib import Path
 
 from . import files
-from .config import UserError, fixed_length
+from .config import fixed_length
+from .errors import UserError
 
 LOCK_NAME = ".mnist-vae.lock"
 CHECKPOINT_NAME = "checkpoint.safetensors"  # checkpoint.FILENAME; not imported, since that pulls in torch
@@ -234,16 +234,6 @@ def clear_outputs(folder, log=print):
 
 # ---------------------------------------------------------------- what a run was trained on
 
-def data_fingerprint(*arrays):
-    """SHA-256 over the shapes and bytes of the arrays (the images and labels a run uses)."""
-    import numpy as np
-
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(f"{array.dtype.str}{tuple(array.shape)}".encode())
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
-
 
 def check_same_data(state, fingerprint, out, source, log=print):
     """Refuse to resume the run in `out` on data other than those it was trained on."""
@@ -277,6 +267,11 @@ def budget_spent(config, history):
 def training_done(config, state):
     """Whether the run whose checkpoint holds `state` has trained all it will: its epochs, or its time budget."""
     return state["epoch"] >= config.num_epochs or budget_spent(config, state["history"])
+
+
+def estimate_missing(config, run_dir):
+    """Whether a finished run still owes its --eval_k estimate (one interrupted by a signal)."""
+    return config.eval_k > 0 and not (Path(run_dir) / "evaluation.json").exists()
 
 
 def finished_message(run_dir, config, state):

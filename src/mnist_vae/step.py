@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from . import fused
-from .config import UserError
+from .errors import UserError
+from .fast import fused
 
 STEPS = ("auto", "fused", "autograd")
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from typing import Optional, Union
 
+from ..data import load_dataset
+from ..errors import ArgumentError, ArgumentTypeError, UserError
+
 __all__ = ["load", "NAMES"]
 
 NAMES = ("mnist", "fashion-mnist")
@@ -20,9 +23,6 @@ def load(name: str = "mnist", data_dir: Optional[Union[str, os.PathLike]] = None
     user cache and /usr/share/datasets, then downloaded. Raises ValueError for an unknown name
     or unusable files.
     """
-    from ..api import ArgumentError, ArgumentTypeError
-    from ..config import UserError
-    from ..data import load_dataset
 
     if not isinstance(name, str):
         raise ArgumentTypeError(f"name must be a dataset name (str), not {type(name).__name__}")

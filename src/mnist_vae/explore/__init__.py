@@ -10,15 +10,23 @@ here, and one that uses another kind is refused in one line.
 """
 
 import base64
+import dataclasses
 import html
 import json
 import math
+import webbrowser
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from ..config import UserError
+from .. import checkpoint, files
+from ..api import PRETRAINED, load
+from ..arguments import Parser
+from ..config import boolean, integer, text
+from ..data import load_tensors
+from ..errors import UserError
 
 IMAGE_PIXELS = 28 * 28
 MAX_SLIDERS = 32  # one slider per latent dimension, up to this many
@@ -112,7 +120,6 @@ def model_facts(model):
 
 def export_network(model, path="the model"):
     """The model's encoder and decoder for the page: (description, float32 blob), checked against torch."""
-    import torch
 
     dim_z, conditional, n_classes = model_facts(model)
     blob = Blob()
@@ -151,7 +158,6 @@ def _last_linear(layers):
 
 def encode_means(model, images, labels):
     """Posterior means of `images` (n, 784) in float32, with the labels for conditional models."""
-    import torch
 
     _, conditional, n_classes = model_facts(model)
     means = []
@@ -258,8 +264,8 @@ def render_page(data, blob_base64):
     """The HTML page: template, style, script and data inline."""
     script = _asset("explore.js")
     style = _asset("explore.css")
-    for name, text in (("explore.js", script), ("explore.css", style)):
-        if "</" + "script" in text.lower() or "</" + "style" in text.lower():
+    for name, asset in (("explore.js", script), ("explore.css", style)):
+        if "</" + "script" in asset.lower() or "</" + "style" in asset.lower():
             raise AssertionError(f"{name} would close its own inline tag")
     # JSON in a script element: escape "</" so no string inside can end the element.
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
@@ -273,15 +279,9 @@ def render_page(data, blob_base64):
 
 def build_page(run_dir, n_points=None, device="cpu", log=print):
     """The explore page of the run in `run_dir`, as HTML text."""
-    import dataclasses
 
-    import torch
-
-    from .. import checkpoint
-    from ..train import load_tensors
 
     if _is_packaged(run_dir):
-        from ..api import load
 
         packaged = load(run_dir, device=device)
         config, model, path = packaged.config, packaged.module, "the packaged model"
@@ -299,16 +299,12 @@ def build_page(run_dir, n_points=None, device="cpu", log=print):
 
 def _is_packaged(run_dir):
     """Whether RUN_DIR names the model shipped with the package (a real folder of that name wins)."""
-    from ..api import PRETRAINED
 
     return str(run_dir) == PRETRAINED and not Path(run_dir).is_dir()
 
 
-def command_explore(prog, args):
+def main(prog, args):
     """mnist-vae explore RUN_DIR [--out FILE.html] [--open]."""
-    from .. import files
-    from ..cli import Parser
-    from ..config import boolean, integer, text
 
     parser = Parser(prog=f"{prog} explore",
                     description="Write one self-contained HTML page that runs the trained model in your browser: "
@@ -336,7 +332,6 @@ def command_explore(prog, args):
     files.write_text(out, page)
     print(out)
     if args.open:
-        import webbrowser
 
         if not webbrowser.open(out.resolve().as_uri()):
             print(f"note: no browser could be started; open {out} yourself")

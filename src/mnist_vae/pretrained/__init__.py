@@ -14,11 +14,25 @@ gives are within a few hundredths of a nat of the float32 model's (both are reco
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shlex
 import subprocess
+import sys
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save as safetensors_bytes
+
+from .. import checkpoint, files
+from ..checkpoint import CheckpointError, build_model, read_file
+from ..config import Config
+from ..data import load_tensors
+from ..errors import UserError
+from ..evaluation import evaluate
+from ..version import __version__
 
 FILENAME = "mnist-dim2.safetensors"
 FORMAT = "mnist-vae pretrained 1"
@@ -32,10 +46,7 @@ def path() -> Path:
 
 def read(file=None):
     """(config, float16 weights named "model.*", info) of the packaged file; info holds `epoch` and `provenance`."""
-    from safetensors import SafetensorError
 
-    from ..checkpoint import CheckpointError, read_file
-    from ..config import Config
 
     file = Path(file or path())
     if not file.is_file():
@@ -55,7 +66,6 @@ def read(file=None):
 
 def load_model(file=None):
     """(config, the VAE in float32, info) of the packaged model."""
-    from ..checkpoint import build_model
 
     config, tensors, info = read(file)
     weights = {name: value.float() for name, value in tensors.items()}
@@ -66,12 +76,7 @@ def load_model(file=None):
 
 def refresh(run_dir, commit=None, command=None, out=None, log=print) -> dict:
     """Store the trained model of `run_dir` as the packaged model (float16), with its provenance; return it."""
-    import torch
-    from safetensors.torch import save as safetensors_bytes
 
-    from .. import __version__, checkpoint, files
-    from ..config import UserError
-    from ..train import evaluate, load_tensors
 
     config, state, tensors = checkpoint.load(run_dir)
     if config.dataset != "mnist" or config.dim_z != 2:
@@ -118,7 +123,6 @@ def refresh(run_dir, commit=None, command=None, out=None, log=print) -> dict:
 
 def _command(config) -> str:
     """The training command of `config`: its settings that differ from the defaults, as flags."""
-    from ..config import Config
 
     defaults = Config()
     flags = [f"--{name} {shlex.quote(str(value))}" for name, value in config.to_dict().items()
@@ -141,10 +145,6 @@ def _git_commit() -> str:
 
 def main(argv=None) -> int:
     """`python -m mnist_vae.pretrained RUN_DIR`: refresh the packaged model from a finished run."""
-    import argparse
-    import sys
-
-    from ..config import UserError
 
     parser = argparse.ArgumentParser(prog="python -m mnist_vae.pretrained", description=main.__doc__.split(": ")[1])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished dim_z 2 MNIST run (mnist-vae --dim_z 2 "

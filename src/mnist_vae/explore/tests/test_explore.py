@@ -22,8 +22,9 @@ import pytest
 import torch
 from torch import nn
 
-from mnist_vae import checkpoint, cli, data
-from mnist_vae.config import Config, UserError
+from mnist_vae import checkpoint, cli, data, images
+from mnist_vae.config import Config
+from mnist_vae.errors import UserError
 from mnist_vae.explore import ExploreError, export_network, page_data, render_page
 from mnist_vae.model import VAE, build
 
@@ -331,7 +332,7 @@ def python_prepared(page, tmp_path):
     url = page.js("explore.drawingPNG()")
     path = tmp_path / "drawing.png"
     path.write_bytes(base64.b64decode(url.split(",", 1)[1]))
-    return data.load_user_image(path)
+    return images.load_user_image(path)
 
 
 def test_stroke_is_prepared_and_encoded_as_in_python(run_z2, open_page, tmp_path):
@@ -375,7 +376,7 @@ def preparation_cases():
 def test_preparation_matches_prepare_digit(run_z2, open_page):
     page = open_page(write_page(run_z2))
     for name, grey in preparation_cases().items():
-        expected = data.prepare_digit(grey)
+        expected = images.prepare_digit(grey)
         found = page.js("([g, w, h]) => Array.from(explore.prepare(Float32Array.from(g), w, h))",
                         [grey.ravel().tolist(), grey.shape[1], grey.shape[0]])
         assert np.abs(np.array(found) - expected).max() <= 1e-6, name

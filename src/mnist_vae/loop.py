@@ -3,41 +3,31 @@
 `train(config)` reads straight down: set up the output folder, the data and the model
 (or restore them from a checkpoint), then for each epoch train, evaluate on the whole
 test set, write the images, metrics and a checkpoint.
-
-The module is callable: `mnist_vae.train(output=..., **settings)` is the Python API's
-api.train (see the end of this file for why).
 """
 
-import csv
 import dataclasses
-import io
 import math
 import signal
-import sys
 import tempfile
-import types
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
-from . import checkpoint, files, fused, limits, plots, products, runs
-from .config import Interrupted, UserError, fixed_length
-from .threads import ThreadGovernor, products_thread_invariant
-from .data import load_dataset
-from .fused import FusedTrainStep
-from .model import (analogies, build, classify, evaluating, importance_weighted_log_likelihood,
-                    samples_by_class)
+from . import checkpoint, files, limits, plots, runs
+from .config import fixed_length
+from .data import add_noise, load_tensors
+from .errors import ArgumentError, Interrupted, UserError
+from .evaluation import IW_SEED, classifier_accuracy, elbo_name, evaluate, log_likelihood_estimate, metric_fields
+from .fast import products
+from .fast.fused import FusedTrainStep, unsupported
+from .fast.threads import ThreadGovernor, products_thread_invariant
+from .machine import resolve_device
+from .model import build
+from .outputs import log_tensorboard, tensorboard, write_epoch_images, write_metrics
 from .step import kl_weight, learning_rate, make_step
 
-# Fixed seeds, independent of --seed, so that every run is measured on the same draws.
-TEST_BINARIZATION_SEED = 20140101  # the binarized test set
-EVAL_SEED = 1312  # the z samples of the test -ELBO
-IW_SEED = 6114  # the importance samples of the log-likelihood estimate
-METRIC_FIELDS = ["epoch", "train_neg_elbo", "train_recon", "train_kl",
-                 "test_neg_elbo", "test_recon", "test_kl", "seconds", "likelihood", "binarize"]
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check synchronises)
 PLAN_SECONDS = 10  # at most this long timing the training step to plan a --time_budget run
 
@@ -46,40 +36,12 @@ class TrainingError(UserError):
     pass
 
 
-def elbo_name(config):
-    """The metrics' name of the -ELBO: of log p(x), or of log p(x|y) for a conditional model, so the
-    two never share a column."""
-    return "neg_elbo_given_y" if config.conditional else "neg_elbo"
-
-
-def metric_fields(config):
-    """metrics.csv's columns for this run: METRIC_FIELDS, with the -ELBO named for what it bounds, and
-    the training loss actually minimised (beta, warm-up, IWAE), the test K-sample bound (IWAE) and the
-    test accuracy of the model as a classifier (conditional) where the run has them."""
-    fields = [field.replace("neg_elbo", elbo_name(config)) for field in METRIC_FIELDS]
-    if config.beta != 1 or config.kl_warmup or config.objective != "elbo":
-        fields.insert(fields.index("train_kl") + 1, "train_loss")
-    extra = [f"test_neg_iw_bound{'_given_y' if config.conditional else ''}"] if config.objective == "iwae" else []
-    extra += ["test_accuracy"] if config.conditional else []
-    at = fields.index("seconds")
-    return fields[:at] + extra + fields[at:]
-
-
 # ---------------------------------------------------------------- set-up
-
-def resolve_device(name):
-    """--device auto picks CUDA, then Apple's MPS, then the CPU."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    elif (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise UserError(f"--device {name}: no such device on this machine; use --device auto or cpu")
-    return torch.device(name)
 
 
 def prepare_output(folder, resume=False, overwrite=False):
-    """Create the output folder if needed; refuse to write over another run unless asked to."""
+    """Create the output folder if needed; refuse to write over another run unless asked to (ArgumentError:
+    the folder is the caller's argument)."""
     out = Path(folder)
     try:
         is_file = out.exists() and not out.is_dir()
@@ -87,62 +49,18 @@ def prepare_output(folder, resume=False, overwrite=False):
     except OSError as e:  # a name too long, a part of it a file
         raise files.WriteError(files.error_line(out, e)) from None
     if is_file:
-        raise UserError(f"--output {out} is a file, not a folder; give a folder name")
+        raise ArgumentError(f"--output {out} is a file, not a folder; give a folder name")
     if not (resume or overwrite) and holds_run:
-        raise UserError(f"--output {out} already holds a run; continue it with --resume {out}, "
+        raise ArgumentError(f"--output {out} already holds a run; continue it with --resume {out}, "
                         f"replace its files with --overwrite, or choose another --output")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
-        raise UserError(f"--output {out}: cannot write there ({e.strerror or e}); "
+        raise ArgumentError(f"--output {out}: cannot write there ({e.strerror or e}); "
                         f"choose a folder you can write to") from None
     return out
-
-
-@dataclass
-class Tensors:
-    train: torch.Tensor  # (n, 784) float32 in [0, 1]: grey levels, or binary when binarized
-    test: torch.Tensor
-    test_labels: np.ndarray
-    classes: list
-    source: str
-    train_y: torch.Tensor = None  # the labels as int64 tensors on the device, for conditional models
-    test_y: torch.Tensor = None
-    fingerprint: str = ""  # of the images and labels used (runs.data_fingerprint), for --resume
-
-
-def load_tensors(config, device, log=print):
-    """The dataset as float tensors on `device`, subset and binarized as the config says."""
-    dataset = load_dataset(config.dataset, config.data_dir, log=log)
-    log(f"data: {config.dataset} from the {dataset.source}")
-    train = dataset.train_images[: config.n_train or None].copy()  # writable, for torch
-    test = dataset.test_images[: config.n_test or None].copy()
-    fingerprint = runs.data_fingerprint(train, dataset.train_labels[: config.n_train or None], test,
-                                        dataset.test_labels[: config.n_test or None])
-    train = torch.from_numpy(train.reshape(len(train), -1)).float().div_(255)
-    test = torch.from_numpy(test.reshape(len(test), -1)).float().div_(255)
-    if config.binarize != "none":
-        test = binarize_test(test)
-    if config.binarize == "static":
-        train = torch.bernoulli(train, generator=torch.Generator().manual_seed(config.seed))
-    test_labels = dataset.test_labels[: config.n_test or None].copy()
-    train_y = torch.from_numpy(dataset.train_labels[: config.n_train or None].astype(np.int64)).to(device)
-    return Tensors(train.to(device), test.to(device), test_labels, dataset.classes, dataset.source,
-                   train_y, torch.from_numpy(test_labels.astype(np.int64)).to(device), fingerprint)
-
-
-def binarize_test(grey, seed=TEST_BINARIZATION_SEED):
-    """Binary test images drawn from the grey levels: with the fixed seed, the one test set every run with
-    --binarize is measured on (other seeds: the other test sets the same grey levels could have given)."""
-    return torch.bernoulli(grey, generator=torch.Generator().manual_seed(seed))
-
-
-def add_noise(x, noise_factor, generator=None):
-    """x + noise_factor * N(0, 1), clipped to [0, 1] so the encoder sees valid pixel values."""
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + noise_factor * noise).clamp_(0, 1)
 
 
 def make_model(config, device):
@@ -187,137 +105,8 @@ def plan_epochs(config, tensors, n_steps, device, log=print):
 
 # ---------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def evaluate(model, x, batch_size=2000, labels=None):
-    """Test -ELBO, reconstruction -log p(x|z) and KL, nats per image, dropout off, fixed z draws
-    (given the `labels`, for a conditional model: the -ELBO of log p(x|y))."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
-    sums = torch.zeros(3, device=x.device, dtype=torch.float64)
-    for start in range(0, len(x), batch_size):
-        batch = x[start: start + batch_size]
-        eps = torch.randn((len(batch), model.dim_z), generator=generator, device=x.device)
-        batch_labels = None if labels is None else labels[start: start + batch_size]
-        elbo, reconstruction, kl = model(batch, eps=eps, labels=batch_labels)
-        sums += torch.stack([-elbo.sum(), -reconstruction.sum(), kl.sum()]).double()
-    model.train(was_training)
-    return (sums / len(x)).tolist()
-
-
-@torch.no_grad()
-def log_likelihoods(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None,
-                    governor=None):
-    """Importance-weighted estimate of log p(x) (of log p(x|y) given the `labels`, for a conditional
-    model) for each image of `x`: a tensor (n,). Draws from `generator`, else from the global generator
-    seeded with IW_SEED. Returns None if `stop` (a StopSignal) received a signal on the way. The
-    `governor` (threads.ThreadGovernor; by default one that follows the machine's load) sets the threads."""
-    if governor is None:
-        with ThreadGovernor() as governor:
-            return log_likelihoods(model, x, k, batch_size, progress, labels, generator, stop, governor)
-    was_training = model.training
-    model.eval()
-    if generator is None:
-        torch.manual_seed(IW_SEED)  # the estimator draws from the global generator; fix it for repeatability
-    from tqdm import tqdm
-
-    per_image = []
-    for start in tqdm(range(0, len(x), batch_size), desc=f"log-likelihood, k={k}", disable=None if progress else True,
-                      leave=False):
-        if stop is not None and stop.received is not None:
-            model.train(was_training)
-            return None
-        governor()
-        batch_labels = None if labels is None else labels[start: start + batch_size]
-        per_image.append(importance_weighted_log_likelihood(model, x[start: start + batch_size], k,
-                                                            labels=batch_labels, generator=generator))
-    model.train(was_training)
-    return torch.cat(per_image)
-
-
-def log_likelihood_estimate(model, x, k, batch_size=100, progress=True, labels=None, generator=None, stop=None,
-                            governor=None):
-    """Importance-weighted NLL over `x`: (mean, standard error) in nats per image; the standard error is
-    NaN for a single image. None if `stop` received a signal on the way (see log_likelihoods)."""
-    log_p = log_likelihoods(model, x, k, batch_size, progress, labels, generator, stop, governor)
-    if log_p is None:
-        return None
-    nll = -log_p.double()
-    stderr = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
-    return nll.mean().item(), stderr
-
-
-def classifier_accuracy(model, x, labels, batch_size=1000):
-    """How often the conditional model, as a classifier (the label of highest ELBO), is right on `x`."""
-    right = 0
-    for start in range(0, len(x), batch_size):
-        predicted = classify(model, x[start: start + batch_size], k=1, seed=EVAL_SEED).argmax(1)
-        right += (predicted == labels[start: start + batch_size]).sum().item()
-    return right / len(x)
-
 
 # ---------------------------------------------------------------- pictures of the model
-
-def reconstruct(model, x, labels=None):
-    """Decoded posterior means: what the reconstruction grids show."""
-    with evaluating(model):
-        mu, _ = model.encode(x, labels)
-        return model.mean_image(model.decode(mu, labels))
-
-
-def decode_images(model, z, labels=None):
-    with evaluating(model):
-        return model.mean_image(model.decode(z, labels))
-
-
-def epoch_name(prefix, epoch, num_epochs, digits=0):
-    """The file of an epoch's image: the epoch zero-padded to `digits`, or else to the width of num_epochs."""
-    return f"{prefix}_epoch_{epoch:0{digits or runs.epoch_digits(num_epochs)}d}.jpg"
-
-
-def write_epoch_images(model, config, fixed, tensors, out, epoch):
-    cpu = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    nx, ny = config.PRR_n_img_x, config.PRR_n_img_y
-    labels = fixed["prr_labels"] if model.conditional else None
-    plots.save_grid(cpu(reconstruct(model, fixed["prr_input"], labels)), nx, ny,
-                    out / epoch_name("PRR", epoch, config.num_epochs, config.epoch_digits))
-    if model.conditional:
-        # One row per class, one fixed z per column: a column is one style written as every class.
-        plots.save_grid(cpu(samples_by_class(model, fixed["prior_z"][:nx])).reshape(-1, 784), nx, model.n_classes,
-                        out / epoch_name("samples", epoch, config.num_epochs, config.epoch_digits))
-        # Kingma et al. 2014's analogies: a test image, then its z decoded with each class.
-        x = fixed["prr_clean"][:ny]
-        styles = analogies(model, x, fixed["prr_labels"][:ny])
-        plots.save_grid(cpu(torch.cat([x[:, None], styles], dim=1)).reshape(-1, 784), 1 + model.n_classes, len(x),
-                        out / epoch_name("analogies", epoch, config.num_epochs, config.epoch_digits))
-    else:
-        plots.save_grid(cpu(decode_images(model, fixed["prior_z"])), nx, ny,
-                        out / epoch_name("samples", epoch, config.num_epochs, config.epoch_digits))
-    if config.dim_z == 2:
-        z = torch.from_numpy(plots.manifold_grid_z(config.PMLR_n_img_x, config.PMLR_n_img_y, config.PMLR_z_range))
-        z = z.to(fixed["prior_z"].device)
-        for c in range(model.n_classes) if model.conditional else [None]:
-            grid_labels = None if c is None else torch.full((len(z),), c, dtype=torch.long, device=z.device)
-            plots.save_grid(cpu(decode_images(model, z, grid_labels)), config.PMLR_n_img_x, config.PMLR_n_img_y,
-                            out / epoch_name("PMLR" if c is None else f"PMLR_class{c}", epoch, config.num_epochs,
-                                              config.epoch_digits))
-        n = min(config.PMLR_n_samples, len(tensors.test))
-        with evaluating(model):
-            mu, _ = model.encode(tensors.test[:n], tensors.test_y[:n] if model.conditional else None)
-        plots.save_latent_map(cpu(mu), tensors.test_labels[:n], tensors.classes, config.PMLR_z_range,
-                              out / epoch_name("PMLR_map", epoch, config.num_epochs, config.epoch_digits))
-
-
-def write_metrics(history, out, config):
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=metric_fields(config), lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in row.items()})
-    files.write_text(out / "metrics.csv", table.getvalue())
-    plots.save_loss_curves(history, out / "loss_curves.png", elbo_key=elbo_name(config),
-                           title=f"{config.dataset}, dim_z={config.dim_z}, likelihood={config.likelihood}, "
-                                 f"binarize={config.binarize}")
 
 
 # ---------------------------------------------------------------- signals
@@ -349,8 +138,6 @@ def train(config, resume=False, overwrite=False, log=print):
     """Train as `config` says, writing everything into config.output; return the last metrics row.
 
     The run holds the lock of config.output throughout (runs.locked_run)."""
-    from tqdm import tqdm
-
     device = resolve_device(config.device)
     limits.check_training(config, device)  # memory and image sizes, before anything is written
     try:
@@ -374,7 +161,7 @@ def train(config, resume=False, overwrite=False, log=print):
     step_function = make_step(model, optimizer, config)
     step_name = "fused" if isinstance(step_function, FusedTrainStep) else "autograd"
     if step_name == "autograd" and config.step == "auto":
-        log(f"training step: autograd (the fused step does not fit: {fused.unsupported(model, config)})")
+        log(f"training step: autograd (the fused step does not fit: {unsupported(model, config)})")
     data_generator = torch.Generator(device=device).manual_seed(config.seed)
 
     # What every epoch's pictures are made from: fixed inputs, their noisy copies, prior draws.
@@ -421,7 +208,7 @@ def train(config, resume=False, overwrite=False, log=print):
                                      "torch": torch.__version__, "model": model.name, "training_step": step_name,
                                      # which routine did the step's products: their rounding differs
                                      "products": step_function.products.name if step_name == "fused" else "torch"})
-    board = _tensorboard(config)
+    board = tensorboard(config)
 
     row = history[-1] if history else None
 
@@ -516,7 +303,7 @@ def train(config, resume=False, overwrite=False, log=print):
             write_epoch_images(model, config, fixed, tensors, out, epoch + 1)
             write_metrics(history, out, config)
             if board is not None:
-                _log_tensorboard(board, row, out, config, epoch + 1)
+                log_tensorboard(board, row, out, config, epoch + 1)
             epoch, step, seconds_before = epoch + 1, 0, 0.0
             save_checkpoint(data_generator.get_state(), 0.0)
             if stop.received is not None and epoch < config.num_epochs:
@@ -557,39 +344,3 @@ def train(config, resume=False, overwrite=False, log=print):
             + " nats per image" + (" (-log p(x|y), given the label)" if given else ""))
         row = {**row, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr} if row else row
     return {**row, "step": step_name} if row else row
-
-
-def _tensorboard(config):
-    if not config.tensorboard:
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # availability checked by the CLI
-
-    return SummaryWriter(config.tensorboard)
-
-
-def _log_tensorboard(board, row, out, config, epoch):
-    for key in metric_fields(config)[1:-2]:
-        board.add_scalar(key.replace("_", "/", 1), row[key], epoch)
-    from PIL import Image
-
-    for prefix in ("PRR", "samples", "PMLR"):
-        path = out / epoch_name(prefix, epoch, config.num_epochs, config.epoch_digits)
-        if path.exists():
-            board.add_image(prefix, np.asarray(Image.open(path)), epoch, dataformats="HW")
-    board.flush()
-
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable: `mnist_vae.train(output=..., **settings)` is the Python API's api.train."""
-
-    def __call__(self, *args, **kwargs):
-        from .api import train as api_train
-
-        return api_train(*args, **kwargs)
-
-
-# `mnist_vae.train` is both this module and the API's training function, as the issue spells it.
-# Importing a submodule sets the package's attribute to the module, so the module itself is made
-# callable rather than letting one name hide the other.
-sys.modules[__name__].__class__ = _CallableModule

@@ -26,13 +26,14 @@ the gradient with respect to z is the first dim_z columns of that of [z, y].
 import torch
 from torch import nn
 
+from .. import layers
+from ..model import LIKELIHOODS, VAE, ConditionalVAE, continuous_bernoulli_log_norm
 from . import kernels
 from .products import Products
-from .model import LIKELIHOODS, ConditionalVAE, VAE, continuous_bernoulli_log_norm
 
 # The seed's MLP, module by module: what the step below computes, and nothing else.
-ENCODER = (nn.Linear, nn.ELU, kernels.Dropout, nn.Linear, kernels.Tanh, kernels.Dropout, nn.Linear)
-DECODER = (nn.Linear, kernels.Tanh, kernels.Dropout, nn.Linear, nn.ELU, kernels.Dropout, nn.Linear)
+ENCODER = (nn.Linear, nn.ELU, layers.Dropout, nn.Linear, layers.Tanh, layers.Dropout, nn.Linear)
+DECODER = (nn.Linear, layers.Tanh, layers.Dropout, nn.Linear, nn.ELU, layers.Dropout, nn.Linear)
 
 
 def unsupported(model, config):
@@ -58,7 +59,7 @@ def unsupported(model, config):
     h = model.n_hidden
     if shapes != [(h, 784 + n_y), (h, h), (2 * model.dim_z, h), (h, model.dim_z + n_y), (h, h), (784, h)]:
         return "its layers' shapes are not the seed MLP's"
-    if len({m.p for m in (*model.encoder, *model.decoder) if isinstance(m, kernels.Dropout)}) != 1:
+    if len({m.p for m in (*model.encoder, *model.decoder) if isinstance(m, layers.Dropout)}) != 1:
         return "its dropout rates differ between layers"
     if model.likelihood not in LIKELIHOODS:
         return f"it has no gradient for the likelihood {model.likelihood!r}"
@@ -109,7 +110,7 @@ class FusedTrainStep:
 
     def _key(self):
         """The key of one layer's dropout mask, drawn where model.VAE.forward draws that mask's bits."""
-        return None if self.p == 0 else kernels.dropout_key()
+        return None if self.p == 0 else layers.dropout_key()
 
     def __call__(self, x, target=None, labels=None):
         target = x if target is None else target

@@ -1,0 +1,37 @@
+"""The command line's argument parser: one-line usage errors, and the training flags every front end shares."""
+
+import argparse
+
+from .config import SETTINGS, Config, boolean, text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag(parser, name, check, help_text, **kwargs):
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*spellings, dest=name, type=check, help=help_text, **kwargs)
+
+
+def train_parser(prog):
+    defaults = Config()
+    parser = Parser(
+        prog=prog, argument_default=argparse.SUPPRESS,
+        description="Train a variational auto-encoder on MNIST or Fashion-MNIST and write its pictures, "
+                    "metrics and checkpoint into --output.",
+        epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, classify, analogies, export, "
+               "explore, bench, reproduce "
+               f"({prog} COMMAND --help)")
+    for name, (check, help_text) in SETTINGS.items():
+        default = getattr(defaults, name)
+        extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if check is boolean else {}
+        _flag(parser, name, check, f"{help_text} (default: {default})", **extra)
+    parser.add_argument("--resume", metavar="RUN_DIR", type=text,
+                        help="continue the interrupted or finished run in RUN_DIR")
+    parser.add_argument("--overwrite", nargs="?", const=True, type=boolean, metavar="BOOL",
+                        help="write over the files of an earlier run in --output")
+    return parser

@@ -1,0 +1,32 @@
+"""The errors a user can fix, each reported as one line: the command line prints it, the API raises it."""
+
+
+class UserError(Exception):
+    """A mistake or a problem the user can fix: reported as one line, no traceback."""
+
+    exit_code = 1
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after writing a checkpoint; exit with `exit_code` (128 + signal)."""
+
+    def __init__(self, exit_code):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+class ArgumentError(UserError, ValueError):
+    """A bad argument: a ValueError for Python callers, and the command line's one-line error."""
+
+
+class ArgumentTypeError(UserError, TypeError):
+    """An argument of the wrong type: a TypeError for Python callers, one line on the command line."""
+
+
+def as_argument_error(error: UserError) -> UserError:
+    """The same message as an ArgumentError (a ValueError), unless it already is a ValueError or TypeError."""
+    if isinstance(error, (ValueError, TypeError)):
+        return error
+    converted = ArgumentError(str(error))
+    converted.exit_code = error.exit_code
+    return converted

@@ -1,0 +1,3 @@
+"""The version of mnist-vae, recorded in the files it writes."""
+
+__version__ = "0.1.0"
