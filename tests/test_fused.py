@@ -149,7 +149,7 @@ def test_fused_step_refuses_any_loss_but_the_plain_elbo(changes):
 
 
 def test_a_swapped_activation_is_trained_and_evaluated_by_autograd(tmp_path, monkeypatch):
-    """The seed's VAE with ReLU for its first ELU: --step auto must train it as it evaluates it
+    """The old program's VAE with ReLU for its first ELU: --step auto must train it as it evaluates it
     (autograd, ReLU), i.e. exactly as --step autograd does; --step fused is refused."""
     data = make_idx_dataset(tmp_path / "data", n_train=128, n_test=32)
     original = VAE.from_config.__func__
@@ -165,5 +165,5 @@ def test_a_swapped_activation_is_trained_and_evaluated_by_autograd(tmp_path, mon
     rows = [{k: v for k, v in read_metrics(tmp_path / step)[0].items() if k != "seconds"}
             for step in ("auto", "autograd")]
     assert rows[0] == rows[1]
-    with pytest.raises(UserError, match="encoder is not the seed's MLP"):
+    with pytest.raises(UserError, match="encoder is not the old program's MLP"):
         train_module.train(replace(config, step="fused", output=str(tmp_path / "fused")), log=lambda *a: None)

@@ -1,6 +1,6 @@
 """The settings behind the literature's models (issue #16): the MLP's depth and activation, Adam's epsilon,
 the learning-rate schedules with warm-up, and the time budget; each through the model seam and the step that
-fits it, each surviving --resume bit for bit, and checkpoints from before them loading as the seed's."""
+fits it, each surviving --resume bit for bit, and checkpoints from before them loading as the old program's model."""
 
 import json
 import math
@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, main, make_idx_dataset, read_metrics
 from mnist_vae import checkpoint, limits, runs, step
 from mnist_vae.fast import fused
 from mnist_vae import loop as train_module
-from mnist_vae.config import Config
+from mnist_vae.config import Config, resume_conflict
 from mnist_vae.model import VAE, build
 
 STEPS_PER_EPOCH = 8  # 256 training images in batches of 32
@@ -51,7 +51,7 @@ def test_an_mlp_of_one_activation_goes_to_the_autograd_step(activation, module):
     assert [m.out_features for m in model.decoder if isinstance(m, nn.Linear)] == [16, 16, 16, 784]
     assert not any(isinstance(m, nn.Dropout) for m in model.modules())  # dropout 0: no dropout layers
     assert sum(p.numel() for p in model.parameters()) == limits.parameters(5, 16, 3)
-    assert "not the seed's MLP" in fused.unsupported(model, config)
+    assert "not the old program's MLP" in fused.unsupported(model, config)
     optimizer = torch.optim.Adam(model.parameters())
     assert isinstance(step.make_step(model, optimizer, config), step.AutogradTrainStep)
     with_dropout = build(Config(n_hidden=16, dim_z=5, activation="relu", dropout=0.2))
@@ -89,10 +89,17 @@ def test_a_checkpoint_from_before_these_settings_loads_as_the_seeds(data, tmp_pa
     save_file(tensors, str(out / checkpoint.FILENAME), metadata={**metadata, "state": json.dumps(state)})
     config, _, _ = checkpoint.load(out)
     assert (config.n_layers, config.activation, config.adam_eps, config.lr_schedule, config.time_budget) == \
-        (2, "seed", 1e-8, "constant", 0.0)
+        (2, "elu_tanh", 1e-8, "constant", 0.0)
     result = main(capsys, "--resume", out, "--num_epochs", "2")  # an old run may still be trained further
     assert result.returncode == 0, result.stderr
     assert "training step: autograd" not in result.stdout and len(read_metrics(out)) == 2
+
+
+def test_seed_is_the_old_name_of_the_old_programs_mlp():
+    assert Config(activation="seed").activation == "elu_tanh" == Config().activation
+    assert Config.from_dict({"activation": "seed"}).activation == "elu_tanh"  # a run made before the rename
+    assert resume_conflict(Config(), {"activation": "seed"}, "run") is None
+    assert "--activation tanh contradicts" in resume_conflict(Config(), {"activation": "tanh"}, "run")
 
 
 # ---------------------------------------------------------------- the learning-rate schedules

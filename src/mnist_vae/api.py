@@ -70,7 +70,7 @@ def load(run_dir: Union[str, os.PathLike] = PRETRAINED, device: str = "cpu") -> 
             return Model(module.to(torch_device), config, epoch=info["epoch"], run_dir=None, name=PRETRAINED,
                          provenance=info["provenance"])
         config, state, tensors = checkpoint.load(run_dir)
-        module = checkpoint.build_model(config, tensors, Path(run_dir) / checkpoint.FILENAME)
+        module = checkpoint.build_model(config, tensors, Path(run_dir) / checkpoint.FILENAME, state)
     except UserError as e:
         raise as_argument_error(e) from None
     return Model(module.to(torch_device), config, epoch=state["epoch"], run_dir=Path(run_dir), name=str(run_dir))

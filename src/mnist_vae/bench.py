@@ -273,8 +273,8 @@ def _synchronize(device):
 
 def bench_evaluation(run_dir, device, k, matmul=None):
 
-    config, _, tensors = checkpoint.load(run_dir)
-    model = checkpoint.build_model(config, tensors).to(device)
+    config, state, tensors = checkpoint.load(run_dir)
+    model = checkpoint.build_model(config, tensors, state=state).to(device)
     test = load_tensors(config, device, log=lambda *a: None).test
     times = []
     for _ in range(3):

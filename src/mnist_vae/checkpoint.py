@@ -22,7 +22,7 @@ from . import files
 from .config import Config
 from .errors import UserError
 from .evaluation import elbo_name, metric_fields
-from .model import MODELS, build, model_name
+from .model import MODELS, model_class, model_name
 
 FILENAME = "checkpoint.safetensors"
 FORMAT = "mnist-vae checkpoint 1"
@@ -41,6 +41,8 @@ def save(run_dir, model, optimizer, state, extra_tensors):
             tensors[f"optimizer.{index}.{key}"] = value
     tensors.update(extra_tensors)
     tensors = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
+    # The model's class and constructor arguments (nanoGPT's model_args): loading builds exactly it.
+    state = {**state, "model": model.name, "model_args": model.model_args}
     metadata = {"format": FORMAT, "state": json.dumps(state)}
     try:
         files.write_bytes(Path(run_dir) / FILENAME, safetensors_bytes(tensors, metadata=metadata))
@@ -84,43 +86,59 @@ def load(run_dir):
         raise CheckpointError(f"{path}: its config has {e}, which no run can have; the config was changed "
                               f"by hand or the file is damaged") from None
     # The model a checkpoint holds, by its name in model.MODELS; checkpoints from before models had
-    # names hold the seed VAE.
+    # names hold the old program's VAE.
     name = state.setdefault("model", "vae")
-    if name not in MODELS or name != model_name(config):
-        raise CheckpointError(f"{path}: it holds a model {name!r} that its config (conditional="
-                              f"{config.conditional}) does not describe; the file is damaged or from a newer "
-                              f"mnist-vae")
+    if name not in MODELS:
+        raise CheckpointError(f"{path}: it holds a model {name!r} that this mnist-vae does not know; register its "
+                              f"class with mnist_vae.model.register before loading it")
+    if name != model_name(config):
+        raise CheckpointError(f"{path}: it holds a model {name!r} that its config (model={config.model!r}, "
+                              f"conditional={config.conditional}) does not describe; the file is damaged or from "
+                              f"a newer mnist-vae")
     check_contents(config, state, tensors, path)
     return config, state, tensors
 
 
-def build_model(config, tensors, path="checkpoint"):
-    """The model `config` describes (model.MODELS) with the checkpoint's weights, checking that the two agree."""
-    weights = {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
-    # The encoder's last layer gives (mu, pre-std): encoder.6 in the seed's MLP.
-    last = max((int(name.split(".")[1]) for name in weights if re.fullmatch(r"encoder\.\d+\.weight", name)),
-               default=6)
-    shapes = {  # what each setting fixes in the weights
-        "n_hidden": ("encoder.0.weight", 0, config.n_hidden),
-        "dim_z": (f"encoder.{last}.weight", 0, 2 * config.dim_z),
-    }
-    for setting, (name, axis, expected) in shapes.items():
-        if name not in weights:
-            raise CheckpointError(f"{path}: weight {name} is missing; the file is damaged")
-        found = weights[name].shape[axis]
-        if found != expected:
-            actual = found // 2 if setting == "dim_z" else found
-            raise CheckpointError(f"{path}: its config says {setting}={getattr(config, setting)} but its "
-                                  f"weights are for {setting}={actual}; the config was changed by hand or "
-                                  f"the file is damaged")
-    model = build(config)
+def model_args(config, state=None):
+    """(name, constructor arguments) of the model a checkpoint holds: as its state records them, or, for
+    a checkpoint from before they were recorded (and the packaged model), as its config describes them."""
+    name = (state or {}).get("model") or model_name(config)
+    if state is not None and "model_args" in state:
+        return name, state["model_args"]
+    return name, model_class(name).from_config(config).model_args
+
+
+def build_model(config, tensors, path="checkpoint", state=None):
+    """The model a checkpoint holds, built from its class and arguments, with the checkpoint's weights:
+    every weight must be there in the shape the model has, and the config must say what the model is."""
+    name, arguments = model_args(config, state)
+    described = model_class(name).from_config(config).model_args if state is not None else arguments
+    for setting, value in arguments.items():
+        if described.get(setting, value) != value:
+            raise CheckpointError(f"{path}: its config says {setting}={described[setting]!r} but its model has "
+                                  f"{setting}={value!r}; the config was changed by hand or the file is damaged")
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)
-        raise CheckpointError(f"{path}: the weights do not fit the model ({_short(detail, 300)}); the file "
-                              f"is damaged or not from this version of mnist-vae") from None
+        model = model_class(name)(**arguments)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model {name} cannot be built from {arguments} ({_short(e)}); the file "
+                              f"is damaged") from None
+    weights = {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in weights:
+            _fail(path, f"its weight {key} of the {name} model is missing")
+        if weights[key].shape != value.shape:
+            _fail(path, f"its weight {key} has shape {tuple(weights[key].shape)} where the {name} model "
+                        f"({_settings_text(arguments)}) has {tuple(value.shape)}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        _fail(path, f"it holds a weight {extra[0]} that the {name} model does not have")
+    model.load_state_dict(weights)
     return model
+
+
+def _settings_text(arguments):
+    return ", ".join(f"{key}={value}" for key, value in arguments.items())
 
 
 def load_optimizer_state(optimizer, tensors, path="checkpoint"):
@@ -188,6 +206,10 @@ def check_contents(config, state, tensors, path):
     for key in ("data_source", "data_fingerprint"):
         if key in state and not isinstance(state[key], str):
             _fail(path, f"its {key} is not text")
+    arguments = state.get("model_args", {})
+    if not isinstance(arguments, dict) or not all(
+            isinstance(value, (int, float, str, bool)) for value in arguments.values()):
+        _fail(path, "its model_args is not a table of settings")
     history = state["history"]
     if len(history) != epoch:
         _fail(path, f"it holds metrics for {len(history)} epochs but says {epoch} are done")

@@ -47,7 +47,8 @@ class Config:
     threads: int = 0                # torch's threads; 0: every core, fewer while other processes are busy
     precision: str = "fp32"         # fp32, or bf16: bfloat16 products, float32 weights, Adam and loss
     n_layers: int = 2               # hidden layers of each MLP, n_hidden units each
-    activation: str = "seed"        # seed (the old program's ELU/tanh mix), tanh, relu or elu
+    activation: str = "elu_tanh"    # elu_tanh (the old program's ELU/tanh mix; alias seed), tanh, relu or elu
+    model: str = ""                 # a name in model.MODELS; "": vae, or cvae with --conditional
     adam_eps: float = 1e-8          # Adam's epsilon (Burda et al. used 1e-4)
     lr_schedule: str = "constant"   # constant, paper (Burda et al.'s 3^i passes) or cosine
     warmup_epochs: float = 0.0      # raise the learning rate linearly from 0 over the first N epochs
@@ -55,6 +56,10 @@ class Config:
     # Not a flag: the digits of the epoch in image file names, fixed when a run starts (0: not yet),
     # so that a run trained further keeps PRR_epoch_01.jpg beside PRR_epoch_02.jpg, not _003.
     epoch_digits: int = 0
+
+    def __post_init__(self):
+        for name, aliases in ALIASES.items():
+            setattr(self, name, aliases.get(getattr(self, name), getattr(self, name)))
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -78,8 +83,8 @@ class Config:
         """Raise UserError for settings that are each valid but contradict each other."""
         if self.k_train != 1 and self.objective != "iwae":
             raise UserError(f"--k_train {self.k_train} needs --objective iwae (the ELBO uses one z per image)")
-        if self.activation == "seed" and self.n_layers != 2:
-            raise UserError(f"--n_layers {self.n_layers} needs --activation tanh, relu or elu (seed is the old "
+        if self.activation == "elu_tanh" and self.n_layers != 2:
+            raise UserError(f"--n_layers {self.n_layers} needs --activation tanh, relu or elu (elu_tanh is the old "
                             f"program's two-layer MLP)")
 
     @classmethod
@@ -152,6 +157,13 @@ def text(value):
     return value
 
 
+def identifier(value):
+    """A name such as a model's: letters, digits and underscores, or empty for the default."""
+    if value and not value.replace("_", "").replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected a name of letters, digits and underscores, got {value!r}")
+    return value
+
+
 # Every setting of Config: the check of its value, and what it means (the flag's help).
 SETTINGS = {
     "dim_z": (integer(1), "dimension of the latent vector z"),
@@ -193,25 +205,30 @@ SETTINGS = {
     "precision": (choice("fp32", "bf16"), "fp32, or bf16: mixed precision, bfloat16 matrix products with float32 "
                                           "weights, Adam, loss and evaluation (where the hardware has bfloat16)"),
     "n_layers": (integer(1, 100), "hidden layers in each MLP (encoder and decoder), --n_hidden units each"),
-    "activation": (choice("seed", "tanh", "relu", "elu"), "the MLPs' activation; seed: the old program's ELU and "
-                                                          "tanh mix (two layers)"),
+    "activation": (choice("elu_tanh", "seed", "tanh", "relu", "elu"),
+                   "the MLPs' activation; elu_tanh (or seed): the old program's ELU and tanh mix (two layers)"),
     "adam_eps": (number(0.0), "epsilon of the Adam optimizer"),
     "lr_schedule": (choice("constant", "paper", "cosine"),
                     "learning rate over the run: constant; paper: Burda et al.'s passes of 3^i epochs at "
                     "10^(-i/7) times it, scaled to --num_epochs; cosine: decay to 0"),
     "warmup_epochs": (number(0.0, low_open=False), "raise the learning rate linearly from 0 over the first N "
                                                    "epochs, step by step"),
+    "model": (identifier, "the model to train, by its name in mnist_vae.model.MODELS (default: vae, or cvae with "
+                    "--conditional); a model class registered there by the user trains the same way"),
     "time_budget": (number(0.0, low_open=False), "minutes of training: --num_epochs is planned from a timing of "
                                                  "the first steps, and training stops when they are spent (0: none)"),
 }
 
+
+# Other names a setting's values are known by: the old program's MLP was once called "seed".
+ALIASES = {"activation": {"seed": "elu_tanh"}}
 
 # Settings that change what the trained model is; --resume refuses to change them.
 MODEL_DEFINING = (
     "dim_z", "dataset", "seed", "add_noise", "noise_factor", "n_hidden", "learning_rate",
     "batch_size", "likelihood", "binarize", "dropout", "n_train", "n_test",
     "conditional", "beta", "kl_warmup", "objective", "k_train", "precision",
-    "n_layers", "activation", "adam_eps", "lr_schedule", "warmup_epochs", "time_budget",
+    "n_layers", "activation", "model", "adam_eps", "lr_schedule", "warmup_epochs", "time_budget",
 )
 
 
@@ -229,7 +246,7 @@ def resume_conflict(saved, given, run_dir):
     """What forbids resuming the run in `run_dir`, of config `saved`, with the settings `given` (a dict):
     one line, or None."""
     for name in MODEL_DEFINING:
-        if name in given and given[name] != getattr(saved, name):
+        if name in given and ALIASES.get(name, {}).get(given[name], given[name]) != getattr(saved, name):
             return (f"--{name} {given[name]} contradicts the run in {run_dir}, which has {name}="
                     f"{getattr(saved, name)}; drop the flag to resume, or start a new run with another --output")
     if "num_epochs" in given and given["num_epochs"] != saved.num_epochs and fixed_length(saved):

@@ -186,7 +186,7 @@ def train(config, resume=False, overwrite=False, log=print):
         _, state, saved_tensors = saved
         runs.check_same_data(state, tensors.fingerprint, out, tensors.source, log)
         checkpoint.check_progress(state, saved_tensors, n_steps, out / checkpoint.FILENAME, device)
-        model.load_state_dict(checkpoint.build_model(config, saved_tensors, out).state_dict())
+        model.load_state_dict(checkpoint.build_model(config, saved_tensors, out, state).state_dict())
         checkpoint.load_optimizer_state(optimizer, saved_tensors, out / checkpoint.FILENAME)
         epoch, step, history = state["epoch"], state["step"], state["history"]
         seconds_before = state["seconds_in_epoch"]

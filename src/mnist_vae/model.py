@@ -1,4 +1,4 @@
-"""The models: the seed's VAE and the conditional VAE (the seed's MLP, or MLPs of a chosen depth and activation), each owning its loss (ELBO, beta, IWAE), and the importance-weighted bound.
+"""The models: the VAE and the conditional VAE (the old program's MLP, or MLPs of a chosen depth and activation), each owning its loss (ELBO, beta, IWAE), the registry of models, and the importance-weighted bound.
 
 Kingma & Welling, "Auto-Encoding Variational Bayes" (2014), with the MLPs of the
 TensorFlow program this project replaces; Burda, Grosse & Salakhutdinov,
@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ALIASES
+from .errors import UserError
 from .layers import Dropout, Tanh
 
 IMAGE_PIXELS = 28 * 28
@@ -23,25 +25,31 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 class VAE(nn.Module):
-    """The seed's model: MLP encoder q(z|x) and decoder p(x|z), prior N(0, I).
+    """The VAE: MLP encoder q(z|x) and decoder p(x|z), prior N(0, I); by default the old program's MLP.
 
-    Every model here offers encode(x, labels), decode(z, labels) and mean_image(logits), and owns
-    its loss (`loss`); the training loop, the evaluation and the pictures use nothing else.
+    Every model offers encode(x, labels), decode(z, labels) and mean_image(logits), owns its loss
+    (`loss`, and `forward` for the ELBO's terms), and records its constructor's arguments in
+    `model_args`, from which a checkpoint rebuilds it; the training loop, the evaluation and the
+    pictures use nothing else.
     """
 
     name = "vae"  # its key in MODELS, recorded in checkpoints
     conditional = False  # whether encoder and decoder see the label y
 
     def __init__(self, dim_z=4, n_hidden=500, dropout=0.1, likelihood="bernoulli", n_classes=10, n_layers=2,
-                 activation="seed"):
+                 activation="elu_tanh"):
         super().__init__()
+        activation = ALIASES["activation"].get(activation, activation)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}")
-        if activation == "seed" and n_layers != 2:
-            raise ValueError(f"the seed's MLP has two hidden layers, not {n_layers}; choose another activation")
+        if activation == "elu_tanh" and n_layers != 2:
+            raise ValueError(f"the old program's MLP has two hidden layers, not {n_layers}; choose another activation")
+        # nanoGPT's model_args: what a checkpoint records so that loading builds exactly this model
+        self.model_args = dict(dim_z=dim_z, n_hidden=n_hidden, dropout=dropout, likelihood=likelihood,
+                               n_classes=n_classes, n_layers=n_layers, activation=activation)
         self.dim_z, self.n_hidden, self.likelihood, self.n_classes = dim_z, n_hidden, likelihood, n_classes
         n_y = n_classes if self.conditional else 0  # one-hot label columns beside x and z
-        if activation != "seed":  # the MLPs of Burda et al. and of most papers: one activation throughout
+        if activation != "elu_tanh":  # the MLPs of Burda et al. and of most papers: one activation throughout
             self.encoder = mlp(IMAGE_PIXELS + n_y, n_hidden, n_layers, 2 * dim_z, activation, dropout)
             self.decoder = mlp(dim_z + n_y, n_hidden, n_layers, IMAGE_PIXELS, activation, dropout)
             return
@@ -161,19 +169,35 @@ def mlp(n_in, n_hidden, n_layers, n_out, activation, dropout):
     return nn.Sequential(*layers, nn.Linear(n_hidden, n_out))
 
 
-# Every model by the name a checkpoint records; adding a model is a class and a line here
-# (and the setting that chooses it in model_name).
+# Every model by the name a checkpoint records. Adding a model is a class and its entry here, made by
+# register() (also from outside the package); --model NAME (Python: model="NAME") then trains it.
 MODELS = {"vae": VAE, "cvae": ConditionalVAE}
 
 
+def register(cls):
+    """Add a model class to MODELS under its `name`; returns the class, so it serves as a decorator.
+
+    The class needs what VAE offers: `name`, `conditional`, `from_config(config)`, `model_args`,
+    `encode`, `decode`, `mean_image`, `forward`, `loss`, and `dim_z` and `likelihood` attributes."""
+    MODELS[cls.name] = cls
+    return cls
+
+
 def model_name(config):
-    """The MODELS key of the model `config` trains."""
-    return "cvae" if config.conditional else "vae"
+    """The MODELS key of the model `config` trains: --model, else vae, or cvae with --conditional."""
+    return config.model or ("cvae" if config.conditional else "vae")
 
 
-def build(config, name=None):
-    """A fresh model as `config` (or a checkpoint's model `name`) says."""
-    return MODELS[name or model_name(config)].from_config(config)
+def model_class(name):
+    if name not in MODELS:
+        raise UserError(f"--model {name}: no such model; the models are {', '.join(MODELS)} (a class of your own "
+                        f"joins them through mnist_vae.model.register)")
+    return MODELS[name]
+
+
+def build(config):
+    """A fresh model as `config` says."""
+    return model_class(model_name(config)).from_config(config)
 
 
 def loss_function(model, x, target=None):

@@ -358,8 +358,8 @@ def binarization_spread(config, n, fixed_nll):
         done = done["nll"] if done.get("k") == config.eval_k and done.get("n_test") == config.n_test else {}
     except (OSError, ValueError, KeyError, AttributeError):
         done = {}
-    saved, _, tensors = checkpoint.load(folder)
-    model = checkpoint.build_model(saved, tensors, folder).eval()
+    saved, state, tensors = checkpoint.load(folder)
+    model = checkpoint.build_model(saved, tensors, folder, state).eval()
     grey = load_tensors(replace(config, binarize="none", n_train=1), torch.device("cpu"), log=lambda *a: None).test
     for seed in range(1, n + 1):
         if str(seed) not in done:

@@ -289,7 +289,7 @@ def build_page(run_dir, n_points=None, device="cpu", log=print):
     else:
         config, state, tensors = checkpoint.load(run_dir)
         path = Path(run_dir) / checkpoint.FILENAME
-        model = checkpoint.build_model(config, tensors, path).to(device).eval()
+        model = checkpoint.build_model(config, tensors, path, state).to(device).eval()
     n_points = config.PMLR_n_samples if n_points is None else n_points
     data_config = dataclasses.replace(config, n_test=n_points, n_train=1)
     test = load_tensors(data_config, torch.device(device), log=log)

@@ -5,7 +5,7 @@ that bookkeeping, not the arithmetic, is what made a plain PyTorch step twice th
 cost of its matrix products. Here the gradient of the -ELBO of model.VAE is derived
 once on paper and computed directly, with the same random draws in the same order
 as model.VAE.forward, so a test can check both give the same losses step by step.
-It trains only what `supports` finds it computes: the seed's MLP (and the conditional
+It trains only what `supports` finds it computes: the old program's MLP (and the conditional
 VAE, the same MLP with the one-hot label as more input columns of both first layers),
 the plain ELBO; every other model or loss goes through the autograd step (step.py).
 The elementwise work of each layer (bias, activation, dropout, and the factor its
@@ -31,7 +31,7 @@ from ..model import LIKELIHOODS, VAE, ConditionalVAE, continuous_bernoulli_log_n
 from . import kernels
 from .products import Products
 
-# The seed's MLP, module by module: what the step below computes, and nothing else.
+# The old program's MLP, module by module: what the step below computes, and nothing else.
 ENCODER = (nn.Linear, nn.ELU, layers.Dropout, nn.Linear, layers.Tanh, layers.Dropout, nn.Linear)
 DECODER = (nn.Linear, layers.Tanh, layers.Dropout, nn.Linear, nn.ELU, layers.Dropout, nn.Linear)
 
@@ -49,7 +49,7 @@ def unsupported(model, config):
         modules = list(getattr(model, part))
         if tuple(type(m) for m in modules) != expected:
             found = ", ".join(type(m).__name__ for m in modules)
-            return f"the {part} is not the seed's MLP ({found})"
+            return f"the {part} is not the old program's MLP ({found})"
         if any(isinstance(m, nn.ELU) and (m.alpha != 1.0 or m.inplace) for m in modules):
             return f"the {part}'s ELU is not elu with alpha 1"
         if any(isinstance(m, nn.Linear) and m.bias is None for m in modules):
@@ -58,7 +58,7 @@ def unsupported(model, config):
     shapes = [m.weight.shape for m in (*model.encoder, *model.decoder) if isinstance(m, nn.Linear)]
     h = model.n_hidden
     if shapes != [(h, 784 + n_y), (h, h), (2 * model.dim_z, h), (h, model.dim_z + n_y), (h, h), (784, h)]:
-        return "its layers' shapes are not the seed MLP's"
+        return "its layers' shapes are not the old program's MLP's"
     if len({m.p for m in (*model.encoder, *model.decoder) if isinstance(m, layers.Dropout)}) != 1:
         return "its dropout rates differ between layers"
     if model.likelihood not in LIKELIHOODS:

@@ -63,7 +63,7 @@ def make_run(folder, data_dir, seed=0, **settings):
     """A run folder with a checkpoint of a VAE with seeded random weights (no training)."""
     config = Config(output=str(folder), data_dir=str(data_dir), n_hidden=settings.pop("n_hidden", 24), **settings)
     torch.manual_seed(seed)
-    model = build(config)  # the seed VAE, or the conditional one when the config says so
+    model = build(config)  # the old program's VAE, or the conditional one when the config says so
     # Larger weights than the default initialisation, so the decoded images vary over the map.
     with torch.no_grad():
         for parameter in model.parameters():
