@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "docs" / "tutorial.ipynb"
-CELL_TIMEOUT = 300  # seconds for any one cell; the whole notebook takes well under a minute
+CELL_TIMEOUT = 300  # seconds for any one cell: a bound for a stuck kernel, far above what a cell needs
 MISSING = [name for name in ("nbclient", "nbformat", "ipykernel") if importlib.util.find_spec(name) is None]
 
 
