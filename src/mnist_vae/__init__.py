@@ -1,6 +1,6 @@
 """mnist-vae: a variational auto-encoder for MNIST and Fashion-MNIST on PyTorch.
 
-The Python API (see the README's "From Python"):
+The Python API (see docs/api.md):
 
     import mnist_vae
     model = mnist_vae.load("pretrained")        # the dim_z 2 MNIST model shipped in the package

@@ -43,7 +43,7 @@ SETTINGS = {
     "defaults": {},
     "dim_z 2": {"dim_z": 2},
     "batch 64": {"batch_size": 64},
-    # Models and losses beyond the seed's: each against the floor of its own products.
+    # Models and losses beyond the old program's: each against the floor of its own products.
     "conditional": {"conditional": True},  # the fused step, with ten label columns
     "autograd": {"step": "autograd"},  # the defaults through autograd: what the fused step saves
     "iwae k=5": {"objective": "iwae", "k_train": 5},  # autograd, the decoder on 5 z per image

@@ -1,4 +1,4 @@
-"""`mnist-vae reproduce`: train the runs behind the README's results and write its images and table.
+"""`mnist-vae reproduce`: train the runs behind the results (docs/results.md) and write their images and tables.
 
 The runs are those of the old program's README (reconstructions for dim_z 2, 4, 10
 and 20; denoising with dim_z 20; the 2-D manifold and latent map) plus a
@@ -32,7 +32,7 @@ from .evaluation import log_likelihood_estimate
 from .fast import machine
 from .loop import train
 
-RUNS = [  # name, settings, what the README shows of it
+RUNS = [  # name, settings, what the results page shows of it
     ("dim2", dict(dim_z=2)),
     ("dim4", dict(dim_z=4)),
     ("dim10", dict(dim_z=10)),
@@ -180,7 +180,7 @@ def _training_seconds(config):
 
 
 def _collect_images(out, epochs):
-    """Copy the images the README shows under the old README's file names."""
+    """Copy the images the results page shows under the file names it links."""
     tag = f"epoch_{epochs:02d}"
     runs = out / "runs"
     copies = {

@@ -2,7 +2,7 @@
 
 The autograd step knows nothing of the model: it calls `model.loss(x, target, labels, ...)`,
 back-propagates and lets Adam update, as minGPT's trainer knows nothing of GPT. The fused step
-(fused.py) is the same step with the backward pass written out for the seed's MLP and the plain
+(fused.py) is the same step with the backward pass written out for the old program's MLP and the plain
 ELBO; `--step auto` uses it exactly where fused.supports() says it computes the same thing.
 """
 

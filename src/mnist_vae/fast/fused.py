@@ -1,4 +1,4 @@
-"""The training step with its backward pass written out by hand: the fast path of train.py.
+"""The training step with its backward pass written out by hand: the fast path of the training loop.
 
 Autograd records and replays some sixty small operations per step; on a 2-core CPU
 that bookkeeping, not the arithmetic, is what made a plain PyTorch step twice the

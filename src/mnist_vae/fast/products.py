@@ -3,8 +3,8 @@
 torch.mm sends float32 products on the CPU to MKL, which runs its generic code on AMD
 processors: on an AMD EPYC with AVX-512 oneDNN (which the same torch carries, reached
 through torch.ops.mkldnn._linear_pointwise) did this model's products about twice as
-fast (issue #15's measurements), while on an AMD EPYC with AVX2 only the two are within
-a few per cent of each other (the README's Speed section). The choice is a rule, not a
+fast, while on an AMD EPYC with AVX2 only the two are within a few per cent of each
+other (docs/speed.md, from `mnist-vae bench`). The choice is a rule, not a
 timing taken at start-up, so that one seed on one machine always gives the same bits:
 oneDNN on an AMD CPU with AVX-512, torch.mm everywhere else (other CPUs, CUDA, MPS, a
 torch without oneDNN). `mnist-vae bench` times every routine and says whether the

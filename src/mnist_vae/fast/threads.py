@@ -5,7 +5,7 @@ arrive spins until the others come. When another process takes one of the cores,
 the thread that shares it runs half the time and its partner spins through the
 rest: on 2 cores one competing process made an epoch 4-5 times slower, where
 giving that core up and working on one thread costs about 2 times (measurements
-in the README's Speed section). So every second or so `ThreadGovernor` reads how
+in docs/speed.md). So every second or so `ThreadGovernor` reads how
 much CPU time the rest of the machine used on this process's cores (Linux's
 /proc/stat, less this process's own time) and sets torch's thread count to the
 cores left free, at least one, and back up to the starting count once they are

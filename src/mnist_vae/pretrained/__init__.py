@@ -1,4 +1,4 @@
-"""The model shipped in the package: the dim_z 2 MNIST run of the README's results, its float16 weights and provenance.
+"""The model shipped in the package: the dim_z 2 MNIST run of the results (docs/results.md), its float16 weights and provenance.
 
 `mnist_vae.load("pretrained")` and every command's RUN_DIR `pretrained` load it. It is
 refreshed from a finished run folder, by the maintainers, with one command:
@@ -36,7 +36,7 @@ from ..version import __version__
 
 FILENAME = "mnist-dim2.safetensors"
 FORMAT = "mnist-vae pretrained 1"
-MAX_BYTES = 3 * 2**20  # the issue's budget for the package
+MAX_BYTES = 3 * 2**20  # what the packaged model may add to the package
 
 
 def path() -> Path:

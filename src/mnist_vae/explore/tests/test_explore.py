@@ -485,7 +485,7 @@ def check_class_picker(page, model):
 
 
 class HandMadeConditional(nn.Module):
-    """The conditional model's seam as issue #12 describes it: the one-hot class after x and after z."""
+    """The conditional model's seam: the one-hot class after x and after z."""
 
     def __init__(self, dim_z=3, n_hidden=16, n_classes=10):
         super().__init__()
