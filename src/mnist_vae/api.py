@@ -371,13 +371,18 @@ class Model:
         """Write the encoder and decoder as ONNX files into the folder `out`; return {name: path}.
 
         `encoder.onnx` (image -> mu, std), `decoder.onnx` (z -> mean image) and `model.json`
-        (inputs, outputs and the run's settings). Needs `pip install 'mnist-vae[export]'`.
+        (inputs, outputs and the run's settings); a conditional model's graphs also take `label`, the
+        int64 class index of each row. Needs `pip install 'mnist-vae[export]'`. A model the exporter
+        cannot export faithfully raises ValueError, and nothing is written.
         """
         from .export import export_onnx
 
         if format != "onnx":
             raise ArgumentError(f"format must be 'onnx', got {format!r}")
-        return export_onnx(self, Path(out))
+        try:
+            return export_onnx(self, Path(out))
+        except UserError as e:
+            raise _as_argument_error(e) from None
 
     # ------------------------------------------------------------ inputs
 
