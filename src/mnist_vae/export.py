@@ -69,7 +69,8 @@ def export_onnx(model, out: Path) -> dict:
     except OSError as e:
         raise ExportError(files.error_line(out, e)) from None
     _check_exportable(model)
-    keys = [runs.hold_if_run(folder) for folder in (out, out.parent)]  # a run in training is not ours to write in
+    # A run folder in training is not ours to write in: hold its lock while writing there.
+    keys = [runs.hold_if_run(folder, what="the folder") for folder in (out, out.parent)]
     try:
         with _deferred_interrupt() as interrupted:
             contents = {name: data for name, data in _graphs(model, interrupted)}

@@ -332,6 +332,10 @@ def command_explore(prog, args):
             raise ExploreError(f"--out {out}: give an .html file name")
         if not out.parent.is_dir():
             raise ExploreError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+    from .. import runs
+
+    # Writing into a run folder: not while a training writes there (cli.main releases the lock).
+    runs.hold_if_run(out.parent, what="--out" if args.out else "the run folder")
     page = build_page(args.run_dir, args.n_points, log=lambda message: None)
     files.write_text(out, page)
     print(out)
