@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, main, make_idx_dataset, snapshot
-from mnist_vae import files, plots
-from test_robustness import fill, held_by_another_process, tmpfs  # noqa: F401 (tmpfs is a fixture)
+import mnist_vae
+from conftest import assert_one_line_error, main, make_idx_dataset, run_cli, snapshot
+from mnist_vae import files, limits, plots
+from mnist_vae import train as train_module
+from mnist_vae.config import Config
+from test_robustness import edited, fill, held_by_another_process, tmpfs  # noqa: F401 (tmpfs is a fixture)
 
 RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "2", "--PRR_n_img_x", "4", "--PRR_n_img_y", "4",
             "--seed", "5"]
@@ -156,3 +159,63 @@ def test_export_and_explore_into_a_run_in_training_are_refused(run_copy, capsys,
         result = main(capsys, command, run_copy, "--out", out)
         assert result.returncode == 0, result.stderr
 
+
+# ================================================================ 3. limits everywhere a size comes in
+
+def test_more_threads_than_the_machine_can_run_are_refused_in_one_line(tmp_path, data):
+    """--threads 100000 ended in a segmentation fault, --threads 30000 in libgomp's errors."""
+    out = tmp_path / "run"
+    result = run_cli(*RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", out, "--threads", "100000")
+    assert_one_line_error(result, "--threads 100000", str(limits.thread_limit()), code=2)
+    assert not out.exists()
+
+
+def test_a_checkpoint_holding_too_many_threads_resumes_with_one_line(run_copy, tmp_path):
+    run = edited(run_copy, tmp_path / "edited", lambda state: state["config"].update(threads=100000))
+    for name in ("config.json", "input.jpg"):
+        shutil.copy(run_copy / name, run / name)
+    before = snapshot(run)
+    result = run_cli("--resume", run, "--num_epochs", "2")
+    assert_one_line_error(result, f"--resume {run}", "--threads 100000", "--threads 0", code=2)
+    assert snapshot(run) == before
+    result = run_cli("--resume", run, "--num_epochs", "2", "--threads", "1")  # what the line advises
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def little_memory(monkeypatch):
+    """A machine with 50 MB of memory available."""
+    monkeypatch.setattr(limits, "available_memory", lambda: 50_000_000)
+
+
+@pytest.mark.parametrize("call", ["sample", "interpolate", "decode"])
+def test_the_api_checks_memory_before_decoding(trained, little_memory, call):
+    """model.sample(10**9) was killed by the kernel; interpolate(steps=10**9) and decode of 10**8 rows raised
+    torch's allocator error. Here 50,000 images need more than the 50 MB available."""
+    model = mnist_vae.load(trained)
+    n = 50_000
+    with pytest.raises(ValueError) as excinfo:
+        if call == "sample":
+            model.sample(n)
+        elif call == "interpolate":
+            model.interpolate(np.zeros((28, 28)), np.ones((28, 28)), steps=n)
+        else:
+            model.decode(np.zeros((n, 2), dtype=np.float32))
+    message = str(excinfo.value)
+    assert "\n" not in message and str(n) in message and "50 MB is available" in message
+    assert len(model.sample(4, seed=0)) == 4  # a size that fits is fine
+
+
+def test_the_training_memory_check_counts_the_importance_samples(tmp_path, data, capsys, monkeypatch):
+    """--objective iwae --k_train 1000 --batch_size 2000 passed the check and died allocating 6.3 GB, leaving
+    config.json and input.jpg."""
+    monkeypatch.setattr(limits, "available_memory", lambda: 8_000_000_000)
+    loaded = []
+    monkeypatch.setattr(train_module, "load_tensors", lambda *a, **k: loaded.append(1) or 1 / 0)
+    out = tmp_path / "run"
+    result = main(capsys, "--objective", "iwae", "--k_train", "1000", "--batch_size", "2000", "--num_epochs", "1",
+                  "--data_dir", data, "--output", out)
+    assert_one_line_error(result, "--k_train", "8.0 GB is available", code=2)
+    assert not loaded and not out.exists()
+    # The same settings with one sample per image fit.
+    assert sum(limits.training_memory(Config(batch_size=2000)).values()) < 8e9

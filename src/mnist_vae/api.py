@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 
-from . import runs
+from . import limits, runs
 from .config import SETTINGS, Config, UserError, resume_conflict
 
 if TYPE_CHECKING:  # imported for real inside the functions, so that `import mnist_vae` stays quick
@@ -126,6 +126,8 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
             if conflict:
                 raise ArgumentError(conflict)
             config = dataclasses.replace(saved, **settings, output=output)
+            if "threads" not in settings:  # the count the run was started with, perhaps on a larger machine
+                limits.check_threads(config.threads, resumed_from=output)
         else:
             config = Config(**settings, output=output)
         try:
@@ -213,6 +215,7 @@ class Model:
         z, as_tensor = self._latents(z)
         if self.conditional and labels is None:
             raise ArgumentError(f"{self.name} is a conditional model: decode(z, labels) needs the class of each row")
+        self._check_decoding(len(z), f"decode(z) of {len(z)} rows", "decode fewer rows at a time")
         y = self._labels(labels, len(z))
         with _no_grad():
             images = self.module.mean_image(self.module.decode(z, y))
@@ -248,6 +251,7 @@ class Model:
             generator.seed()
         else:
             generator.manual_seed(_whole_number("seed", seed, low=0, high=2**63 - 1))
+        self._check_decoding(n, f"sample({n})", "ask for fewer images, or for them in parts")
         z = torch.randn((n, self.dim_z), generator=generator)  # drawn on the CPU, so every device gets the same z
         return self.decode(z, None if label is None else [label] * n).cpu().numpy()
 
@@ -281,6 +285,7 @@ class Model:
         import torch
 
         steps = _whole_number("steps", steps, low=2)
+        self._check_decoding(steps, f"interpolate(steps={steps})", "ask for fewer steps")
         if self.conditional:
             raise ArgumentError(f"{self.name} is a conditional model: its z is a style, not a digit; use "
                                 f"sample(label=...) or the analogies instead of interpolate")
@@ -385,6 +390,13 @@ class Model:
             raise _as_argument_error(e) from None
 
     # ------------------------------------------------------------ inputs
+
+    def _check_decoding(self, n: int, what: str, advice: str) -> None:
+        """Refuse (ValueError, one line) decoding n images that the available memory cannot hold, before
+        allocating anything: the same check as training's, on limits.available_memory."""
+        n_classes = int(getattr(self.module, "n_classes", 0)) if self.conditional else 0
+        need = limits.decoding_memory(n, self.dim_z, self.config.n_hidden, self.config.n_layers, n_classes)
+        limits.check_memory(need, what, advice)
 
     def _images(self, images: Images) -> tuple:
         """The images as a float tensor (N, 784) on the model's device, and how to hand results back."""

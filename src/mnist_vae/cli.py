@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import files, runs
+from . import files, limits, runs
 from .config import SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, resume_conflict, text
 
 
@@ -69,6 +69,8 @@ def command_train(prog, args):
             raise UserError(f"--output {given['output']} differs from --resume {resume}; a resumed run "
                             f"writes into its own folder, so drop --output")
         config = dataclasses.replace(saved, **{**given, "output": resume})
+        if "threads" not in given:  # the count the run was started with, perhaps on a larger machine
+            limits.check_threads(config.threads, resumed_from=resume)
         if runs.training_done(config, state) and not _estimate_missing(config, resume):
             print(runs.finished_message(resume, config, state))
             return 0
