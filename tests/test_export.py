@@ -126,3 +126,135 @@ def test_export_refuses_an_out_that_is_a_file(tmp_path, capsys):
     result = main(capsys, "export", "pretrained", "--out", target)
     assert_one_line_error(result, "is a file")
     assert target.read_text() == "mine"
+
+
+# ---------------------------------------------------------------- every model the runs hold
+
+def make_run(folder, seed=0, **settings):
+    """A run folder whose checkpoint holds a model of these settings with seeded random weights (scaled up
+    so that its images vary), as training would save it; no training, to keep the suite short."""
+    from mnist_vae import checkpoint
+    from mnist_vae.model import build
+
+    config = Config(output=str(folder), n_hidden=settings.pop("n_hidden", 24), **settings)
+    torch.manual_seed(seed)
+    module = build(config)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.mul_(2.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    elbo = "neg_elbo_given_y" if config.conditional else "neg_elbo"
+    history = [{"epoch": 1, f"train_{elbo}": 550.0, "train_recon": 545.0, "train_kl": 5.0, f"test_{elbo}": 543.2,
+                "test_recon": 540.0, "test_kl": 3.2}]
+    extra = {"rng.torch": torch.get_rng_state(), "rng.data_epoch_start": torch.Generator().get_state(),
+             "progress.step_terms": torch.zeros((1, 4))}
+    checkpoint.save(folder, module, torch.optim.Adam(module.parameters()),
+                    {"config": config.to_dict(), "model": module.name, "epoch": 1, "step": 0, "history": history,
+                     "seconds_in_epoch": 0.0, "data_source": "test"}, extra)
+    return folder
+
+
+# One of each kind of model the settings build: the seed's MLP and the one-activation MLPs of every
+# depth kind, dropout 0 (reproduce --paper's runs), the continuous Bernoulli, and conditional models.
+FAMILIES = {
+    "relu": dict(dim_z=2, activation="relu"),
+    "tanh, one layer, dropout 0": dict(dim_z=3, activation="tanh", n_layers=1, dropout=0.0),
+    "elu, three layers, continuous Bernoulli": dict(dim_z=4, activation="elu", n_layers=3,
+                                                    likelihood="continuous_bernoulli"),
+    "seed, dropout 0, continuous Bernoulli": dict(dim_z=2, dropout=0.0, likelihood="continuous_bernoulli"),
+    "conditional seed": dict(dim_z=2, conditional=True),
+    "conditional relu, three layers, dropout 0": dict(dim_z=5, conditional=True, activation="relu", n_layers=3,
+                                                      dropout=0.0),
+}
+
+
+@needs_extra
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_model_family_exports_what_load_computes(family, tmp_path, capsys):
+    """The export is made from the model the run holds: onnxruntime gives what mnist_vae.load(run) gives,
+    on MNIST test images, their means and prior draws (a relu run once exported as the seed's MLP)."""
+    run = make_run(tmp_path / "run", **FAMILIES[family])
+    result = main(capsys, "export", run)
+    assert result.returncode == 0, result.stderr
+    out = run / "onnx"
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json"]
+    model = mnist_vae.load(run)
+    data = mnist_vae.datasets.load("mnist", MNIST_DIR)
+    x = mnist_vae.prepare_images(data.test_images[:50]).numpy()
+    labels = data.test_labels[:50].astype(np.int64)
+    run_graph = sessions(out)
+    conditional = model.conditional
+    feed = {"image": x, **({"label": labels} if conditional else {})}
+    assert [i.name for i in run_graph["encoder"].get_inputs()] == list(feed)
+    mu, std = run_graph["encoder"].run(["mu", "std"], feed)
+    expected_mu, expected_std = model.encode(x, labels if conditional else None)
+    assert np.abs(mu - expected_mu).max() <= TOLERANCE and np.abs(std - expected_std).max() <= TOLERANCE
+    z = np.random.default_rng(0).normal(scale=2.0, size=(50, model.dim_z)).astype(np.float32)
+    for latents in (z, mu):
+        feed = {"z": latents, **({"label": labels} if conditional else {})}
+        (image,) = run_graph["decoder"].run(["image"], feed)
+        expected = model.decode(latents, labels if conditional else None).reshape(50, 784)
+        assert np.abs(image - expected).max() <= TOLERANCE
+    described = json.loads((out / "model.json").read_text())
+    assert described["settings"] == model.config.to_dict()
+    if conditional:  # the label input, documented on both graphs
+        for part in ("encoder", "decoder"):
+            label = [i for i in described[part]["inputs"] if i["name"] == "label"]
+            assert label and label[0]["dtype"] == "int64" and label[0]["shape"] == ["batch"]
+            assert "class index" in label[0]["meaning"]
+
+
+@needs_extra
+def test_a_model_the_exporter_cannot_export_is_refused_in_one_line_before_any_file(tmp_path):
+    """A layer torch.export cannot trace (it branches on its data): ValueError, one line, no folder."""
+    from torch import nn
+
+    class Branching(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    module = VAE(2, 16, 0.0).eval()
+    module.decoder[1] = Branching()
+    model = Model(module, Config(dim_z=2, n_hidden=16), epoch=0, run_dir=None, name="test")
+    with pytest.raises(ValueError) as excinfo:
+        model.export(tmp_path / "out")
+    message = str(excinfo.value)
+    assert "\n" not in message and "decoder" in message and "nothing was written" in message
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left either
+
+
+@needs_extra
+@pytest.mark.parametrize("when", ["encoder", "decoder"])
+def test_ctrl_c_while_exporting_writes_nothing_and_exits_130(tmp_path, capsys, monkeypatch, when):
+    """Ctrl-C inside torch.export: exit 130, one line, and the three files together or not at all."""
+    import signal
+
+    real = torch.export.export
+    calls = {"n": 0}
+
+    def interrupted_export(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == (1 if when == "encoder" else 2):
+            os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, arriving inside torch's exporter
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", interrupted_export)
+    out = tmp_path / "out"
+    result = main(capsys, "export", "pretrained", "--out", out)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+
+
+@needs_extra
+def test_an_export_into_an_existing_folder_replaces_the_three_files_and_nothing_else(tmp_path, exported):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "encoder.onnx").write_bytes(b"old")
+    mnist_vae.load("pretrained").export(out)
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "encoder.onnx").read_bytes() == (exported / "encoder.onnx").read_bytes()

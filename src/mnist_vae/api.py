@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from . import checkpoint, loop, pretrained, runs
+from . import checkpoint, limits, loop, pretrained, runs
 from .config import SETTINGS, Config, resume_conflict
 from .data import DATASETS, add_noise, class_index, load_tensors
 from .errors import ArgumentError, ArgumentTypeError, UserError, as_argument_error
@@ -116,6 +116,8 @@ def _training_config(output: str, resume: bool, settings: dict) -> tuple:
         if conflict:
             raise ArgumentError(conflict)
         config = dataclasses.replace(saved, **settings, output=output)
+        if "threads" not in settings:  # the count the run was started with, perhaps on a larger machine
+            limits.check_threads(config.threads, resumed_from=output)
     else:
         if "num_epochs" in settings and settings.get("time_budget"):
             raise ArgumentError("--num_epochs and --time_budget both set how long the run trains; give one of them")
@@ -191,6 +193,7 @@ class Model:
         z, as_tensor = self._latents(z)
         if self.conditional and labels is None:
             raise ArgumentError(f"{self.name} is a conditional model: decode(z, labels) needs the class of each row")
+        self._check_decoding(len(z), f"decode(z) of {len(z)} rows", "decode fewer rows at a time")
         y = self._labels(labels, len(z))
         with _no_grad():
             images = self.module.mean_image(self.module.decode(z, y))
@@ -222,6 +225,7 @@ class Model:
             generator.seed()
         else:
             generator.manual_seed(_whole_number("seed", seed, low=0, high=2**63 - 1))
+        self._check_decoding(n, f"sample({n})", "ask for fewer images, or for them in parts")
         z = torch.randn((n, self.dim_z), generator=generator)  # drawn on the CPU, so every device gets the same z
         return self.decode(z, None if label is None else [label] * n).cpu().numpy()
 
@@ -247,6 +251,7 @@ class Model:
         The first and last are the reconstructions of `a` and `b`; each of `a`, `b` is one image.
         """
         steps = _whole_number("steps", steps, low=2)
+        self._check_decoding(steps, f"interpolate(steps={steps})", "ask for fewer steps")
         if self.conditional:
             raise ArgumentError(f"{self.name} is a conditional model: its z is a style, not a digit; use "
                                 f"sample(label=...) or the analogies instead of interpolate")
@@ -325,13 +330,25 @@ class Model:
         """Write the encoder and decoder as ONNX files into the folder `out`; return {name: path}.
 
         `encoder.onnx` (image -> mu, std), `decoder.onnx` (z -> mean image) and `model.json`
-        (inputs, outputs and the run's settings). Needs `pip install 'mnist-vae[export]'`.
+        (inputs, outputs and the run's settings); a conditional model's graphs also take `label`, the
+        int64 class index of each row. Needs `pip install 'mnist-vae[export]'`. A model the exporter
+        cannot export faithfully raises ValueError, and nothing is written.
         """
         if format != "onnx":
             raise ArgumentError(f"format must be 'onnx', got {format!r}")
-        return export_onnx(self, Path(out))
+        try:
+            return export_onnx(self, Path(out))
+        except UserError as e:
+            raise as_argument_error(e) from None
 
     # ------------------------------------------------------------ inputs
+
+    def _check_decoding(self, n: int, what: str, advice: str) -> None:
+        """Refuse (ValueError, one line) decoding n images that the available memory cannot hold, before
+        allocating anything: the same check as training's, on limits.available_memory."""
+        n_classes = int(getattr(self.module, "n_classes", 0)) if self.conditional else 0
+        need = limits.decoding_memory(n, self.dim_z, self.config.n_hidden, self.config.n_layers, n_classes)
+        limits.check_memory(need, what, advice)
 
     def _images(self, images: Images) -> tuple:
         """The images as a float tensor (N, 784) on the model's device, and how to hand results back."""

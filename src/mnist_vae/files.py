@@ -66,9 +66,16 @@ def atomic_path(path):
 
 
 def write_bytes(path, data):
+    """Write `data` to `path` atomically, and only if every byte reached the file: a short write that
+    nothing reported (seen on a full disk) is an error naming `path`, and leaves the old file as it was."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            written = os.fstat(f.fileno()).st_size
+        if written != len(data):
+            raise WriteError(f"cannot write {path} (only {written} of its {len(data)} bytes were written); "
+                             f"{ADVICE[errno.ENOSPC]}")
 
 
 def write_text(path, text):

@@ -1,5 +1,6 @@
 """Pictures: image grids (JPEG, as the old program wrote them), the latent map and the loss curves."""
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +37,27 @@ def side_by_side(columns, path, gap=2):
 
 
 def save_image(image, path, **options):
-    """Write a PIL image atomically, in the format its file name says (.png, .jpg)."""
-    with files.atomic_path(path) as tmp:
-        image.save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()], **options)
+    """Write a PIL image atomically, in the format its file name says (.png, .jpg).
+
+    It is encoded in memory first and written by files.write_bytes, which checks that every byte
+    reached the file: a picture is whole under its name or not there, and an error names it."""
+    kind = Image.registered_extensions()[Path(path).suffix.lower()]
+    encoded = io.BytesIO()
+    try:
+        image.save(encoded, format=kind, **options)
+    except (OSError, ValueError) as e:  # the encoder's refusal (a size it cannot hold), not the disk's
+        raise files.WriteError(f"cannot encode {path} as {kind} ({e}); choose a smaller picture") from None
+    files.write_bytes(path, encoded.getvalue())
 
 
 def _save_figure(fig, path, **options):
+    """Write a matplotlib figure as save_image writes a picture: encoded in memory, then written whole."""
+    encoded = io.BytesIO()
     try:
-        with files.atomic_path(path) as tmp:
-            fig.savefig(tmp, format=Path(path).suffix[1:].lower(), **options)
+        fig.savefig(encoded, format=Path(path).suffix[1:].lower(), **options)
     finally:
         _pyplot().close(fig)
+    files.write_bytes(path, encoded.getvalue())
 
 
 def manifold_grid_z(n_x, n_y, z_range):

@@ -200,6 +200,9 @@ EPOCH_IMAGE_PREFIXES = ("PRR", "samples", "analogies", "PMLR", r"PMLR_class\d+",
 RUN_FILES = ("input.jpg", "input_noise.jpg", "metrics.csv", "loss_curves.png", "config.json", "evaluation.json",
              "samples.png", "reconstruct.png", "denoise.png", "interpolate.png", "analogies.png",
              "explore.html")
+# Folders this program writes into a run folder by default, with the files it writes in each: export's
+# (export.FILES; not imported, since export imports this module).
+RUN_FOLDERS = {"onnx": ("encoder.onnx", "decoder.onnx", "model.json")}
 _EPOCH_IMAGE = re.compile(rf"(?:{'|'.join(EPOCH_IMAGE_PREFIXES)})_epoch_\d+\.jpg")
 _TEMP_FILE = re.compile(r"\..+\.\d+(?:\.[0-9a-f]+)?\.tmp")  # files.atomic_path's, left by a killed process
 
@@ -220,16 +223,39 @@ def clear_outputs(folder, log=print):
     names = sorted((entry.name for entry in os.scandir(folder) if entry.is_file(follow_symlinks=False)
                     and is_output(entry.name)), key=lambda name: name != CHECKPOINT_NAME)
     for name in names:
-        try:
-            os.unlink(folder / name)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise files.WriteError(f"cannot remove {folder / name} ({e.strerror}); "
-                                   f"{files.ADVICE.get(e.errno, 'remove it by hand')}") from None
+        _remove(folder / name)
+    # The folders it writes (export's onnx/, and an export's temporary folder a killed process left):
+    # their files by name, then the folder if that left it empty.
+    export_files = RUN_FOLDERS["onnx"]
+    folders = [(folder / name, inside) for name, inside in RUN_FOLDERS.items()]
+    folders += [(Path(entry.path), export_files) for entry in os.scandir(folder)
+                if entry.is_dir(follow_symlinks=False) and _TEMP_FILE.fullmatch(entry.name)]
+    for path, inside in folders:
+        if not path.is_dir() or path.is_symlink():
+            continue
+        leftovers = [Path(entry.path) for entry in os.scandir(path)
+                     if entry.is_dir(follow_symlinks=False) and _TEMP_FILE.fullmatch(entry.name)]
+        for target in [path / name for name in inside] + [leftover / name for leftover in leftovers
+                                                          for name in inside]:
+            if target.is_file() and not target.is_symlink():
+                _remove(target)
+                names.append(str(target.relative_to(folder)))
+        for empty in leftovers + [path]:
+            with contextlib.suppress(OSError):
+                empty.rmdir()
     if names:
         log(f"removed the {len(names)} files of the earlier run in {folder}")
     return names
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise files.WriteError(f"cannot remove {path} ({e.strerror}); "
+                               f"{files.ADVICE.get(e.errno, 'remove it by hand')}") from None
 
 
 # ---------------------------------------------------------------- what a run was trained on

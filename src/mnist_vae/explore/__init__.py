@@ -14,6 +14,7 @@ import dataclasses
 import html
 import json
 import math
+import re
 import webbrowser
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint, files
+from .. import checkpoint, files, runs
 from ..api import PRETRAINED, load
 from ..arguments import Parser
 from ..config import boolean, integer, text
@@ -214,18 +215,24 @@ def run_summary(config, state, run_dir):
              "add_noise": bool(config.add_noise), "noise_factor": float(config.noise_factor),
              "epochs": int(state.get("epoch", 0))}
     history = state.get("history") or []
+    # A conditional run's numbers bound log p(x|y): its metrics name them *_given_y; the header says so.
+    given = "_given_y" if getattr(config, "conditional", False) else ""
+    if given:
+        facts["given_y"] = True
     if history:
         last = history[-1]
         for key in ("test_neg_elbo", "test_recon", "test_kl"):
-            if key in last and last[key] is not None:
-                facts[key] = float(last[key])
+            saved = key + given if key == "test_neg_elbo" else key
+            if saved in last and last[saved] is not None:
+                facts[key] = float(last[saved])
     evaluation = Path(run_dir) / "evaluation.json"
     if evaluation.is_file():
         try:
             values = json.loads(evaluation.read_text())
-            if values.get("iw_nll") is not None:
-                facts["nll"] = {"nll": float(values["iw_nll"]), "stderr": float(values["iw_nll_stderr"]),
-                                "k": int(values["k"])}
+            if values.get(f"iw_nll{given}") is not None:
+                stderr = values.get(f"iw_nll{given}_stderr")
+                facts["nll"] = {"nll": float(values[f"iw_nll{given}"]),
+                                "stderr": None if stderr is None else float(stderr), "k": int(values["k"])}
         except (ValueError, OSError, KeyError, TypeError):
             pass  # the header goes without the estimate rather than failing the page
     for name in ("beta", "objective", "conditional"):  # settings that later versions add
@@ -265,16 +272,26 @@ def render_page(data, blob_base64):
     script = _asset("explore.js")
     style = _asset("explore.css")
     for name, asset in (("explore.js", script), ("explore.css", style)):
-        if "</" + "script" in asset.lower() or "</" + "style" in asset.lower():
-            raise AssertionError(f"{name} would close its own inline tag")
-    # JSON in a script element: escape "</" so no string inside can end the element.
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+        if "</" + "script" in asset.lower() or "</" + "style" in asset.lower() or "<!" + "--" in asset:
+            raise AssertionError(f"{name} would close or hide its own inline tag")
     title = f"mnist-vae explore: {data['summary']['run']}"
-    page = _asset("page.html")
-    for key, value in (("{{TITLE}}", html.escape(title)), ("{{STYLE}}", style), ("{{DATA}}", payload),
-                       ("{{WEIGHTS}}", blob_base64), ("{{SCRIPT}}", script)):
-        page = page.replace(key, value, 1)
-    return page
+    values = {"TITLE": html.escape(title), "STYLE": style, "DATA": inline_json(data), "WEIGHTS": blob_base64,
+              "SCRIPT": script}
+    # One pass over the template: a value is never searched for placeholders, so a run folder named
+    # "{{DATA}}" stays a name (replacing one placeholder after another put the data into the title).
+    return re.sub(r"\{\{(TITLE|STYLE|DATA|WEIGHTS|SCRIPT)\}\}", lambda match: values[match.group(1)],
+                  _asset("page.html"))
+
+
+def inline_json(data):
+    """`data` as JSON that can stand inside a <script> element whatever its strings hold: <, > and & as
+    \\u escapes (so neither "</script>" nor "<!--" can end or hide the element), and U+2028/U+2029,
+    which older JavaScript parsers took for line ends. The escapes are JSON's own, so JSON.parse reads
+    the same strings."""
+    text = json.dumps(data, separators=(",", ":"))
+    for character in "<>&\u2028\u2029":
+        text = text.replace(character, f"\\u{ord(character):04x}")
+    return text
 
 
 def build_page(run_dir, n_points=None, device="cpu", log=print):
@@ -328,6 +345,8 @@ def main(prog, args):
             raise ExploreError(f"--out {out}: give an .html file name")
         if not out.parent.is_dir():
             raise ExploreError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+    # Writing into a run folder: not while a training writes there (cli.main releases the lock).
+    runs.hold_if_run(out.parent, what="--out" if args.out else "the run folder")
     page = build_page(args.run_dir, args.n_points, log=lambda message: None)
     files.write_text(out, page)
     print(out)

@@ -597,8 +597,12 @@
     if (s.beta !== undefined && s.beta !== 1) parts.push(`\u03b2 ${s.beta}`);
     if (s.objective && s.objective !== "elbo") parts.push(s.objective);
     parts.push(`${s.epochs} epochs`);
-    if (s.test_neg_elbo !== undefined) parts.push(`test \u2212ELBO ${s.test_neg_elbo.toFixed(2)}`);
-    if (s.nll) parts.push(`test NLL ${s.nll.nll.toFixed(2)} \u00b1 ${s.nll.stderr.toFixed(2)} (k=${s.nll.k})`);
+    const given = s.given_y ? "(x|y)" : "";  // a conditional run's numbers bound log p(x|y)
+    if (s.test_neg_elbo !== undefined) parts.push(`test \u2212ELBO${given} ${s.test_neg_elbo.toFixed(2)}`);
+    if (s.nll) {
+      const stderr = s.nll.stderr === null ? "" : ` \u00b1 ${s.nll.stderr.toFixed(2)}`;
+      parts.push(`test NLL${given} ${s.nll.nll.toFixed(2)}${stderr} (k=${s.nll.k})`);
+    }
     document.getElementById("summary").textContent = parts.join(" \u00b7 ");
   })();
 

@@ -532,6 +532,52 @@ def test_a_default_size_page_loads_within_two_seconds(tmp_path, dataset_dir, ope
     assert page.errors == []
 
 
+# ---------------------------------------------------------------- folder names of every kind
+
+# A run folder named like a placeholder of the template broke the page (the placeholders were filled one
+# after another, the title first), and one holding "<!--" inside the data's script element swallowed the
+# rest of the document. Each must stay a name: the page works, and says it.
+STRANGE_NAMES = ["{{DATA}}", "{{SCRIPT}}{{DATA}}", "x<!--<script>", "&amp;<b>\u2028\u2029 ]]>"]
+
+
+@pytest.mark.parametrize("name", STRANGE_NAMES)
+def test_a_page_works_whatever_its_run_folder_is_named(name, dataset_dir, tmp_path, open_page):
+    run = make_run(tmp_path / name, dataset_dir, dim_z=2)
+    page = open_page(write_page(run))
+    assert page.errors == []
+    assert page.js("document.title") == f"mnist-vae explore: {name}"
+    assert page.js("explore.data.summary.run") == name
+    assert page.js("document.getElementById('summary').textContent").startswith(name + " \u00b7 mnist")
+    assert page.js("document.querySelectorAll('script').length") == 3  # the data, the weights, the program
+    # The page still runs its model: the pointer decodes what torch decodes.
+    page.page.mouse.move(*page.map_pixel(0.4, 0.6))
+    page.settled()
+    z = np.array(page.state("shown"))
+    assert np.abs(np.array(page.state("decoded")) - torch_decode(load_model(run), z)).max() <= PIXEL_TOLERANCE
+
+
+@pytest.mark.parametrize("name", STRANGE_NAMES)
+def test_the_page_holds_each_placeholder_once_and_no_markup_in_its_data(name, dataset_dir, tmp_path):
+    """Without a browser: the template filled in one pass, and the inline JSON free of <, > and &."""
+    page = write_page(make_run(tmp_path / name, dataset_dir, dim_z=2)).read_text()
+    data_text = re.search(r'<script type="application/json" id="explore-data">(.*?)</script>', page, re.S).group(1)
+    assert not set("<>&\u2028\u2029") & set(data_text)
+    assert json.loads(data_text)["summary"]["run"] == name
+    assert page.count('id="explore-data"') == 1 and page.count("<title>") == 1
+    assert "{{" not in page.replace(name, "")  # no placeholder left unfilled
+
+
+def test_a_conditional_runs_header_shows_its_test_elbo(dataset_dir, tmp_path, open_page):
+    run = make_run(tmp_path / "conditional", dataset_dir, dim_z=2, conditional=True)
+    (run / "evaluation.json").write_text(json.dumps({"iw_nll_given_y": 530.5, "iw_nll_given_y_stderr": 1.25,
+                                                     "k": 100}))
+    page = open_page(write_page(run))
+    header = page.js("document.getElementById('summary').textContent")
+    assert "conditional" in header and "test \u2212ELBO(x|y) 543.21" in header, header
+    assert "test NLL(x|y) 530.50 \u00b1 1.25 (k=100)" in header, header
+    assert page.errors == []
+
+
 # ---------------------------------------------------------------- the README's screenshots
 
 def test_screenshots_of_real_runs(open_page, tmp_path):

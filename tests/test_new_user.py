@@ -1,0 +1,221 @@
+"""Bad input and failures as a new user meets them, second round: pictures on a full disk, --overwrite and
+the lock for every file and folder the program writes, limits on every size that comes in, text and paths of
+every kind, the right data, and messages that say what is true. Every failure is one line, and nothing on
+disk is lost or half-written. (The export's own cases are in test_export.py, the explore page's in
+src/mnist_vae/explore/tests.)
+
+Runs go through mnist_vae.cli.main in-process where they can, and through real processes where the test is
+about a process (encodings, signals)."""
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mnist_vae
+from conftest import assert_one_line_error, main, make_idx_dataset, run_cli, snapshot
+from mnist_vae import files, limits, plots
+from mnist_vae import train as train_module
+from mnist_vae.config import Config
+from test_robustness import edited, fill, held_by_another_process, tmpfs  # noqa: F401 (tmpfs is a fixture)
+
+RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "2", "--PRR_n_img_x", "4", "--PRR_n_img_y", "4",
+            "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_idx_dataset(tmp_path_factory.mktemp("data"), n_train=256, n_test=250, seed=11)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """A finished 1-epoch dim_z 2 run."""
+    from mnist_vae import cli
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert cli.main([*RUN_ARGS, "--num_epochs", "1", "--data_dir", str(data), "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def whole_pictures(folder):
+    """Every picture in `folder` decodes to its last byte."""
+    for path in Path(folder).iterdir():
+        if path.suffix in (".jpg", ".png"):
+            with Image.open(path) as image:
+                image.load()  # raises on a truncated file
+    return True
+
+
+# ================================================================ 2. every file whole, every folder one run's
+
+@pytest.mark.parametrize("leave", [150 << 10, 180 << 10, 230 << 10])
+def test_a_full_disk_while_writing_pictures_leaves_each_whole_and_names_the_one_that_failed(tmpfs, data, capsys,
+                                                                                           leave):
+    """The 2-D manifold picture (about 175 KB) once stayed truncated under its name on a full disk, and the
+    error named the next file."""
+    out = tmpfs / "run"
+    fill(tmpfs, leave=leave)
+    result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", out)
+    assert_one_line_error(result, "No space left")
+    failed = Path(result.stderr.split("cannot write ")[1].split(" (")[0])
+    assert failed.parent == out and not failed.exists()  # it names the file that failed, which is not there
+    assert whole_pictures(out)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+class SilentlyShort:
+    """A file whose writes keep half of the data and report success, as a write on a full disk once did."""
+
+    def __init__(self, path, mode="r", *args, **kwargs):
+        self.f = open(path, mode, *args, **kwargs)
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_short_write_nothing_reported_never_reaches_the_name(tmp_path, monkeypatch):
+    target = tmp_path / "samples.png"
+    target.write_bytes(b"the old picture")
+    monkeypatch.setattr(files, "open", SilentlyShort, raising=False)
+    with pytest.raises(files.WriteError) as excinfo:
+        plots.save_grid(np.random.default_rng(0).random((16, 784)), 4, 4, target)
+    assert str(target) in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert target.read_bytes() == b"the old picture"
+    with pytest.raises(files.WriteError, match="loss_curves.png"):
+        plots.save_loss_curves([{"epoch": 1, **{f"{s}_{k}": 1.0 for s in ("train", "test")
+                                               for k in ("neg_elbo", "recon", "kl")}}], tmp_path / "loss_curves.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.png"]
+
+
+def test_overwrite_removes_every_file_and_folder_the_program_wrote_and_nothing_else(run_copy, data, capsys):
+    for name in ("explore.html", "analogies.png"):
+        (run_copy / name).write_text("old")
+    (run_copy / "onnx").mkdir()
+    for name in ("encoder.onnx", "decoder.onnx", "model.json"):
+        (run_copy / "onnx" / name).write_text("the old run's")
+    leftover = run_copy / ".onnx.4242.tmp"  # an export's temporary folder, left by a killed process
+    leftover.mkdir()
+    (leftover / "encoder.onnx").write_text("half an export")
+    mine = run_copy / "mine"
+    mine.mkdir()
+    (mine / "model.json").write_text("mine")
+    (run_copy / "notes.txt").write_text("mine")
+    result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", run_copy, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not (run_copy / "onnx").exists() and not leftover.exists()
+    assert not (run_copy / "explore.html").exists() and not (run_copy / "analogies.png").exists()
+    assert (mine / "model.json").read_text() == "mine" and (run_copy / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_keeps_a_users_own_file_in_the_onnx_folder(run_copy, data, capsys):
+    (run_copy / "onnx").mkdir()
+    (run_copy / "onnx" / "encoder.onnx").write_text("the old run's")
+    (run_copy / "onnx" / "README.txt").write_text("mine")
+    result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", run_copy, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (run_copy / "onnx").iterdir()) == ["README.txt"]
+
+
+def export_missing():
+    from mnist_vae import export
+
+    return bool(export.missing_packages())
+
+
+@pytest.mark.parametrize("command", ["export", "explore"])
+def test_export_and_explore_into_a_run_in_training_are_refused(run_copy, capsys, command):
+    if command == "export" and export_missing():
+        pytest.skip("the [export] extra is not installed")
+    with held_by_another_process(run_copy) as pid:
+        before = snapshot(run_copy)
+        result = main(capsys, command, run_copy)
+        assert_one_line_error(result, f"process {pid}", "in use", str(run_copy))
+        assert snapshot(run_copy) == before
+    # Written elsewhere, a run in use is only read: fine.
+    with held_by_another_process(run_copy):
+        out = run_copy.parent / ("page.html" if command == "explore" else "onnx")
+        result = main(capsys, command, run_copy, "--out", out)
+        assert result.returncode == 0, result.stderr
+
+
+# ================================================================ 3. limits everywhere a size comes in
+
+def test_more_threads_than_the_machine_can_run_are_refused_in_one_line(tmp_path, data):
+    """--threads 100000 ended in a segmentation fault, --threads 30000 in libgomp's errors."""
+    out = tmp_path / "run"
+    result = run_cli(*RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", out, "--threads", "100000")
+    assert_one_line_error(result, "--threads 100000", str(limits.thread_limit()), code=2)
+    assert not out.exists()
+
+
+def test_a_checkpoint_holding_too_many_threads_resumes_with_one_line(run_copy, tmp_path):
+    run = edited(run_copy, tmp_path / "edited", lambda state: state["config"].update(threads=100000))
+    for name in ("config.json", "input.jpg"):
+        shutil.copy(run_copy / name, run / name)
+    before = snapshot(run)
+    result = run_cli("--resume", run, "--num_epochs", "2")
+    assert_one_line_error(result, f"--resume {run}", "--threads 100000", "--threads 0", code=2)
+    assert snapshot(run) == before
+    result = run_cli("--resume", run, "--num_epochs", "2", "--threads", "1")  # what the line advises
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def little_memory(monkeypatch):
+    """A machine with 50 MB of memory available."""
+    monkeypatch.setattr(limits, "available_memory", lambda: 50_000_000)
+
+
+@pytest.mark.parametrize("call", ["sample", "interpolate", "decode"])
+def test_the_api_checks_memory_before_decoding(trained, little_memory, call):
+    """model.sample(10**9) was killed by the kernel; interpolate(steps=10**9) and decode of 10**8 rows raised
+    torch's allocator error. Here 50,000 images need more than the 50 MB available."""
+    model = mnist_vae.load(trained)
+    n = 50_000
+    with pytest.raises(ValueError) as excinfo:
+        if call == "sample":
+            model.sample(n)
+        elif call == "interpolate":
+            model.interpolate(np.zeros((28, 28)), np.ones((28, 28)), steps=n)
+        else:
+            model.decode(np.zeros((n, 2), dtype=np.float32))
+    message = str(excinfo.value)
+    assert "\n" not in message and str(n) in message and "50 MB is available" in message
+    assert len(model.sample(4, seed=0)) == 4  # a size that fits is fine
+
+
+def test_the_training_memory_check_counts_the_importance_samples(tmp_path, data, capsys, monkeypatch):
+    """--objective iwae --k_train 1000 --batch_size 2000 passed the check and died allocating 6.3 GB, leaving
+    config.json and input.jpg."""
+    monkeypatch.setattr(limits, "available_memory", lambda: 8_000_000_000)
+    loaded = []
+    monkeypatch.setattr(train_module, "load_tensors", lambda *a, **k: loaded.append(1) or 1 / 0)
+    out = tmp_path / "run"
+    result = main(capsys, "--objective", "iwae", "--k_train", "1000", "--batch_size", "2000", "--num_epochs", "1",
+                  "--data_dir", data, "--output", out)
+    assert_one_line_error(result, "--k_train", "8.0 GB is available", code=2)
+    assert not loaded and not out.exists()
+    # The same settings with one sample per image fit.
+    assert sum(limits.training_memory(Config(batch_size=2000)).values()) < 8e9
