@@ -19,7 +19,7 @@ from PIL import Image
 import mnist_vae
 from conftest import assert_one_line_error, main, make_idx_dataset, run_cli, snapshot
 from mnist_vae import files, limits, plots
-from mnist_vae import train as train_module
+from mnist_vae import loop as train_module
 from mnist_vae.config import Config
 from test_robustness import edited, fill, held_by_another_process, tmpfs  # noqa: F401 (tmpfs is a fixture)
 
