@@ -104,6 +104,7 @@ def test_mnist_config_json(mnist_run):
                 "n_test": 500, "PMLR_n_samples": 300, "data_dir": str(MNIST), "output": str(out),
                 "epoch_digits": 2}
     expected.pop("device")  # config.json records the device the run used, not "auto"
+    expected["model"] = "vae"  # and the model it trained, which the default --model leaves to --conditional
     assert saved["device"] in ("cpu", "cuda", "mps")
     for name, value in expected.items():
         assert saved[name] == value, name
