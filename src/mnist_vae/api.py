@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, loop, pretrained, runs
-from .config import SETTINGS, Config, resume_conflict
+from .config import SETTINGS, Config, SettingError, bad_value_line, resume_conflict
 from .data import DATASETS, add_noise, class_index, load_tensors
 from .errors import ArgumentError, ArgumentTypeError, UserError, as_argument_error
 from .evaluation import (EVAL_SEED, classifier_accuracy, evaluate, log_likelihood_estimate, log_likelihoods,
@@ -125,8 +125,8 @@ def _training_config(output: str, resume: bool, settings: dict) -> tuple:
         config, state = Config(**settings, output=output), None
     try:
         config.check()
-    except ValueError as e:
-        raise ArgumentError(f"--{e}") from None
+    except SettingError as e:  # the command line's line for the same flag
+        raise ArgumentError(bad_value_line(e.name, e.value, e.reason)) from None
     if config.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401  (an optional extra)
