@@ -353,10 +353,14 @@ class Model:
         """Write the encoder and decoder as ONNX files into the folder `out`; return {name: path}.
 
         `encoder.onnx` (image -> mu, std), `decoder.onnx` (z -> mean image) and `model.json`
-        (inputs, outputs and the run's settings). Needs `pip install 'mnist-vae[export]'`.
+        (inputs, outputs and the run's settings), for a model trained without --conditional.
+        Needs `pip install 'mnist-vae[export]'`.
         """
         if format != "onnx":
             raise ArgumentError(f"format must be 'onnx', got {format!r}")
+        if self.conditional:  # the graphs take an image or a z, not the label a conditional model needs
+            raise ArgumentError(f"{self.name} is a conditional model; export writes the encoder and decoder of "
+                                f"runs trained without --conditional")
         return export_onnx(self, Path(out))
 
     # ------------------------------------------------------------ inputs
