@@ -15,7 +15,8 @@ path to a PNG or JPEG (prepared as MNIST's digits were, as the command line does
 list of these. Outputs are NumPy arrays, or torch tensors when a tensor came in.
 
 Bad arguments raise ValueError or TypeError; where the command line reports the same
-problem (a bad run folder, an unreadable image), the message is the line it prints.
+problem (a bad run folder, an unreadable image, a bad setting or a refused training), the
+message is the line it prints.
 
 A conditional model (a run trained with --conditional) takes labels: `sample(n, label=7)`,
 `decode(z, labels)`, `encode`/`reconstruct(images, labels)` (the labels it finds when none are
@@ -229,7 +230,7 @@ class Model:
             styles = analogies(self.module, x, y)
         return as_tensor(styles.reshape(len(x), -1, 28, 28))
 
-    def sample(self, n: int, seed: Optional[int] = None, label: Optional[int] = None) -> np.ndarray:
+    def sample(self, n: int, seed: Optional[int] = None, label: Labels = None) -> np.ndarray:
         """`n` images (n, 28, 28) decoded from z drawn from the prior N(0, I).
 
         The same `seed` gives the same images (`mnist-vae sample --seed`); None draws fresh ones.
