@@ -19,7 +19,8 @@ from conftest import MNIST_DIR, ROOT, main, make_idx_dataset, read_metrics, run_
 from mnist_vae import checkpoint, pretrained
 from mnist_vae.images import load_user_image
 from mnist_vae.data import load_tensors
-from mnist_vae.evaluation import decode_images, evaluate, reconstruct
+from mnist_vae.evaluation import classifier_accuracy, decode_images, evaluate, reconstruct
+from mnist_vae.model import analogies
 
 SETTINGS = dict(n_hidden=32, batch_size=32, dim_z=3, PRR_n_img_x=4, PRR_n_img_y=4, num_epochs=2, seed=3)
 
@@ -231,7 +232,7 @@ def test_public_names_are_documented():
         if callable(value) or isinstance(value, type(mnist_vae)):
             assert (value.__doc__ or "").strip(), name
     for name in ("encode", "decode", "sample", "reconstruct", "elbo", "log_likelihood", "interpolate", "evaluate",
-                 "export"):
+                 "export", "classify", "predict", "analogies"):
         assert getattr(mnist_vae.Model, name).__doc__.strip(), name
         assert "return" in getattr(mnist_vae.Model, name).__annotations__, name
 
@@ -375,3 +376,43 @@ def test_a_conditional_model_refuses_calls_without_what_it_needs(conditional_run
         run.classify(digits)
     with pytest.raises(ValueError, match="not a conditional model"):
         run.decode(np.zeros((2, 3)), labels=[1, 2])
+
+
+def test_a_conditional_model_predicts_draws_classes_and_writes_analogies(conditional_run, data, digits):
+    """What the commands of conditional runs use: predict (the class read in each image), sample with a
+    class per image, analogies, and evaluate's accuracy as a classifier."""
+    from mnist_vae.model import classify
+
+    model = conditional_run
+    x = mnist_vae.prepare_images(digits)
+    labels = model.predict(digits)
+    assert labels.shape == (8,) and labels.dtype == np.int64
+    assert np.array_equal(labels, classify(model.module, x, k=100).argmax(1).numpy())
+    assert isinstance(model.predict(torch.from_numpy(digits)), torch.Tensor)
+    assert np.array_equal(model.reconstruct(digits), model.reconstruct(digits, labels=labels))  # its labels
+    # analogies: each image's posterior mean under its label, decoded with every class.
+    styles = model.analogies(digits[:3], labels=[1, 2, "3"])
+    assert styles.shape == (3, 10, 28, 28)
+    assert np.array_equal(styles.reshape(3, 10, 784), analogies(model.module, x[:3], torch.tensor([1, 2, 3])).numpy())
+    assert np.allclose(styles[[0, 1, 2], [1, 2, 3]], model.reconstruct(digits[:3], labels=[1, 2, 3]), atol=1e-6)
+    assert np.array_equal(model.analogies(digits[:3]), model.analogies(digits[:3], labels=labels[:3]))
+    # sample: a class for every image, or one per image.
+    z = torch.randn((4, model.dim_z), generator=torch.Generator().manual_seed(5))
+    expected = decode_images(model.module, z, torch.tensor([0, 1, 2, 0])).reshape(-1, 28, 28).numpy()
+    assert np.array_equal(model.sample(4, seed=5, label=[0, 1, 2, 0]), expected)
+    with pytest.raises(ValueError, match="expected 4 labels"):
+        model.sample(4, seed=5, label=[1, 2])
+    # evaluate: the bounds of log p(x|y), and the accuracy as a classifier; where the data came from, to `log`.
+    said = []
+    report = model.evaluate(k=0, log=said.append)
+    tensors = load_tensors(model.config, "cpu", log=lambda _: None)
+    assert report["accuracy"] == classifier_accuracy(model.module, tensors.test, tensors.test_y)
+    assert 0 <= report["accuracy"] <= 1 and "nll" not in report
+    assert said == [f"data: mnist from the --data_dir {data}"]
+
+
+def test_predict_and_analogies_need_a_conditional_model(run, digits):
+    for method in ("predict", "analogies"):
+        with pytest.raises(ValueError, match=f"not a conditional model; {method} needs a run trained with"):
+            getattr(run, method)(digits)
+    assert "accuracy" not in run.evaluate(k=0)

@@ -6,7 +6,8 @@
     pictures = model.decode(mu)                   # (N, 28, 28) mean pixel values in [0, 1]
 
 The command line's model commands (evaluate, sample, reconstruct, denoise, interpolate,
-export) are thin calls of this module, so there is one implementation of each.
+classify, analogies, export) are calls of these methods plus writing a picture or printing,
+so there is one implementation of each.
 
 Images may be a NumPy array of shape (N, 28, 28) or (N, 784) (or one image, (28, 28) or
 (784,)), uint8 in 0..255 or float in [0, 1]; a torch tensor of the same; a PIL image or a
@@ -14,11 +15,13 @@ path to a PNG or JPEG (prepared as MNIST's digits were, as the command line does
 list of these. Outputs are NumPy arrays, or torch tensors when a tensor came in.
 
 Bad arguments raise ValueError or TypeError; where the command line reports the same
-problem (a bad run folder, an unreadable image), the message is the line it prints.
+problem (a bad run folder, an unreadable image, a bad setting or a refused training), the
+message is the line it prints.
 
 A conditional model (a run trained with --conditional) takes labels: `sample(n, label=7)`,
 `decode(z, labels)`, `encode`/`reconstruct(images, labels)` (the labels it finds when none are
-given), `elbo`/`log_likelihood(images, labels=...)` of log p(x|y), and `classify(images)`.
+given), `elbo`/`log_likelihood(images, labels=...)` of log p(x|y), `classify(images)` (p(y|x)),
+`predict(images)` (the class of each image) and `analogies(images)` (each image's style as every class).
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ import numpy as np
 import torch
 
 from . import checkpoint, limits, loop, pretrained, runs
-from .config import SETTINGS, Config, resume_conflict
+from .config import SETTINGS, Config, SettingError, bad_value_line, resume_conflict
 from .data import DATASETS, add_noise, class_index, load_tensors
 from .errors import ArgumentError, ArgumentTypeError, UserError, as_argument_error
-from .evaluation import (EVAL_SEED, evaluate, log_likelihood_estimate, log_likelihoods, reconstruct)
+from .evaluation import (EVAL_SEED, classifier_accuracy, evaluate, log_likelihood_estimate, log_likelihoods,
+                         reconstruct)
 from .export import export_onnx
 from .images import Images, prepare_images
 from .machine import resolve_device
-from .model import classify
+from .model import analogies, classify
 
 __all__ = ["Model", "load", "train", "prepare_images", "PRETRAINED", "ArgumentError", "ArgumentTypeError"]
 
@@ -124,8 +128,8 @@ def _training_config(output: str, resume: bool, settings: dict) -> tuple:
         config, state = Config(**settings, output=output), None
     try:
         config.check()
-    except ValueError as e:
-        raise ArgumentError(f"--{e}") from None
+    except SettingError as e:  # the command line's line for the same flag
+        raise ArgumentError(bad_value_line(e.name, e.value, e.reason)) from None
     if config.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401  (an optional extra)
@@ -203,18 +207,38 @@ class Model:
         """p(y|x) of each image for each class (N, n_classes), for a conditional model: the bounds on
         log p(x|y) (the ELBO for k = 1, the importance-weighted bound for k > 1) with a uniform p(y).
         The class is the argmax of each row; `classes` names them."""
-        if not self.conditional:
-            raise ArgumentError(f"{self.name} is not a conditional model; classify needs a run trained with "
-                                f"--conditional")
+        self._require_conditional("classify")
         k = _whole_number("k", k, low=1)
         x, as_tensor = self._images(images)
         return as_tensor(classify(self.module, x, k=k).exp())
 
-    def sample(self, n: int, seed: Optional[int] = None, label: Optional[int] = None) -> np.ndarray:
+    def predict(self, images: Images, k: int = 100) -> Any:
+        """The class of each image by a conditional model, as class numbers (N,) (`classes` names them):
+        the most probable under `classify(images, k)`. These are the labels that encode, reconstruct and
+        analogies use when they are given none."""
+        self._require_conditional("predict")
+        k = _whole_number("k", k, low=1)
+        x, as_tensor = self._images(images)
+        return as_tensor(self._predict(x, k))
+
+    def analogies(self, images: Images, labels: Labels = None) -> Any:
+        """Each image's style written as every class, by a conditional model (Kingma et al. 2014's
+        analogies): images (N, n_classes, 28, 28), where [i, c] is the mean of q(z|x, y) of image i under
+        its label, decoded with class c. Without `labels`, each image's label is the class it is read as
+        (predict)."""
+        self._require_conditional("analogies")
+        x, as_tensor = self._images(images)
+        y = self._labels(labels, len(x), x)
+        with _no_grad():
+            styles = analogies(self.module, x, y)
+        return as_tensor(styles.reshape(len(x), -1, 28, 28))
+
+    def sample(self, n: int, seed: Optional[int] = None, label: Labels = None) -> np.ndarray:
         """`n` images (n, 28, 28) decoded from z drawn from the prior N(0, I).
 
         The same `seed` gives the same images (`mnist-vae sample --seed`); None draws fresh ones.
-        `label` (a class number or name) is the class a conditional model draws; it needs one.
+        `label` (a class number or name) is the class a conditional model draws; it needs one, or a
+        sequence of n, one per image (`label=[i % 10 for i in range(n)]`: every class in turn).
         """
         n = _whole_number("n", n, low=1)
         if self.conditional and label is None:
@@ -227,7 +251,7 @@ class Model:
             generator.manual_seed(_whole_number("seed", seed, low=0, high=2**63 - 1))
         self._check_decoding(n, f"sample({n})", "ask for fewer images, or for them in parts")
         z = torch.randn((n, self.dim_z), generator=generator)  # drawn on the CPU, so every device gets the same z
-        return self.decode(z, None if label is None else [label] * n).cpu().numpy()
+        return self.decode(z, label).cpu().numpy()
 
     def reconstruct(self, images: Images, labels: Labels = None) -> Any:
         """Each image decoded from its posterior mean: images (N, 28, 28), what the reconstruction grids show.
@@ -301,25 +325,30 @@ class Model:
         return as_tensor(values)
 
     def evaluate(self, k: int = 1000, n_test: int = 0, data_dir: Optional[str] = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, log: Optional[Callable[[str], None]] = None) -> dict:
         """The run's test metrics, as `mnist-vae evaluate` prints them, in nats per image.
 
-        Returns {"images", "neg_elbo", "recon", "kl", "source" (where the data came from)} and, when k > 0, the importance-weighted
-        {"nll", "nll_stderr"} (± one standard error over the images). The test set is the run's
-        dataset (binarized as the run was); `n_test` > 0 uses its first n images.
+        Returns {"images", "neg_elbo", "recon", "kl", "source" (where the data came from)} and, when
+        k > 0, the importance-weighted {"nll", "nll_stderr"} (± one standard error over the images;
+        NaN for one image). For a conditional model the bounds are of log p(x|y) and "accuracy" is
+        its accuracy as a classifier (the class of highest ELBO). The test set is the run's dataset
+        (binarized as the run was); `n_test` > 0 uses its first n images. `progress` shows a bar
+        while the estimate runs; `log` (none by default) is told where the data comes from.
         """
         k = _whole_number("k", k, low=0)
         n_test = _whole_number("n_test", n_test, low=0)
         config = dataclasses.replace(self.config, data_dir=data_dir or self.config.data_dir, n_test=n_test,
                                      n_train=1)
         try:
-            tensors = load_tensors(config, self.device, log=lambda _: None)
+            tensors = load_tensors(config, self.device, log=log or (lambda _: None))
         except UserError as e:
             raise as_argument_error(e) from None
         test = tensors.test
         labels = tensors.test_y if self.conditional else None  # bounds on log p(x|y) then
         neg_elbo, recon, kl = evaluate(self.module, test, labels=labels)
         result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source}
+        if self.conditional:
+            result["accuracy"] = classifier_accuracy(self.module, test, labels)
         if k > 0:
             with torch.random.fork_rng(devices=[]):
                 result["nll"], result["nll_stderr"] = log_likelihood_estimate(
@@ -368,7 +397,7 @@ class Model:
         if labels is None:
             if required or x is None:
                 raise ArgumentError(f"{self.name} is a conditional model: give the labels of the images")
-            return classify(self.module, x, k=100).argmax(1)
+            return self._predict(x, 100)
         values = labels.tolist() if isinstance(labels, (np.ndarray, torch.Tensor)) else labels
         values = [values] * n if isinstance(values, (int, str, np.integer)) else list(values)
         if len(values) != n:
@@ -378,6 +407,15 @@ class Model:
         except UserError as e:
             raise ArgumentError(str(e).replace("--class ", "label ")) from None
         return torch.tensor(index, dtype=torch.int64, device=self.device)
+
+    def _predict(self, x: "torch.Tensor", k: int) -> "torch.Tensor":
+        """The most probable class of each image of `x` (a tensor (N, 784) on the model's device)."""
+        return classify(self.module, x, k=k).argmax(1)
+
+    def _require_conditional(self, method: str) -> None:
+        if not self.conditional:
+            raise ArgumentError(f"{self.name} is not a conditional model; {method} needs a run trained with "
+                                f"--conditional")
 
     def _latents(self, z: Any) -> tuple:
         as_tensor = _returner(z)

@@ -2,7 +2,7 @@
 
 import argparse
 
-from .config import SETTINGS, Config, boolean, text
+from .config import SETTINGS, Config, bad_value_line, boolean, text
 
 
 class Parser(argparse.ArgumentParser):
@@ -14,7 +14,16 @@ class Parser(argparse.ArgumentParser):
 
 def _flag(parser, name, check, help_text, **kwargs):
     spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    parser.add_argument(*spellings, dest=name, type=check, help=help_text, **kwargs)
+
+    def parse(text):
+        try:
+            return check(text)
+        except argparse.ArgumentTypeError as e:
+            # The line mnist_vae.train gives for the same value, not argparse's "argument --a/--b: ...";
+            # an ArgumentError without an argument is printed as its message alone.
+            raise argparse.ArgumentError(None, bad_value_line(name, text, e)) from None
+
+    parser.add_argument(*spellings, dest=name, type=parse, help=help_text, **kwargs)
 
 
 def train_parser(prog):

@@ -3,23 +3,19 @@
 `cli.main` dispatches here; the flags of training are arguments.train_parser's.
 """
 
-import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import api, files, runs
 from .arguments import Parser
 from .config import Config, boolean, choice, integer, text
-from .data import DATASETS, add_noise, class_index, load_tensors
+from .data import class_index
 from .errors import UserError
-from .evaluation import classifier_accuracy, decode_images, evaluate, log_likelihood_estimate, reconstruct
 from .export import require_packages
 from .images import load_user_image
 from .limits import check_image
-from .model import analogies, classify
 from .plots import save_grid, side_by_side
 
 
@@ -48,13 +44,6 @@ def _run_parser(prog, command, description):
     return parser
 
 
-def _load_run(args):
-    """(config, state, the model in eval mode, device) of RUN_DIR: a run folder, or `pretrained`."""
-
-    model = api.load(args.run_dir, device=args.device)
-    return model.config, {"epoch": model.epoch}, model.module.eval(), model.device
-
-
 def _default_out(args, name):
     """Where a command writes by default: into the run folder, or the current folder for the packaged model."""
 
@@ -72,21 +61,19 @@ def command_evaluate(prog, args):
                         help="use the first N test images only (0: all)")
     args = parser.parse_args(args)
 
-    config, state, model, device = _load_run(args)
-    config = dataclasses.replace(config, data_dir=args.data_dir or config.data_dir, n_test=args.n_test,
-                                 n_train=1)
-    tensors = load_tensors(config, device)
-    test, labels = tensors.test, tensors.test_y if model.conditional else None
-    neg_elbo, recon, kl = evaluate(model, test, labels=labels)
+    model = api.load(args.run_dir, device=args.device)
+    result = model.evaluate(k=args.k, n_test=args.n_test, data_dir=args.data_dir, progress=True, log=print)
+    config = model.config
     given = " of log p(x|y)" if model.conditional else ""
     print(f"run: {args.run_dir} ({config.dataset}, dim_z={config.dim_z}, likelihood={config.likelihood}, "
-          f"binarize={config.binarize}, {state['epoch']} epochs)")
-    print(f"test images: {len(test)}")
-    print(f"test -ELBO{given}: {neg_elbo:.3f} nats per image (reconstruction {recon:.3f}, KL {kl:.3f})")
-    if model.conditional:
-        print(f"test accuracy as a classifier (highest ELBO): {classifier_accuracy(model, test, labels):.4f}")
+          f"binarize={config.binarize}, {model.epoch} epochs)")
+    print(f"test images: {result['images']}")
+    print(f"test -ELBO{given}: {result['neg_elbo']:.3f} nats per image (reconstruction {result['recon']:.3f}, "
+          f"KL {result['kl']:.3f})")
+    if "accuracy" in result:
+        print(f"test accuracy as a classifier (highest ELBO): {result['accuracy']:.4f}")
     if args.k > 0:
-        nll, stderr = log_likelihood_estimate(model, test, args.k, labels=labels)
+        nll, stderr = result["nll"], result["nll_stderr"]
         what = f"test NLL{' -log p(x|y)' if model.conditional else ''} (importance weighted, k={args.k})"
         print(f"{what}: {nll:.3f} ± {stderr:.3f} nats per image (± one standard error)" if math.isfinite(stderr)
               else f"{what}: {nll:.3f} nats per image (one test image: no standard error)")
@@ -109,36 +96,31 @@ def command_sample(prog, args):
                              "(sneaker); without it, every class in turn")
     args = parser.parse_args(args)
 
-
-    config, _, model, device = _load_run(args)
-    labels, what = None, "samples"
-    if model.conditional:
-        if args.label is None:
-            labels, what = torch.arange(args.n, device=device) % model.n_classes, "samples, every class in turn,"
-        else:
-            label = class_index(args.label, config.dataset)
-            labels, what = torch.full((args.n,), label, device=device), f"samples of class {_class_names(config)[label]}"
+    model = api.load(args.run_dir, device=args.device)
+    label, what = None, "samples"
+    every_class = model.conditional and args.label is None
+    if every_class:
+        label, what = [i % len(model.classes) for i in range(args.n)], "samples, every class in turn,"
+    elif model.conditional:
+        label = class_index(args.label, model.config.dataset)
+        what = f"samples of class {model.classes[label]}"
     elif args.label is not None:
         raise UserError(f"--class needs a run trained with --conditional; {args.run_dir} was not")
-    z = torch.randn((args.n, config.dim_z), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    images = model.sample(args.n, seed=args.seed, label=label)
     out = Path(args.out or _default_out(args, "samples.png"))
-    columns = model.n_classes if labels is not None and args.label is None else _grid_shape(args.n)[0]
-    save_grid(decode_images(model, z, labels).cpu().numpy(), columns, math.ceil(args.n / columns), _writable(out))
+    columns = len(model.classes) if every_class else _grid_shape(args.n)[0]
+    save_grid(images, columns, math.ceil(args.n / columns), _writable(out))
     print(f"wrote {args.n} {what} to {out}")
     return 0
 
 
-def _class_names(config):
-
-    return DATASETS[config.dataset]["classes"]
-
-
 def _conditional_run(args, command):
-    config, state, model, device = _load_run(args)
+    """The model of RUN_DIR, which must be conditional."""
+    model = api.load(args.run_dir, device=args.device)
     if not model.conditional:
         raise UserError(f"{command} needs a run trained with --conditional; {args.run_dir} was not "
                         f"(train one: mnist-vae --conditional --output RUN)")
-    return config, state, model, device
+    return model
 
 
 def command_classify(prog, args):
@@ -150,9 +132,9 @@ def command_classify(prog, args):
                         help="importance samples per image and class (1: the ELBO; default 100)")
     args = parser.parse_args(args)
 
-    config, _, model, device = _conditional_run(args, "classify")
-    names = _class_names(config)
-    probabilities = classify(model, _load_images(args.images, device), k=args.k).exp().cpu()
+    model = _conditional_run(args, "classify")
+    names = model.classes
+    probabilities = model.classify(_load_images(args.images), k=args.k)
     for path, p in zip(args.images, probabilities):
         best = int(p.argmax())
         print(f"{path}: {names[best]} (p={p[best]:.3f})  " + "  ".join(f"{c}:{q:.3f}" for c, q in zip(names, p)))
@@ -169,19 +151,18 @@ def command_analogies(prog, args):
     parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/analogies.png)")
     args = parser.parse_args(args)
 
-
-    config, _, model, device = _conditional_run(args, "analogies")
-    names = _class_names(config)
-    images = _load_images(args.images, device)
+    model = _conditional_run(args, "analogies")
+    names = model.classes
+    images = _load_images(args.images)
     out = _writable(args.out or _default_out(args, "analogies.png"))
     if args.label is not None:
-        labels = torch.full((len(images),), class_index(args.label, config.dataset), device=device)
+        labels = class_index(args.label, model.config.dataset)
     else:
-        labels = classify(model, images, k=100).argmax(1)
+        labels = model.predict(images)
         for path, label in zip(args.images, labels.tolist()):
             print(f"{path}: read as {names[label]} (give --label to choose)")
-    styles = analogies(model, images, labels).cpu().numpy()
-    side_by_side([images.cpu().numpy()] + [styles[:, c] for c in range(model.n_classes)], out)
+    styles = model.analogies(images, labels)
+    side_by_side([images] + [styles[:, c] for c in range(len(names))], out)
     print(f"wrote {out} ({len(images)} row{'s' if len(images) > 1 else ''}: input | "
           + " | ".join(names) + ")")
     return 0
@@ -202,10 +183,9 @@ def _writable(path):
     return path
 
 
-def _load_images(paths, device):
-
-
-    return torch.from_numpy(np.stack([load_user_image(path) for path in paths])).to(device)
+def _load_images(paths):
+    """Users' image files, prepared like MNIST, as one float32 array (N, 784)."""
+    return np.stack([load_user_image(path) for path in paths])
 
 
 def command_reconstruct(prog, args, denoise=False):
@@ -221,22 +201,20 @@ def command_reconstruct(prog, args, denoise=False):
                             metavar="BOOL", help="first add the run's training noise to the images (a demo)")
     args = parser.parse_args(args)
 
-    config, _, model, device = _load_run(args)
-    images = _load_images(args.images, device)
+    model = api.load(args.run_dir, device=args.device)
+    images = _load_images(args.images)
     out = _writable(args.out or _default_out(args, f"{name}.png"))
 
     check_image(out, 3 * 30, len(args.images) * 30, f"{len(args.images)} images")
-    columns = [images.cpu().numpy()]
+    columns = [images]
     if denoise:
-        if not config.add_noise:
+        if not model.config.add_noise:
             print(f"note: {args.run_dir} was not trained with --add_noise; this is a plain reconstruction")
         if args.add_noise:
-            images = add_noise(images, config.noise_factor, torch.Generator().manual_seed(0))
-            columns.append(images.cpu().numpy())
-    labels = None
-    if model.conditional:  # q(z|x, y) and p(x|z, y) need a label: the one the model reads in the image
-        labels = classify(model, images, k=100).argmax(1)
-    columns.append(reconstruct(model, images, labels).cpu().numpy())
+            images = model.add_noise(images, seed=0)
+            columns.append(images)
+    # A conditional model reads the label in each image itself: q(z|x, y) and p(x|z, y) need one.
+    columns.append(model.reconstruct(images))
     side_by_side(columns, out)
     print(f"wrote {out} ({len(args.images)} row{'s' if len(args.images) > 1 else ''}: " + " | ".join(
         ["input", "noisy input", "restored"] if len(columns) == 3 else
@@ -257,18 +235,13 @@ def command_interpolate(prog, args):
     parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/interpolate.png)")
     args = parser.parse_args(args)
 
-
-    config, _, model, device = _load_run(args)
+    model = api.load(args.run_dir, device=args.device)
     if model.conditional:
         raise UserError(f"interpolate works on runs trained without --conditional; for {args.run_dir} use "
                         f"{prog} analogies")
-    images = _load_images([args.start, args.end], device)
+    start, end = _load_images([args.start, args.end])
     out = _writable(args.out or _default_out(args, "interpolate.png"))
-    with torch.no_grad():
-        mu, _ = model.encode(images)
-    weights = torch.linspace(0, 1, args.steps, device=device)[:, None]
-    z = (1 - weights) * mu[0] + weights * mu[1]
-    save_grid(decode_images(model, z).cpu().numpy(), args.steps, 1, out)
+    save_grid(model.interpolate(start, end, steps=args.steps), args.steps, 1, out)
     print(f"wrote {args.steps} images from {args.start} to {args.end} into {out}")
     return 0
 

@@ -77,7 +77,7 @@ class Config:
                     raise argparse.ArgumentTypeError(f"expected {KIND_NAMES[type(default)]}")
                 check(str(value))
             except argparse.ArgumentTypeError as e:
-                raise ValueError(f"{name}={value!r}: {e}") from None
+                raise SettingError(name, value, str(e)) from None
 
     def check_combination(self):
         """Raise UserError for settings that are each valid but contradict each other."""
@@ -91,6 +91,19 @@ class Config:
     def from_dict(cls, values):
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
+
+
+class SettingError(ValueError):
+    """A value no run can have: the setting's name, the value, and what the setting accepts."""
+
+    def __init__(self, name, value, reason):
+        super().__init__(f"{name}={value!r}: {reason}")
+        self.name, self.value, self.reason = name, value, reason
+
+
+def bad_value_line(name, value, reason):
+    """The one line a bad value gets, through the command line's flag and the API's keyword alike."""
+    return f"--{name}={value}: {reason}"
 
 
 # ---------------------------------------------------------------- the values a setting accepts
