@@ -217,8 +217,8 @@ def _mask(bits, p, shape):
 
 
 # ---------------------------------------------------------------- the seed model's layers for autograd
-# model.VAE uses these so that its autograd forward draws the same masks and rounds tanh as the
-# fused step; models the fused step does not train use PyTorch's own nn.Dropout and nn.Tanh.
+# model.VAE's MLPs use these so that their autograd forward draws the same masks and rounds tanh as
+# the fused step; a model built with PyTorch's own nn.Dropout or nn.Tanh goes to the autograd step.
 
 def dropout_mask(shape, p, device=None):
     """An inverted-dropout mask of `shape`: 0 with probability p, else 1/(1-p); float32.
