@@ -222,7 +222,8 @@ def test_beta_warm_up_and_iwae_run_and_report_true_elbos(data, tmp_path, capsys)
     result = main(capsys, *TINY, "--beta", "2", "--kl_warmup", "1", "--objective", "iwae", "--k_train", "3",
                   "--eval_k", "5", "--data_dir", data, "--output", out)
     assert result.returncode == 0, result.stderr
-    assert "training step: autograd" in result.stdout
+    assert "training step: autograd" not in result.stdout  # the fused step trains all three
+    assert json.loads((out / "config.json").read_text())["training_step"] == "fused"
     rows = read_metrics(out)
     for row in rows:
         elbo = float(row["test_neg_elbo"])

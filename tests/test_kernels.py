@@ -78,7 +78,7 @@ def inputs(rows=130, cols=501):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
-@pytest.mark.parametrize("activation", ["elu", "tanh"])
+@pytest.mark.parametrize("activation", ["elu", "tanh", "relu"])
 def test_activation_dropout_and_its_backward_factor(implementation, activation, p):
     a, bias = inputs()
     key = layers.dropout_key() if p > 0 else None
@@ -86,9 +86,9 @@ def test_activation_dropout_and_its_backward_factor(implementation, activation, 
         (layers.dropout_bits(a.numel(), key=key) >= layers.keep_threshold(p)).double().view(a.shape) / (1 - p))
     # float64 reference, with the derivative from autograd
     x = (a.double() + bias.double()).requires_grad_()
-    act = F.elu(x) if activation == "elu" else torch.tanh(x)
+    act = {"elu": F.elu, "tanh": torch.tanh, "relu": F.relu}[activation](x)
     (derivative,) = torch.autograd.grad(act.sum(), x)
-    function = kernels.elu_dropout if activation == "elu" else kernels.tanh_dropout
+    function = kernels.ACTIVATION_DROPOUT[activation]
     h, factor = function(a.clone(), bias, key, p)
     # tanh as 2 sigmoid(2x) - 1 is within about 2e-7 of tanh; the mask scales errors by 1/(1-p)
     torch.testing.assert_close(h.double(), act.detach() * mask, rtol=2e-6, atol=3e-7 / (1 - p))
@@ -106,6 +106,11 @@ def test_bernoulli_loss_and_its_gradient(implementation):
     (gradient,) = torch.autograd.grad(-reference / 128, l64)
     assert log_p.item() == pytest.approx(reference.item(), rel=1e-6)
     torch.testing.assert_close(d_logits.double(), gradient, rtol=1e-5, atol=1e-9)
+    # by_row: each row's log-likelihood (the importance-weighted bound weighs each draw by its own)
+    rows, d_rows = kernels.bernoulli_loss(logits, bias, target, 1 / 128, by_row=True)
+    by_row = (target.double() * l64 - F.softplus(l64)).sum(dim=1).detach()
+    torch.testing.assert_close(rows.double(), by_row, rtol=1e-6, atol=1e-4)
+    assert torch.equal(d_rows, d_logits) and rows.sum().item() == log_p.item()
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (128, 500)])
@@ -114,7 +119,7 @@ def test_the_activation_loops_drop_the_units_of_dropout_bits(implementation, sha
     one SplitMix64 output's four 16-bit values span two rows."""
     key = layers.dropout_key()
     kept = layers.dropout_bits(shape[0] * shape[1], key=key).view(shape) >= layers.keep_threshold(0.5)
-    for function in (kernels.elu_dropout, kernels.tanh_dropout):
+    for function in (kernels.elu_dropout, kernels.tanh_dropout, kernels.relu_dropout):
         h, factor = function(torch.full(shape, 1.0), torch.zeros(shape[1]), key, 0.5)
         assert torch.equal(h != 0, kept) and torch.equal(factor != 0, kept)
 

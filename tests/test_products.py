@@ -53,3 +53,21 @@ def test_each_routine_computes_the_three_products_of_a_layer(name):
     assert p.weight_grad(d_y, x, out=out) is out
     torch.testing.assert_close(out.double(), d_y64.T @ x64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p.input_grad(d_y, weight).double(), d_y64 @ weight64, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpu_is_described_as_lscpu_does(tmp_path):
+    """Vendor, model name, family, model and the vector extensions that matter here, from the first
+    processor's block (lscpu's source); the processor's name alone where there is no such file."""
+    path = tmp_path / "cpuinfo"
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+             "model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512vl\n\n")
+    path.write_text(block.format(n=0) + block.format(n=1))
+    cpu = products.cpu(str(path))
+    assert cpu == {"vendor": "AuthenticAMD", "model_name": "AMD EPYC 9B14", "family": 25, "model": 17,
+                   "extensions": ["avx2", "avx512f", "avx512_bf16"]}
+    assert products.describe_cpu(cpu) == "AMD EPYC 9B14 (AuthenticAMD, family 25, model 17; AVX2, AVX512F, AVX512_BF16)"
+    (tmp_path / "old").write_text(block.format(n=0).replace(" avx2 avx512f avx512_bf16", ""))
+    assert products.describe_cpu(products.cpu(str(tmp_path / "old"))).endswith(
+        "model 17; none of AVX2, AVX512F, AVX512_BF16, AMX_BF16)")
+    elsewhere = products.cpu(str(tmp_path / "no-such-file"))
+    assert elsewhere["vendor"] is None and elsewhere["model_name"] and products.describe_cpu(elsewhere)

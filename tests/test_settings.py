@@ -15,6 +15,7 @@ from mnist_vae import checkpoint, limits, runs, step
 from mnist_vae.fast import fused
 from mnist_vae import loop as train_module
 from mnist_vae.config import Config, resume_conflict
+from mnist_vae.layers import Dropout, Tanh
 from mnist_vae.model import VAE, build
 
 STEPS_PER_EPOCH = 8  # 256 training images in batches of 32
@@ -35,27 +36,28 @@ def test_the_default_settings_build_the_seeds_mlp_on_the_fused_step():
     model = build(config)
     torch.manual_seed(0)
     seed = VAE(3, 16, 0.1, "bernoulli")  # as the seed built it, before the new settings existed
-    assert [type(m) for m in model.encoder] == list(fused.ENCODER)
+    assert [type(m) for m in model.encoder] == [nn.Linear, nn.ELU, Dropout, nn.Linear, Tanh, Dropout, nn.Linear]
     for (name, a), b in zip(model.state_dict().items(), seed.state_dict().values()):
         assert torch.equal(a, b), name
     # Adam's epsilon and a schedule change nothing the fused step computes: it reads both from the optimizer.
     assert fused.supports(model, Config(n_hidden=16, dim_z=3, adam_eps=1e-4, lr_schedule="paper", warmup_epochs=1))
 
 
-@pytest.mark.parametrize("activation, module", [("tanh", nn.Tanh), ("relu", nn.ReLU), ("elu", nn.ELU)])
-def test_an_mlp_of_one_activation_goes_to_the_autograd_step(activation, module):
+@pytest.mark.parametrize("activation, module", [("tanh", Tanh), ("relu", nn.ReLU), ("elu", nn.ELU)])
+def test_an_mlp_of_one_activation_goes_to_the_fused_step(activation, module):
     config = Config(n_hidden=16, dim_z=5, n_layers=3, activation=activation, dropout=0.0)
     model = build(config)
     assert sum(isinstance(m, module) for m in model.encoder) == 3 == sum(isinstance(m, module) for m in model.decoder)
     assert [m.out_features for m in model.encoder if isinstance(m, nn.Linear)] == [16, 16, 16, 10]
     assert [m.out_features for m in model.decoder if isinstance(m, nn.Linear)] == [16, 16, 16, 784]
-    assert not any(isinstance(m, nn.Dropout) for m in model.modules())  # dropout 0: no dropout layers
+    assert not any(isinstance(m, (Dropout, nn.Dropout)) for m in model.modules())  # dropout 0: no dropout layers
     assert sum(p.numel() for p in model.parameters()) == limits.parameters(5, 16, 3)
-    assert "not the old program's MLP" in fused.unsupported(model, config)
+    # tanh and dropout as the fused step computes them, so that it trains these MLPs as autograd does
+    assert fused.unsupported(model, config) is None
     optimizer = torch.optim.Adam(model.parameters())
-    assert isinstance(step.make_step(model, optimizer, config), step.AutogradTrainStep)
+    assert isinstance(step.make_step(model, optimizer, config), fused.FusedTrainStep)
     with_dropout = build(Config(n_hidden=16, dim_z=5, activation="relu", dropout=0.2))
-    assert [type(m) for m in with_dropout.encoder] == [nn.Linear, nn.ReLU, nn.Dropout] * 2 + [nn.Linear]
+    assert [type(m) for m in with_dropout.encoder] == [nn.Linear, nn.ReLU, Dropout] * 2 + [nn.Linear]
 
 
 def test_paper_architecture_trains_and_its_checkpoint_loads(data, tmp_path, capsys):
@@ -63,12 +65,12 @@ def test_paper_architecture_trains_and_its_checkpoint_loads(data, tmp_path, caps
     result = main(capsys, *TINY, "--activation", "tanh", "--dropout", "0", "--adam_eps", "1e-4", "--num_epochs", "2",
                   "--data_dir", data, "--output", out)
     assert result.returncode == 0, result.stderr
-    assert "training step: autograd" in result.stdout
+    assert "training step: autograd" not in result.stdout
     config, _, tensors = checkpoint.load(out)
     assert (config.activation, config.adam_eps, config.n_layers) == ("tanh", 1e-4, 2)
     model = checkpoint.build_model(config, tensors, out)
-    assert isinstance(model.encoder[1], nn.Tanh)
-    assert json.loads((out / "config.json").read_text())["training_step"] == "autograd"
+    assert isinstance(model.encoder[1], Tanh)
+    assert json.loads((out / "config.json").read_text())["training_step"] == "fused"
 
 
 def test_seed_activation_with_other_depth_is_one_line(tmp_path, capsys):
@@ -144,7 +146,7 @@ def test_the_loop_gives_adam_the_scheduled_rate_on_the_autograd_step(data, tmp_p
         return real(self, *batch)
 
     monkeypatch.setattr(step.AutogradTrainStep, "__call__", recording)
-    result = main(capsys, *TINY, "--activation", "relu", "--lr_schedule", "cosine", "--warmup_epochs", "0.5",
+    result = main(capsys, *TINY, "--step", "autograd", "--lr_schedule", "cosine", "--warmup_epochs", "0.5",
                   "--num_epochs", "2", "--data_dir", data, "--output", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     config = checkpoint.load(tmp_path / "run")[0]

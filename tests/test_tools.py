@@ -16,6 +16,7 @@ from conftest import FASHION_SYSTEM_DIR, assert_one_line_error, main, make_idx_d
 from conftest import MNIST_DIR as MNIST
 from mnist_vae import loop as train_module
 from mnist_vae import machine
+from mnist_vae.config import Config
 from mnist_vae.errors import UserError
 
 FASHION_INSTALLED = (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file()
@@ -97,6 +98,13 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     results = json.loads(path.read_text())
     (row,) = results["training"]
     assert row["setting"] == "defaults" and row["dim_z"] == 4 and row["batch_size"] == 128
+    assert row["layers"] == [[784, 500, 1], [500, 500, 1], [500, 8, 1], [4, 500, 1], [500, 500, 1], [500, 784, 1]]
+    # The machine, as lscpu describes it, in the JSON and in the table's first line.
+    from mnist_vae.fast import products
+
+    cpu = results["machine"]["lscpu"]
+    assert cpu == products.cpu() and set(cpu) == {"vendor", "model_name", "family", "model", "extensions"}
+    assert result.stdout.startswith(f"mnist-vae bench: {products.describe_cpu(cpu)}, ")
     assert row["epoch_s"] > 0 and row["floor_s"] > 0
     assert row["ratio"] == pytest.approx(row["epochs_s"][0] / row["floors_s"][0])
     assert row["images_per_s"] == pytest.approx(3000 / row["epoch_s"])
@@ -135,24 +143,42 @@ def test_reproduce_runs_selects_runs_and_tables_every_finished_one(reproduced, c
                           "--runs dim3", "cond_dim20")
 
 
-def test_bench_floor_counts_label_columns_and_iwae_draws():
-    from mnist_vae.bench import floor_epoch_seconds
+def test_bench_floor_reads_the_layers_of_the_model_it_times():
+    """Depth, width, label columns and IWAE's draws: the floor's products are those of the row's own model."""
+    from mnist_vae.bench import floor_epoch_seconds, product_shapes
 
-    seconds = floor_epoch_seconds(256, 128, 16, 2, torch.device("cpu"), repeats=2, n_labels=10, k=5)
-    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert product_shapes(Config(dim_z=2, n_hidden=16)) == [
+        (784, 16, 1), (16, 16, 1), (16, 4, 1), (2, 16, 1), (16, 16, 1), (16, 784, 1)]
+    burda = Config(dim_z=50, n_hidden=200, activation="tanh", dropout=0.0, n_layers=1, conditional=True,
+                   objective="iwae", k_train=5)
+    assert product_shapes(burda) == [(794, 200, 1), (200, 100, 1), (60, 200, 5), (200, 784, 5)]
+    deep = product_shapes(Config(dim_z=3, n_hidden=8, activation="relu", n_layers=3))
+    assert [shape[:2] for shape in deep] == [(784, 8), (8, 8), (8, 8), (8, 6), (3, 8), (8, 8), (8, 8), (8, 784)]
+    for dtype in ("fp32", "bf16"):
+        seconds = floor_epoch_seconds(256, 128, product_shapes(burda), torch.device("cpu"), repeats=2, dtype=dtype)
+        assert len(seconds) == 2 and all(s > 0 for s in seconds)
 
 
-def test_bench_routines_compute_the_products_they_time():
-    from mnist_vae.bench import epoch_gflop, routines
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bench_routines_compute_the_products_they_time(dtype):
+    from mnist_vae.bench import epoch_gflop, product_shapes, routines
 
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(64, 30, generator=g), torch.randn(20, 30, generator=g)
-    for name, matmul in routines(torch.device("cpu")).items():
-        out = torch.empty(64, 20)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(64, 30, generator=g).to(torch_dtype), torch.randn(20, 30, generator=g).to(torch_dtype)
+    found = routines(torch.device("cpu"), dtype)
+    assert ("NumPy" in found) == (dtype == "fp32")  # NumPy has no bfloat16
+    for name, matmul in found.items():
+        out = torch.empty(64, 20, dtype=torch_dtype)
         result = matmul(a, b.t(), out)  # oneDNN returns a new tensor; the others write into out
-        torch.testing.assert_close(result if name == "oneDNN" else out, a @ b.t(), msg=name)
+        result = result if name == "oneDNN" else out
+        assert result.dtype == torch_dtype, name
+        torch.testing.assert_close(result.float(), a.float() @ b.float().t(), msg=name,
+                                   **({} if dtype == "fp32" else dict(rtol=1e-2, atol=0.1)))
     # 2 m n k per product: forward, weight gradient, and input gradient of all but the first layer
-    assert epoch_gflop(1, 1, 500, 20) == pytest.approx(2 * (3 * 1_314_000 - 392_000) / 1e9)
+    assert epoch_gflop(1, product_shapes(Config(dim_z=20, n_hidden=500))) == pytest.approx(
+        2 * (3 * 1_314_000 - 392_000) / 1e9)
+    assert epoch_gflop(3, [(10, 20, 1), (20, 5, 4)]) == pytest.approx(2 * 3 * (2 * 200 + 3 * 400) / 1e9)
 
 
 @pytest.mark.parametrize("command, args, flag", [

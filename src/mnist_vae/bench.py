@@ -1,16 +1,19 @@
 """`mnist-vae bench`: training speed against the matrix-multiply floor, evaluation speed, a busy CPU, memory, start-up.
 
 The floor of an epoch is the time of its matrix products alone: for every batch, the
-forward product of each of the six layers, the weight-gradient product of each, and
-the input-gradient product of all but the first (the images need no gradient); same
-shapes, batch sizes, dtype, device and threads as training, each product by the
-fastest float32 routine this process has (torch.mm, oneDNN, NumPy's BLAS: each is
-timed, and the table says which the training step uses). Floors and epochs are
-measured in one process, in alternation, and the ratio is the median of each epoch
-over the floor measured just before it, so a busy moment of the machine moves both.
-The importance-weighted log-likelihood is measured the same way: its floor is the
-decoder's matrix products for every draw of z. The busy-CPU row times default epochs
-while a competing process (a bounded busy loop) takes one core.
+forward product of each of the model's layers (read from the model the row trains:
+its depth, width, label columns, and the decoder on k draws of z per image for IWAE),
+the weight-gradient product of each, and the input-gradient product of all but the
+first (the images need no gradient); same shapes, batch sizes, dtype, device and threads
+as training, each product by the fastest routine this process has for that dtype (in
+float32 torch.mm, oneDNN, NumPy's BLAS: each is timed, and the table says which the
+training step uses; in bfloat16 torch.mm and oneDNN). Floors and epochs are measured in
+one process, in alternation, and the ratio is the median of each epoch over the floor
+measured just before it, so a busy moment of the machine moves both. The
+importance-weighted log-likelihood is measured the same way: its floor is the decoder's
+matrix products for every draw of z. The busy-CPU row times default epochs while a
+competing process (a bounded busy loop) takes one core. Every output names the CPU as
+lscpu describes it (vendor, model name, family, model, vector extensions).
 """
 
 import json
@@ -38,15 +41,19 @@ from .fast.products import _onednn, onednn_available
 from .layers import dropout_bits
 from .loop import make_model, train
 from .machine import resolve_device
+from .model import build
 
 SETTINGS = {
     "defaults": {},
     "dim_z 2": {"dim_z": 2},
     "batch 64": {"batch_size": 64},
     # Models and losses beyond the old program's: each against the floor of its own products.
-    "conditional": {"conditional": True},  # the fused step, with ten label columns
+    "conditional": {"conditional": True},  # ten label columns in both first layers
     "autograd": {"step": "autograd"},  # the defaults through autograd: what the fused step saves
-    "iwae k=5": {"objective": "iwae", "k_train": 5},  # autograd, the decoder on 5 z per image
+    "iwae k=5": {"objective": "iwae", "k_train": 5},  # the decoder on 5 z per image
+    # Burda et al.'s model at their batch size, as the literature table trains it: small products,
+    # so a step's fixed costs weigh most here.
+    "Burda et al. b20": {"dim_z": 50, "n_hidden": 200, "activation": "tanh", "dropout": 0.0, "batch_size": 20},
 }
 
 
@@ -74,23 +81,30 @@ def main(prog, args):
         base = replace(base, n_train=3000, n_test=500)
         settings, epochs, k = {"defaults": {}}, 1, min(k, 10)
 
-    results = {"machine": {**machine(), "device": str(device)}, "training": []}
+    results = {"machine": {**machine(), "device": str(device), "lscpu": products.cpu()}, "training": []}
+    print(f"bench: on {products.describe_cpu(results['machine']['lscpu'])}", file=sys.stderr)
     print("bench: matrix-product routines ...", file=sys.stderr)
     results["routines"] = bench_routines(base, device, rounds=1 if args.quick else 3)
     best = min(results["routines"], key=lambda row: row["floor_s"])["routine"]
     results["fastest_routine"], results["step_routine"] = best, products.routine(device)
-    matmul = routines(device)[best]
+    matmul = {"fp32": routines(device)[best]}
     try:  # mixed precision's row, where the hardware multiplies bfloat16; else why not
         products.check_precision("bf16", device)
-        if not args.quick:
-            settings = {**settings, "bf16": {"precision": "bf16"}}
     except ValueError as e:
         results["bf16_not_measured"] = str(e)
+    else:
+        if not args.quick:  # against the floor of its own products: bfloat16, by the fastest routine that has them
+            settings = {**settings, "bf16": {"precision": "bf16"}}
+            print("bench: bfloat16 matrix-product routines ...", file=sys.stderr)
+            results["bf16_routines"] = bench_routines(base, device, rounds=3, dtype="bf16")
+            best_bf16 = min(results["bf16_routines"], key=lambda row: row["floor_s"])["routine"]
+            results["fastest_bf16_routine"] = best_bf16
+            matmul["bf16"] = routines(device, "bf16")[best_bf16]
     with tempfile.TemporaryDirectory() as tmp:
         for name, changes in settings.items():
             config = replace(base, output=f"{tmp}/{name.replace(' ', '_')}", **changes)
             print(f"bench: training, {name} ...", file=sys.stderr)
-            row = bench_training(config, device, epochs, matmul)
+            row = bench_training(config, device, epochs, matmul[config.precision])
             results["training"].append({"setting": name, **row})
         if device.type == "cpu":
             print("bench: training on a busy CPU ...", file=sys.stderr)
@@ -98,7 +112,7 @@ def main(prog, args):
                                          unloaded_s=results["training"][0]["epoch_s"])
         run_dir = f"{tmp}/defaults"
         print("bench: evaluation ...", file=sys.stderr)
-        results["evaluation"] = bench_evaluation(run_dir, device, k, matmul)
+        results["evaluation"] = bench_evaluation(run_dir, device, k, matmul["fp32"])
         print("bench: memory of a default training run ...", file=sys.stderr)
         results["peak_rss_mb"] = peak_rss_of_training_run(base, f"{tmp}/memory")
     results["startup_help_s"] = startup_seconds()
@@ -110,22 +124,23 @@ def main(prog, args):
 
 
 def bench_training(config, device, epochs, matmul=None):
-    """Training seconds per epoch and the floor (by `matmul`, the fastest routine), measured in
-    alternation: a floor, then an epoch of train() itself (the real loop), `epochs` times after one
-    warm-up pair; medians and their ratio."""
+    """Training seconds per epoch and the floor (the products of the model `config` builds, by `matmul`,
+    the fastest routine for config.precision), measured in alternation: a floor, then an epoch of
+    train() itself (the real loop), `epochs` times after one warm-up pair; medians and their ratio."""
 
     n_train = config.n_train or 60000
+    layers = product_shapes(config)
     pairs = []
     for _ in range(epochs + 1):
-        floor = floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device,
-                                    repeats=1, n_labels=10 if config.conditional else 0,
-                                    k=config.k_train if config.objective == "iwae" else 1, matmul=matmul)[0]
+        floor = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
+                                    dtype=config.precision)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
         pairs.append((row["seconds"], floor))
     epochs_s, floors_s = [e for e, _ in pairs[1:]], [f for _, f in pairs[1:]]
     ratio = statistics.median(e / f for e, f in pairs[1:])
     epoch = statistics.median(epochs_s)
-    return {"dim_z": config.dim_z, "batch_size": config.batch_size, "step": row["step"], "epoch_s": epoch, "epochs_s": epochs_s,
+    return {"dim_z": config.dim_z, "batch_size": config.batch_size, "layers": layers, "step": row["step"],
+            "epoch_s": epoch, "epochs_s": epochs_s,
             "floor_s": statistics.median(floors_s), "floors_s": floors_s, "ratio": ratio,
             "images_per_s": n_train / epoch, **fixed_costs_seconds(config, device, n_train)}
 
@@ -157,11 +172,14 @@ def bench_busy(config, device, epochs, unloaded_s):
 
 def fixed_costs_seconds(config, device, n_train):
     """Seconds per epoch of two parts of a step that are not matrix products but belong to the algorithm:
-    Adam's update of every parameter, and drawing the bits of the four dropout masks; each timed alone."""
+    Adam's update of every parameter, and drawing the bits of the model's dropout masks; each timed alone."""
 
     n_steps = math.ceil(n_train / config.batch_size)
     model, optimizer = make_model(config, device)
     step = FusedTrainStep(model, optimizer)
+    k = config.k_train if config.objective == "iwae" else 1
+    masks = [config.batch_size * (1 if index < len(step.encoder) else k) * step.layers[index].out_features
+             for index, _, p in step.encoder + step.decoder if p > 0]
     step.adam_step()  # creates Adam's state
     _synchronize(device)
     started = time.perf_counter()
@@ -171,40 +189,52 @@ def fixed_costs_seconds(config, device, n_train):
     adam = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(n_steps):
-        for _ in range(4):  # the bits the step's activation loops draw, one mask at a time
-            dropout_bits(config.batch_size * config.n_hidden, device)
+        for size in masks:  # the bits the step's activation loops draw, one mask at a time
+            dropout_bits(size, device)
     _synchronize(device)
     return {"adam_s": adam, "masks_s": time.perf_counter() - started}
 
 
-def routines(device):
-    """The float32 routines that compute a product a @ b into `out` (b may be a transposed view), by
-    name: torch.mm everywhere; on the CPU also oneDNN (through torch) and NumPy's BLAS where they exist."""
+def routines(device, dtype="fp32"):
+    """The routines that compute a product a @ b into `out` (b may be a transposed view), by name: in
+    float32 torch.mm everywhere, and on the CPU also oneDNN (through torch) and NumPy's BLAS where they
+    exist; in bfloat16 ("bf16", the products of --precision bf16) torch.mm, and oneDNN where it has a
+    bfloat16 path on this CPU (NumPy has none)."""
 
     found = {"torch.mm": lambda a, b, out: torch.mm(a, b, out=out)}
-    if onednn_available(device):
+    if onednn_available(device) and (dtype == "fp32" or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         found["oneDNN"] = lambda a, b, out: _onednn(a, b.t())
-    if device.type == "cpu":
+    if device.type == "cpu" and dtype == "fp32":
         found["NumPy"] = lambda a, b, out: np.matmul(a.numpy(), b.numpy(), out=out.numpy())
     return found
 
 
-def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3, n_labels=0, k=1, matmul=None):
-    """Seconds of one epoch's matrix products alone, `repeats` times, by `matmul` (a routine of
-    `routines`; torch.mm by default); with `n_labels` one-hot columns beside x and z (a conditional
-    model) and the decoder on `k` draws of z per image (IWAE)."""
+def product_shapes(config):
+    """The products of a training step of the model `config` builds, read from its layers: (inputs, outputs,
+    rows per image) of each Linear layer, the encoder's then the decoder's, whose rows are k per image
+    for the importance-weighted bound."""
 
-    matmul = matmul or routines(device)["torch.mm"]
-    layers = [(784 + n_labels, n_hidden, 1), (n_hidden, n_hidden, 1), (n_hidden, 2 * dim_z, 1),
-              (dim_z + n_labels, n_hidden, k), (n_hidden, n_hidden, k), (n_hidden, 784, k)]
+    k = config.k_train if config.objective == "iwae" else 1
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; the bench's draws stay as they were
+        model = build(config)
+    return [(m.in_features, m.out_features, rows) for part, rows in ((model.encoder, 1), (model.decoder, k))
+            for m in part.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=None, dtype="fp32"):
+    """Seconds of one epoch's matrix products alone, `repeats` times, by `matmul` (a routine of
+    `routines` for `dtype`; torch.mm by default), for the layers `layers` (product_shapes), on operands
+    of `dtype` (float32, or bfloat16 for "bf16")."""
+
+    matmul = matmul or routines(device, dtype)["torch.mm"]
     batches = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size else [])
+    options = dict(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
 
     def buffers(batch):
-        return [dict(x=torch.randn(batch * rows, n_in, device=device), weight=torch.randn(n_out, n_in, device=device),
-                     grad=torch.randn(batch * rows, n_out, device=device),
-                     y=torch.empty(batch * rows, n_out, device=device),
-                     grad_weight=torch.empty(n_out, n_in, device=device),
-                     grad_x=torch.empty(batch * rows, n_in, device=device)) for n_in, n_out, rows in layers]
+        return [dict(x=torch.randn(batch * rows, n_in, **options), weight=torch.randn(n_out, n_in, **options),
+                     grad=torch.randn(batch * rows, n_out, **options), y=torch.empty(batch * rows, n_out, **options),
+                     grad_weight=torch.empty(n_out, n_in, **options),
+                     grad_x=torch.empty(batch * rows, n_in, **options)) for n_in, n_out, rows in layers]
 
     by_size = {size: buffers(size) for size in set(batches)}
 
@@ -228,28 +258,31 @@ def floor_epoch_seconds(n_train, batch_size, n_hidden, dim_z, device, repeats=3,
     return seconds
 
 
-def epoch_gflop(n_train, batch_size, n_hidden, dim_z):
-    """The floating-point operations (GFLOP) of one default-shaped epoch's products: 2 m n k each."""
-    forward = sum(n_in * n_out for n_in, n_out in [(784, n_hidden), (n_hidden, n_hidden), (n_hidden, 2 * dim_z),
-                                                    (dim_z, n_hidden), (n_hidden, n_hidden), (n_hidden, 784)])
-    return 2 * n_train * (3 * forward - 784 * n_hidden) / 1e9
+def epoch_gflop(n_train, layers):
+    """The floating-point operations (GFLOP) of one epoch's products for the layers `layers`
+    (product_shapes): 2 m n k each; three products a layer, two for the first (no input gradient)."""
+    return 2 * n_train * sum(rows * n_in * n_out * (3 if index else 2)
+                             for index, (n_in, n_out, rows) in enumerate(layers)) / 1e9
 
 
-def bench_routines(config, device, rounds=3):
-    """Each routine's floor of a default epoch (its median over `rounds`, taken in alternation) and its
-    peak: GFLOP/s of one 2048 x 2048 by 2048 x 2048 product, the best of three."""
+def bench_routines(config, device, rounds=3, dtype="fp32"):
+    """Each routine's floor of an epoch of the model `config` builds, in `dtype` (its median over
+    `rounds`, taken in alternation) and its peak: GFLOP/s of one 2048 x 2048 by 2048 x 2048 product,
+    the best of three."""
 
     n_train = config.n_train or 60000
-    found = routines(device)
+    layers = product_shapes(config)
+    found = routines(device, dtype)
     floors = {name: [] for name in found}
     for _ in range(rounds):
         for name, matmul in found.items():
-            floors[name] += floor_epoch_seconds(n_train, config.batch_size, config.n_hidden, config.dim_z, device,
-                                                repeats=1, matmul=matmul)
-    gflop = epoch_gflop(n_train, config.batch_size, config.n_hidden, config.dim_z)
+            floors[name] += floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1,
+                                                matmul=matmul, dtype=dtype)
+    gflop = epoch_gflop(n_train, layers)
     rows = []
     for name, matmul in found.items():
-        a, b, out = (torch.randn(2048, 2048, device=device) for _ in range(3))
+        a, b, out = (torch.randn(2048, 2048, device=device, dtype=torch.bfloat16 if dtype == "bf16" else None)
+                     for _ in range(3))
         matmul(a, b, out)
         peak = []
         for _ in range(3):
@@ -273,8 +306,9 @@ def _synchronize(device):
 
 def bench_evaluation(run_dir, device, k, matmul=None):
 
-    config, state, tensors = checkpoint.load(run_dir)
-    model = checkpoint.build_model(config, tensors, state=state).to(device)
+
+    config, _, tensors = checkpoint.load(run_dir)
+    model = checkpoint.build_model(config, tensors).to(device)
     test = load_tensors(config, device, log=lambda *a: None).test
     times = []
     for _ in range(3):
@@ -289,20 +323,19 @@ def bench_evaluation(run_dir, device, k, matmul=None):
         nll, stderr = log_likelihood_estimate(model, test, k, progress=False)
         _synchronize(device)
         seconds = time.perf_counter() - started
-        floor = iw_floor_seconds(len(test) * k, config.n_hidden, config.dim_z, device, matmul=matmul)
+        decoder = [(m.in_features, m.out_features) for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+        floor = iw_floor_seconds(len(test) * k, decoder, device, matmul=matmul)
         result.update(iw_k=k, iw_seconds=seconds, iw_floor_s=floor, iw_ratio=seconds / floor, iw_nll=nll,
                       iw_nll_stderr=stderr)
     return result
 
 
-def iw_floor_seconds(rows, n_hidden, dim_z, device, chunk=1024, most=500_000, matmul=None):
+def iw_floor_seconds(rows, layers, device, chunk=1024, most=500_000, matmul=None):
     """Seconds of the decoder's matrix products for `rows` draws of z, in chunks as the estimator
     draws them, by `matmul` (torch.mm by default): measured on at most `most` rows and scaled, so the
-    bench need not spend a minute on it."""
+    bench need not spend a minute on it. `layers`: (inputs, outputs) of each of the decoder's Linear layers."""
 
     matmul = matmul or routines(device)["torch.mm"]
-
-    layers = [(dim_z, n_hidden), (n_hidden, n_hidden), (n_hidden, 784)]
     buffers = [(torch.randn(chunk, n_in, device=device), torch.randn(n_out, n_in, device=device),
                 torch.empty(chunk, n_out, device=device)) for n_in, n_out in layers]
     measured = min(rows, most)
@@ -339,8 +372,8 @@ def startup_seconds(repeats=3):
 
 def format_table(results):
     m = results["machine"]
-    lines = [f"mnist-vae bench: {m['cpu']}, {m['cores']} cores, {m['device']}, torch {m['torch']} "
-             f"({m['threads']} threads), step kernels in {m.get('kernels', 'torch ops')}", "",
+    lines = [f"mnist-vae bench: {products.describe_cpu(m['lscpu'])}, {m['cores']} cores, {m['device']}, "
+             f"torch {m['torch']} ({m['threads']} threads), step kernels in {m.get('kernels', 'torch ops')}", "",
              f"{'products':<9} {'floor s':>8} {'GFLOP/s':>8} {'peak GFLOP/s':>13}"]
     for row in results["routines"]:
         mark = "  (the training step's)" if row["routine"] == results["step_routine"] else ""
@@ -351,17 +384,20 @@ def format_table(results):
               f"fastest: {fastest}; the floors below use it" + ("" if fastest == used else
               f"; the training step uses {used} ({products.RULE}"
               + ("" if fastest in products.ROUTINES else f"; {fastest} is not one it can use") + ")"), "",
-              f"{'training':<11} {'step':<8} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
+              f"{'training':<16} {'step':<8} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
              f"{'images/s':>9} {'adam s':>7} {'masks s':>8}"]
     for row in results["training"]:
-        lines.append(f"{row['setting']:<11} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
+        lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f}")
-    lines.append("(adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone)")
+    lines.append("(floor s: the products of each row's own model by the fastest routine for its precision;\n"
+                 " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone)")
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
         lines.append(f"bf16: epoch {by_setting['bf16']['epoch_s'] / by_setting['defaults']['epoch_s']:.2f} x the "
-                     f"float32 defaults' (its floor is float32's)")
+                     f"float32 defaults'; its floor is its own bfloat16 products by "
+                     f"{results['fastest_bf16_routine']}, the fastest of "
+                     + ", ".join(f"{r['routine']} {r['floor_s']:.2f} s" for r in results["bf16_routines"]))
     elif "bf16_not_measured" in results:
         lines.append(f"bf16: not measured: {results['bf16_not_measured']}")
     if "busy" in results:

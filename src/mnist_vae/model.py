@@ -158,14 +158,16 @@ class ConditionalVAE(VAE):
         return torch.cat([v, y.expand(*v.shape[:-1], self.n_classes)], dim=-1)
 
 
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
+# tanh and dropout as the fused step computes them (kernels.py: tanh through the sigmoid, dropout's
+# SplitMix64 bits), so that the fused and the autograd step train these MLPs alike.
+ACTIVATIONS = {"tanh": Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
 
 def mlp(n_in, n_hidden, n_layers, n_out, activation, dropout):
     """n_in -> n_layers hidden layers of n_hidden units, each with the activation (and dropout) -> n_out."""
     layers = []
     for n in [n_in] + [n_hidden] * (n_layers - 1):
-        layers += [nn.Linear(n, n_hidden), ACTIVATIONS[activation]()] + ([nn.Dropout(dropout)] if dropout else [])
+        layers += [nn.Linear(n, n_hidden), ACTIVATIONS[activation]()] + ([Dropout(dropout)] if dropout else [])
     return nn.Sequential(*layers, nn.Linear(n_hidden, n_out))
 
 

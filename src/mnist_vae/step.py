@@ -2,8 +2,8 @@
 
 The autograd step knows nothing of the model: it calls `model.loss(x, target, labels, ...)`,
 back-propagates and lets Adam update, as minGPT's trainer knows nothing of GPT. The fused step
-(fused.py) is the same step with the backward pass written out for the old program's MLP and the plain
-ELBO; `--step auto` uses it exactly where fused.supports() says it computes the same thing.
+(fused.py) is the same step with the backward pass written out for the MLPs the models build and
+their losses; `--step auto` uses it exactly where fused.supports() says it computes the same thing.
 """
 
 import math
@@ -41,13 +41,13 @@ class AutogradTrainStep:
 def make_step(model, optimizer, config):
     """The step `config.step` asks for: auto picks the fused step where it supports the model and
     loss, else autograd; fused where it cannot be had is a UserError saying why."""
+    loss_options = dict(kl_weight=config.beta, objective=config.objective, k=config.k_train)
     reason = fused.unsupported(model, config)
     if config.step == "fused" and reason is not None:
         raise UserError(f"--step fused cannot train this run: {reason}; use --step auto or autograd")
     if config.step != "autograd" and reason is None:
-        return fused.FusedTrainStep(model, optimizer, config.precision)
-    return AutogradTrainStep(model, optimizer, config.precision, kl_weight=config.beta, objective=config.objective,
-                             k=config.k_train)
+        return fused.FusedTrainStep(model, optimizer, config.precision, **loss_options)
+    return AutogradTrainStep(model, optimizer, config.precision, **loss_options)
 
 
 def kl_weight(config, epoch, step, n_steps):

@@ -109,20 +109,26 @@ static inline float log1p_0_to_1(float e) {
     return w == 1.0f ? e : log_1_to_2(w) * (e / (w - 1.0f));
 }
 
-/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. `masked` is a
- * constant after inlining, so that each case is its own loop: a load of bits[i] that might be skipped
+/* The activations of activation_rows, by the number the Python side passes. */
+enum { ELU = 0, TANH = 1, RELU = 2 };
+
+/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. `kind` and `masked`
+ * are constants after inlining, so that each case is its own loop: a load of bits[i] that might be skipped
  * cannot be vectorised without AVX-512's masked loads. */
 static inline __attribute__((always_inline)) void activation_rows(
-        int tanh, int masked, float *restrict a, const float *restrict bias, float *restrict factor,
+        int kind, int masked, float *restrict a, const float *restrict bias, float *restrict factor,
         const int16_t *restrict bits, int16_t threshold, float scale, long rows, long cols) {
     for (long r = 0; r < rows; r++)
         for (long c = 0; c < cols; c++) {
             long i = r * cols + c;
             float x = a[i] + bias[c], m = masked ? (bits[i] >= threshold ? scale : 0.0f) : scale;
-            if (tanh) { /* 2 sigmoid(2x) - 1, as model.tanh_; factor = m (1 - tanh^2) */
+            if (kind == TANH) { /* 2 sigmoid(2x) - 1, as model.tanh_; factor = m (1 - tanh^2) */
                 float t = 2.0f / (1.0f + exp_f(-2.0f * x)) - 1.0f;
                 a[i] = t * m;
                 factor[i] = m * (1.0f - t * t);
+            } else if (kind == RELU) { /* max(x, 0); factor = m where x > 0, else 0 */
+                a[i] = (x > 0.0f ? x : 0.0f) * m;
+                factor[i] = x > 0.0f ? m : 0.0f;
             } else { /* elu; factor = m elu'(x) */
                 float e = x > 0.0f ? x : expm1_f(x);
                 a[i] = e * m;
@@ -132,18 +138,22 @@ static inline __attribute__((always_inline)) void activation_rows(
 }
 
 /* h = act(a + bias) m, in place of a, and factor = m act'(a + bias), the backward pass's multiplier;
- * act is tanh or elu; bits == NULL: no dropout. Each case is its own vectorised loop. */
-VECTOR_CLONES static void activation_dropout(int tanh, float *restrict a, const float *restrict bias,
+ * act is elu, tanh or relu (`kind`); bits == NULL: no dropout. Each case is its own vectorised loop. */
+VECTOR_CLONES static void activation_dropout(int kind, float *restrict a, const float *restrict bias,
                                              float *restrict factor, const int16_t *restrict bits,
                                              int16_t threshold, float scale, long rows, long cols) {
-    if (tanh && bits)
-        activation_rows(1, 1, a, bias, factor, bits, threshold, scale, rows, cols);
-    else if (tanh)
-        activation_rows(1, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+    if (kind == TANH && bits)
+        activation_rows(TANH, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+    else if (kind == TANH)
+        activation_rows(TANH, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+    else if (kind == RELU && bits)
+        activation_rows(RELU, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+    else if (kind == RELU)
+        activation_rows(RELU, 0, a, bias, factor, bits, threshold, scale, rows, cols);
     else if (bits)
-        activation_rows(0, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_rows(ELU, 1, a, bias, factor, bits, threshold, scale, rows, cols);
     else
-        activation_rows(0, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_rows(ELU, 0, a, bias, factor, bits, threshold, scale, rows, cols);
 }
 
 /* For l = logits + bias: terms = target l - softplus(l), the Bernoulli log-likelihood of each pixel
@@ -215,7 +225,7 @@ VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long 
 
 /* With `masked`, the mask's bits are SplitMix64's outputs from `key`, as kernels.dropout_bits draws them,
  * written into a buffer here: one call instead of two, and no tensor for them in Python. */
-static PyObject *py_activation(PyObject *args, int tanh) {
+static PyObject *py_activation(PyObject *args, int kind) {
     unsigned long long a, bias, factor, key;
     int masked, threshold;
     float scale;
@@ -236,7 +246,7 @@ static PyObject *py_activation(PyObject *args, int tanh) {
         }
 #pragma omp barrier
         my_share(rows, &begin, &end);
-        activation_dropout(tanh, h + begin * cols, (const float *)(uintptr_t)bias, f + begin * cols,
+        activation_dropout(kind, h + begin * cols, (const float *)(uintptr_t)bias, f + begin * cols,
                            bits ? (const int16_t *)bits + begin * cols : NULL, (int16_t)threshold, scale,
                            end - begin, cols);
     }
@@ -244,8 +254,9 @@ static PyObject *py_activation(PyObject *args, int tanh) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_elu_dropout(PyObject *self, PyObject *args) { return py_activation(args, 0); }
-static PyObject *py_tanh_dropout(PyObject *self, PyObject *args) { return py_activation(args, 1); }
+static PyObject *py_elu_dropout(PyObject *self, PyObject *args) { return py_activation(args, ELU); }
+static PyObject *py_tanh_dropout(PyObject *self, PyObject *args) { return py_activation(args, TANH); }
+static PyObject *py_relu_dropout(PyObject *self, PyObject *args) { return py_activation(args, RELU); }
 
 static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
     unsigned long long logits, bias, target, terms, d_logits;
@@ -305,6 +316,7 @@ static PyMethodDef methods[] = {
     {"set_parallel", py_set_parallel, METH_VARARGS, "set_parallel(flag): whether big loops may use several threads"},
     {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
+    {"relu_dropout", py_relu_dropout, METH_VARARGS, "relu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
      "bernoulli_loss(logits, bias, target, terms, d_logits, scale, rows, cols)"},
     {"gaussian_sample", py_gaussian_sample, METH_VARARGS, "gaussian_sample(gaussian, eps, z, std, kl, rows, dim_z)"},

@@ -1,29 +1,41 @@
-"""The training step with its backward pass written out by hand: the fast path of the training loop.
+"""The training step with its backward pass written out by hand: the fast path of train.py.
 
 Autograd records and replays some sixty small operations per step; on a 2-core CPU
 that bookkeeping, not the arithmetic, is what made a plain PyTorch step twice the
-cost of its matrix products. Here the gradient of the -ELBO of model.VAE is derived
+cost of its matrix products. Here the gradient of the loss of model.VAE is derived
 once on paper and computed directly, with the same random draws in the same order
-as model.VAE.forward, so a test can check both give the same losses step by step.
-It trains only what `supports` finds it computes: the old program's MLP (and the conditional
-VAE, the same MLP with the one-hot label as more input columns of both first layers),
-the plain ELBO; every other model or loss goes through the autograd step (step.py).
-The elementwise work of each layer (bias, activation, dropout, and the factor its
-backward pass needs) is one call into kernels.py, one loop in C where it is built.
+as model.VAE.loss, so a test can check both give the same losses step by step.
+It trains only what `unsupported` finds it computes: the MLPs model.VAE and
+model.ConditionalVAE build from settings (the old program's, and any depth of ELU, ReLU or tanh,
+with or without dropout; the conditional VAE has the one-hot label as more input columns of
+both first layers), under the ELBO with any weight on its KL (beta, KL warm-up) or the
+importance-weighted bound, and either likelihood; every other model goes through the
+autograd step (step.py). The elementwise work of each layer (bias, activation, dropout, and
+the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built.
 
-Notation, for a batch of B images (h: hidden activations after dropout):
-  a1 = x W1' + b1        e1 = elu(a1)      h1 = e1 m1     (m: dropout mask, 0 or 1/(1-p))
-  a2 = h1 W2' + b2       t2 = tanh(a2)     h2 = t2 m2
-  [mu, s] = h2 W3' + b3  std = softplus(s) + 1e-6          z = mu + std eps
-  a4 = z W4' + b4        t4 = tanh(a4)     h4 = t4 m4
-  a5 = h4 W5' + b5       e5 = elu(a5)      h5 = e5 m5
-  logits = h5 W6' + b6
-  loss = mean over the batch of  KL(q(z|x) || N(0, I)) - log p(target | logits)
+Notation, for a batch of B images; each hidden layer i of the encoder or the decoder is
+  a_i = h_(i-1) W_i' + b_i     h_i = act_i(a_i) m_i     (m: dropout mask, 0 or 1/(1-p); act: elu, relu, tanh)
+with h_0 = x in the encoder and z in the decoder; their last layers are
+  [mu, s] = h W' + b           std = softplus(s) + 1e-6          z = mu + std eps
+  logits = h W' + b
+  loss = mean over the batch of  w KL(q(z|x) || N(0, I)) - log p(target | logits)     (w: kl_weight)
+Going back through hidden layer i: d a_i = d h_i f_i with f_i = m_i act_i'(a_i), kept from the
+forward pass; d h_(i-1) = d a_i W_i, d W_i = d a_i' h_(i-1), d b_i = d a_i summed over the rows.
 A conditional model reads [x, y] for x and [z, y] for z in the first layers (y one-hot);
 the gradient with respect to z is the first dim_z columns of that of [z, y].
+
+The importance-weighted bound (Burda et al.) draws K z_k = mu + std eps_k per image and runs the
+decoder on the K B rows: loss = -mean over the batch of log (1/K) sum_k exp(l_k), with
+l_k = log p(target|z_k) + w (log p(z_k) - log q(z_k|x)). Its gradient weights draw k by the
+normalised importance weight v_k = softmax over k of l_k:
+  d logits_k = v_k (d -log p(target|z_k) / d logits_k) / B      d z_k = (the decoder's) + w v_k z_k / B
+  d mu = sum_k d z_k      d std = sum_k d z_k eps_k - w / (B std)   (log q's -log std; the v_k sum to 1)
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import layers
@@ -31,9 +43,45 @@ from ..model import LIKELIHOODS, VAE, ConditionalVAE, continuous_bernoulli_log_n
 from . import kernels
 from .products import Products
 
-# The old program's MLP, module by module: what the step below computes, and nothing else.
-ENCODER = (nn.Linear, nn.ELU, layers.Dropout, nn.Linear, layers.Tanh, layers.Dropout, nn.Linear)
-DECODER = (nn.Linear, layers.Tanh, layers.Dropout, nn.Linear, nn.ELU, layers.Dropout, nn.Linear)
+# The hidden layers' activations the step computes, by module type: ELU with alpha 1, ReLU, and tanh
+# as layers.Tanh rounds it (PyTorch's nn.Tanh rounds otherwise, so a model with it goes to autograd).
+ACTIVATIONS = {nn.ELU: "elu", nn.ReLU: "relu", layers.Tanh: "tanh"}
+OBJECTIVES = ("elbo", "iwae")
+
+
+def mlp_layers(modules):
+    """The layers of an MLP the step computes, [(linear, activation, dropout p)], the last with activation
+    None: Linear, then activation and an optional layers.Dropout for each hidden layer, then a last
+    Linear; or, where `modules` are not such an MLP, a string saying why."""
+    modules, layers, i = list(modules), [], 0
+    while i < len(modules):
+        linear = modules[i]
+        if type(linear) is not nn.Linear:
+            return (f"its module {i} is {_name(linear)}, where the fused step takes a Linear layer (or, after "
+                    f"an activation, the old program's Dropout, layers.Dropout)")
+        if linear.bias is None:
+            return "it has a layer without a bias"
+        if i == len(modules) - 1:
+            return layers + [(linear, None, 0.0)]
+        activation = modules[i + 1]
+        if type(activation) not in ACTIVATIONS:
+            return (f"its module {i + 1} is {_name(activation)}, and the fused step computes nn.ELU, nn.ReLU and "
+                    f"the old program's Tanh (layers.Tanh) only")
+        if isinstance(activation, nn.ELU) and (activation.alpha != 1.0 or activation.inplace):
+            return "its ELU is not elu with alpha 1"
+        i += 2
+        p = 0.0
+        if i < len(modules) and type(modules[i]) is layers.Dropout:
+            p = modules[i].p
+            i += 1
+        layers.append((linear, ACTIVATIONS[type(activation)], p))
+    return "it does not end with a Linear layer"
+
+
+def _name(module):
+    """PyTorch's layers as nn.Name, others by their class name: nn.Tanh is not layers.Tanh."""
+    kind = type(module)
+    return f"nn.{kind.__name__}" if kind.__module__.startswith("torch.nn") else kind.__name__
 
 
 def unsupported(model, config):
@@ -41,32 +89,26 @@ def unsupported(model, config):
 
     It looks at the model itself (its class, each module's type and settings, the parameters'
     dtype), so a model edited to use another activation or layer goes to the autograd step; and at
-    the loss the config asks for, since only the plain ELBO is written out here.
+    the loss the config asks for.
     """
     if type(model) not in (VAE, ConditionalVAE):  # a subclass may encode, decode or lose differently
         return f"it trains model.VAE and model.ConditionalVAE only, not {type(model).__name__}"
-    for part, expected in (("encoder", ENCODER), ("decoder", DECODER)):
-        modules = list(getattr(model, part))
-        if tuple(type(m) for m in modules) != expected:
-            found = ", ".join(type(m).__name__ for m in modules)
-            return f"the {part} is not the old program's MLP ({found})"
-        if any(isinstance(m, nn.ELU) and (m.alpha != 1.0 or m.inplace) for m in modules):
-            return f"the {part}'s ELU is not elu with alpha 1"
-        if any(isinstance(m, nn.Linear) and m.bias is None for m in modules):
-            return f"the {part} has a layer without a bias"
     n_y = model.n_classes if model.conditional else 0
-    shapes = [m.weight.shape for m in (*model.encoder, *model.decoder) if isinstance(m, nn.Linear)]
-    h = model.n_hidden
-    if shapes != [(h, 784 + n_y), (h, h), (2 * model.dim_z, h), (h, model.dim_z + n_y), (h, h), (784, h)]:
-        return "its layers' shapes are not the old program's MLP's"
-    if len({m.p for m in (*model.encoder, *model.decoder) if isinstance(m, layers.Dropout)}) != 1:
-        return "its dropout rates differ between layers"
+    for part, n_in, n_out in (("encoder", 784 + n_y, 2 * model.dim_z), ("decoder", model.dim_z + n_y, 784)):
+        layers = mlp_layers(getattr(model, part))
+        if isinstance(layers, str):
+            return f"the {part} is not an MLP it computes: {layers}"
+        shapes = [linear.weight.shape for linear, _, _ in layers]
+        if (shapes[0][1], shapes[-1][0]) != (n_in, n_out) or any(a[0] != b[1] for a, b in zip(shapes, shapes[1:])):
+            return f"the {part}'s layers' shapes do not chain from {n_in} inputs to {n_out} outputs"
+        if any(not 0 <= p < 1 for _, _, p in layers):
+            return f"the {part} has a dropout rate outside [0, 1)"
     if model.likelihood not in LIKELIHOODS:
         return f"it has no gradient for the likelihood {model.likelihood!r}"
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return "its kernels are float32, and the model's parameters are not"
-    if config.objective != "elbo" or config.beta != 1 or config.kl_warmup != 0:
-        return "it computes the plain ELBO only (no --objective iwae, --beta or --kl_warmup)"
+    if config.objective not in OBJECTIVES:
+        return f"it computes the ELBO and the importance-weighted bound only, not {config.objective!r}"
     return None
 
 
@@ -78,13 +120,17 @@ def supports(model, config):
 class FusedTrainStep:
     """Calls of this object take one optimizer step on a batch (images, targets, labels); they return
     the batch means of [-ELBO, reconstruction -log p(x|z), KL, loss] as one tensor, as model.VAE.loss,
-    without synchronising. Use it only where `supports(model, config)`."""
+    without synchronising. `loss_options` are model.VAE.loss's (kl_weight, objective, k), and
+    kl_weight may change between calls (KL warm-up). Use it only where `supports(model, config)`."""
 
-    def __init__(self, model, optimizer, precision="fp32"):
+    def __init__(self, model, optimizer, precision="fp32", **loss_options):
         self.model, self.optimizer = model, optimizer
-        encoder, decoder = model.encoder, model.decoder
-        self.layers = [encoder[0], encoder[3], encoder[6], decoder[0], decoder[3], decoder[6]]
-        self.p = encoder[2].p
+        self.loss_options = {"kl_weight": 1.0, "objective": "elbo", "k": 1, **loss_options}
+        # Each MLP as [(index in self.layers, activation, dropout p)], its last layer's activation None.
+        encoder, decoder = mlp_layers(model.encoder), mlp_layers(model.decoder)
+        self.layers = [linear for linear, _, _ in encoder + decoder]
+        self.encoder = [(i, activation, p) for i, (_, activation, p) in enumerate(encoder)]
+        self.decoder = [(len(encoder) + i, activation, p) for i, (_, activation, p) in enumerate(decoder)]
         # torch.mm, or oneDNN where the rule says; bfloat16 copies of the operands with --precision bf16
         self.products = Products(self.layers[0].weight.device, precision)
         self.n_classes = model.n_classes if model.conditional else 0
@@ -108,9 +154,9 @@ class FusedTrainStep:
                         parameter.grad = torch.zeros_like(parameter)
             self.grads = [(layer.weight.grad, layer.bias.grad) for layer in self.layers]
 
-    def _key(self):
+    def _key(self, p):
         """The key of one layer's dropout mask, drawn where model.VAE.forward draws that mask's bits."""
-        return None if self.p == 0 else layers.dropout_key()
+        return None if p == 0 else layers.dropout_key()
 
     def __call__(self, x, target=None, labels=None):
         target = x if target is None else target
@@ -118,51 +164,102 @@ class FusedTrainStep:
         if self.n_classes:
             y = torch.nn.functional.one_hot(labels, self.n_classes).to(x.dtype)
             x = torch.cat([x, y], dim=1)
-        (W1, b1), (W2, b2), (W3, b3), (W4, b4), (W5, b5), (W6, b6) = (
-            (layer.weight, layer.bias) for layer in self.layers)
-        batch, dim_z, p = x.shape[0], self.model.dim_z, self.p
+        batch, dim_z = x.shape[0], self.model.dim_z
+        kl_weight, objective = self.loss_options["kl_weight"], self.loss_options["objective"]
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be elbo or iwae, not {objective!r}")
+        iwae = objective == "iwae"
+        k = self.loss_options["k"] if iwae else 1
 
         with torch.no_grad():
-            # Forward, keeping what the backward pass needs: each layer's output h and the factor
-            # f = m act'(a) that turns d(loss)/dh into d(loss)/da. Biases are added in the kernels.
-            mm = self.products.linear
-            h1, f1 = kernels.elu_dropout(mm(x, W1), b1, self._key(), p)
-            h2, f2 = kernels.tanh_dropout(mm(h1, W2), b2, self._key(), p)
-            gaussian = mm(h2, W3).add_(b3) if self.products.onednn else torch.addmm(b3, h2, W3.t())
-            eps = torch.randn(batch, dim_z, device=x.device)
-            z, std, kl = kernels.gaussian_sample(gaussian, eps)
+            # Forward, keeping what the backward pass needs: each layer's input and each hidden
+            # layer's factor f = m act'(a) that turns d(loss)/dh into d(loss)/da. Biases are added in the
+            # kernels.
+            encoder_inputs, encoder_factors = self._hidden_layers(self.encoder, x)
+            W, b = self._parameters(self.encoder[-1][0])
+            h = encoder_inputs[-1]
+            gaussian = self.products.linear(h, W).add_(b) if self.products.onednn else torch.addmm(b, h, W.t())
+            if not iwae:
+                eps = torch.randn(batch, dim_z, device=x.device)
+                z, std, kl = kernels.gaussian_sample(gaussian, eps)
+            else:  # K draws per image, row k B + i for image i, as model.VAE.loss lays them out
+                mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
+                std = F.softplus(pre_std) + 1e-6
+                eps = torch.randn(k, batch, dim_z, device=x.device)
+                z = (mu + std * eps).view(k * batch, dim_z)
+                kl = (0.5 * (mu.square() + std.square() - 1) - std.log()).sum()
             if y is not None:
-                z = torch.cat([z, y], dim=1)
-            h4, f4 = kernels.tanh_dropout(mm(z, W4), b4, self._key(), p)
-            h5, f5 = kernels.elu_dropout(mm(h4, W5), b5, self._key(), p)
-            logits = mm(h5, W6)
+                z = torch.cat([z, y if k == 1 else y.repeat(k, 1)], dim=1)
+            decoder_inputs, decoder_factors = self._hidden_layers(self.decoder, z)
+            W, b = self._parameters(self.decoder[-1][0])
+            logits = self.products.linear(decoder_inputs[-1], W)
 
             # log p = target logits - softplus(logits), as model.log_likelihood; and
             # d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part.
-            reconstruction, d_logits = kernels.bernoulli_loss(logits, b6, target, 1 / batch)
+            if k > 1:
+                target = target.repeat(k, 1)
+            reconstruction, d_logits = kernels.bernoulli_loss(logits, b, target, 1 / batch, by_row=iwae)
             if self.model.likelihood == "continuous_bernoulli":
-                logits.add_(b6)
-                reconstruction = reconstruction + continuous_bernoulli_log_norm(logits).sum()
+                logits.add_(b)
+                log_norm = continuous_bernoulli_log_norm(logits)
+                reconstruction = reconstruction + (log_norm.sum(dim=1) if iwae else log_norm.sum())
                 d_logits.sub_(_continuous_bernoulli_log_norm_grad(logits).div_(batch))
-            reconstruction, kl = reconstruction / batch, kl / batch
+            if not iwae:
+                reconstruction, kl = reconstruction / batch, kl / batch
+                neg_elbo = kl - reconstruction
+                loss = neg_elbo if kl_weight == 1 else kl_weight * kl - reconstruction
+            else:
+                log_px = reconstruction.view(k, batch)
+                z_draws = z[:, :dim_z].view(k, batch, dim_z)
+                log_ratio = (0.5 * (eps.square() - z_draws.square()) + std.log()).sum(dim=2)  # log p(z) - log q(z|x)
+                log_w = log_px + kl_weight * log_ratio
+                weights = torch.softmax(log_w, dim=0)  # v_k, the normalised importance weights
+                loss = -(torch.logsumexp(log_w, dim=0) - math.log(k)).mean()
+                d_logits.mul_(weights.view(k * batch, 1))
+                reconstruction, kl = log_px.mean(), kl / batch
+                neg_elbo = kl - reconstruction
 
             # Backward.
             if self.adam_by_layer:
                 self._count_adam_step()
-            d_h5 = self._linear_backward(5, d_logits, h5)
-            d_h4 = self._linear_backward(4, d_h5.mul_(f5), h4)
-            d_z = self._linear_backward(3, d_h4.mul_(f4), z)
+            d_z = self._backward(self.decoder, d_logits, decoder_inputs, decoder_factors)
             if y is not None:
                 d_z = d_z[:, :dim_z].contiguous()
-            d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, 1 / batch)
-            d_h2 = self._linear_backward(2, d_gaussian, h2)
-            d_h1 = self._linear_backward(1, d_h2.mul_(f2), h1)
-            self._linear_backward(0, d_h1.mul_(f1), x, need_input_grad=False)
+            if not iwae:
+                d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, kl_weight / batch)
+            else:
+                d_z = d_z.view(k, batch, dim_z).add_(z_draws * weights[:, :, None] * (kl_weight / batch))
+                d_std = (d_z * eps).sum(dim=0).sub_(std.reciprocal() * (kl_weight / batch))
+                d_gaussian = torch.cat([d_z.sum(dim=0), d_std.mul_(torch.sigmoid(pre_std))], dim=1)
+            self._backward(self.encoder, d_gaussian, encoder_inputs, encoder_factors, need_input_grad=False)
 
         if not self.adam_by_layer:
             self.optimizer.step()
-        neg_elbo = kl - reconstruction
-        return torch.stack([neg_elbo, -reconstruction, kl, neg_elbo])  # as model.VAE.loss: the loss is -ELBO
+        return torch.stack([neg_elbo, -reconstruction, kl, loss])  # as model.VAE.loss
+
+    def _parameters(self, index):
+        layer = self.layers[index]
+        return layer.weight, layer.bias
+
+    def _hidden_layers(self, mlp, v):
+        """The hidden layers of `mlp` on v: the input of each of its layers (the last's is the hidden
+        layers' output), and each hidden layer's factor."""
+        inputs, factors = [v], []
+        for index, activation, p in mlp[:-1]:
+            W, b = self._parameters(index)
+            v, factor = kernels.ACTIVATION_DROPOUT[activation](self.products.linear(v, W), b, self._key(p), p)
+            inputs.append(v)
+            factors.append(factor)
+        return inputs, factors
+
+    def _backward(self, mlp, d_out, inputs, factors, need_input_grad=True):
+        """Back through `mlp` from d(loss)/d(its output): every layer's gradients (and Adam's update);
+        d(loss)/d(its input) where `need_input_grad`."""
+        last = len(mlp) - 1
+        d = self._linear_backward(mlp[last][0], d_out, inputs[last], need_input_grad=need_input_grad or last > 0)
+        for j in reversed(range(last)):  # d(loss)/dh_j times the factor is d(loss)/da_j
+            d = self._linear_backward(mlp[j][0], d.mul_(factors[j]), inputs[j], need_input_grad or j > 0)
+        return d
 
     def _linear_backward(self, index, d_out, inputs, need_input_grad=True):
         """The gradients of layer `index`, y = inputs W' + b, and with adam_by_layer its Adam update

@@ -97,6 +97,24 @@ def tanh_dropout(a, bias, key, p):
     return t, factor
 
 
+def relu_dropout(a, bias, key, p):
+    """h = relu(a + bias) m, written into a, and m where a + bias > 0, else 0."""
+    done = _activation_in_c("relu_dropout", a, bias, key, p)
+    if done:
+        return done
+    x = a.add_(bias)
+    factor = torch.gt(x, 0, out=torch.empty_like(x))
+    x.relu_()
+    if key is not None:
+        m = _mask(dropout_bits(a.numel(), a.device, key), p, a.shape)
+        x.mul_(m), factor.mul_(m)
+    return x, factor
+
+
+# The activations the fused step computes, by name: (h, factor) = function(a, bias, key, p).
+ACTIVATION_DROPOUT = {"elu": elu_dropout, "tanh": tanh_dropout, "relu": relu_dropout}
+
+
 def _activation_in_c(name, a, bias, key, p):
     """(h, factor) from the C loop `name`, which draws the mask's bits itself, or None where the
     tensors do not suit it."""
@@ -108,9 +126,10 @@ def _activation_in_c(name, a, bias, key, p):
     return a, factor
 
 
-def bernoulli_loss(logits, bias, target, scale):
+def bernoulli_loss(logits, bias, target, scale, by_row=False):
     """For l = logits + bias: sum over pixels of target l - softplus(l) (log p(target | l), as
-    model.log_likelihood), and (sigmoid(l) - target) scale, the gradient of -log p times scale."""
+    model.log_likelihood), and (sigmoid(l) - target) scale, the gradient of -log p times scale.
+    The log-likelihood is summed over the rows too, or with `by_row` given for each row."""
     if _use_c(logits, bias, target):
         terms, d_logits = torch.empty_like(logits), torch.empty_like(logits)
         _kernels.bernoulli_loss(logits.data_ptr(), bias.data_ptr(), target.data_ptr(), terms.data_ptr(),
@@ -118,10 +137,11 @@ def bernoulli_loss(logits, bias, target, scale):
         # Row by row, then over the rows: each row's sum is one thread's, in one order, however many
         # threads torch has; one sum over all pixels would split them by the thread count
         # (threads.py changes it while training).
-        return terms.sum(dim=1).sum(), d_logits
+        rows = terms.sum(dim=1)
+        return (rows if by_row else rows.sum()), d_logits
     logits = logits + bias
-    log_p = (target * logits - F.softplus(logits)).sum(dim=1).sum()
-    return log_p, torch.sigmoid(logits).sub_(target).mul_(scale)
+    rows = (target * logits - F.softplus(logits)).sum(dim=1)
+    return (rows if by_row else rows.sum()), torch.sigmoid(logits).sub_(target).mul_(scale)
 
 
 def gaussian_sample(gaussian, eps):
@@ -156,7 +176,3 @@ def gaussian_backward(gaussian, eps, std, d_z, scale):
 def _mask(bits, p, shape):
     keep = torch.ge(bits, keep_threshold(p), out=torch.empty(bits.shape, device=bits.device))
     return keep.mul_(1 / (1 - p)).view(shape)
-
-
-
-

@@ -22,6 +22,7 @@ elsewhere torch emulates it, slower than float32.
 """
 
 import functools
+import platform
 from pathlib import Path
 
 import torch
@@ -48,6 +49,44 @@ def _cpuinfo(path="/proc/cpuinfo"):
 def _cpu_flags(cpuinfo="/proc/cpuinfo"):
     return frozenset(next((line.split(":", 1)[1].split() for line in _cpuinfo(cpuinfo).splitlines()
                            if line.startswith("flags")), []))
+
+
+# The vector extensions that decide which routine is fastest and whether bfloat16 is offered, as Linux
+# (and lscpu) names them.
+EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu(cpuinfo="/proc/cpuinfo"):
+    """The CPU as lscpu describes it, from the same source (Linux's /proc/cpuinfo): vendor, model name,
+    family, model, and which of EXTENSIONS it has; the processor's name alone where there is no such
+    file (macOS, Windows), with the other fields None."""
+    fields = {}
+    for line in _cpuinfo(cpuinfo).splitlines():
+        name, _, value = line.partition(":")
+        if not line.strip():
+            break  # the first processor's block is every processor's here
+        fields.setdefault(name.strip(), value.strip())
+    if not fields:
+        return {"vendor": None, "model_name": platform.processor() or platform.machine(), "family": None,
+                "model": None, "extensions": None}
+    flags = set(fields.get("flags", "").split())
+    return {"vendor": fields.get("vendor_id"), "model_name": fields.get("model name"),
+            "family": _integer(fields.get("cpu family")), "model": _integer(fields.get("model")),
+            "extensions": [name for name in EXTENSIONS if name in flags]}
+
+
+def _integer(text):
+    return int(text) if text is not None and text.isdigit() else text
+
+
+def describe_cpu(described):
+    """One line naming a CPU of `cpu()`: model name, vendor, family and model, and its vector extensions."""
+    if described["extensions"] is None:
+        return described["model_name"]
+    extensions = ", ".join(name.upper() for name in described["extensions"]) or "none of " + ", ".join(
+        name.upper() for name in EXTENSIONS)
+    return (f"{described['model_name']} ({described['vendor']}, family {described['family']}, model "
+            f"{described['model']}; {extensions})")
 
 
 def _amd_with_avx512(cpuinfo="/proc/cpuinfo"):
