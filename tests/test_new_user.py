@@ -7,9 +7,10 @@ src/mnist_vae/explore/tests.)
 Runs go through mnist_vae.cli.main in-process where they can, and through real processes where the test is
 about a process (encodings, signals)."""
 
-import errno
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 import mnist_vae
-from conftest import assert_one_line_error, main, make_idx_dataset, run_cli, snapshot
+from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, run_cli, run_command, snapshot
 from mnist_vae import files, limits, plots
 from mnist_vae import train as train_module
 from mnist_vae.config import Config
@@ -219,3 +220,63 @@ def test_the_training_memory_check_counts_the_importance_samples(tmp_path, data,
     assert not loaded and not out.exists()
     # The same settings with one sample per image fit.
     assert sum(limits.training_memory(Config(batch_size=2000)).values()) < 8e9
+
+
+# ================================================================ 5. text and paths of every kind
+
+ASCII_OUTPUT = {"PYTHONIOENCODING=ascii": {"PYTHONIOENCODING": "ascii"},
+                "LANG=C": {"LANG": "C", "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}}
+
+
+@pytest.mark.parametrize("environment", list(ASCII_OUTPUT))
+def test_output_never_fails_on_its_encoding(environment, trained, tmp_path):
+    """`evaluate` died on "±" after computing the whole estimate, `explore` on a non-ASCII folder name."""
+    env = ASCII_OUTPUT[environment]
+    result = run_command("evaluate", trained, "--k", "2", "--n_test", "5", env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "\\xb1" in result.stdout  # ± as an escape the terminal can show
+    run = tmp_path / "zwölf Läufe"
+    shutil.copytree(trained, run)
+    result = run_command("explore", run, env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert (run / "explore.html").is_file()
+    # The name as an escape, or (under LANG=C, where Python reads its bytes as surrogates) as its bytes.
+    assert "zw\\xf6lf" in result.stdout or str(run / "explore.html") in result.stdout
+    result = run_command("sample", tmp_path / "nothing", env=env)  # and an error, through stderr
+    assert_one_line_error(result, "nothing")
+
+
+def run_with_bytes(*args):
+    """main.py ARGS in a subprocess, its output read as bytes are (a name that is not UTF-8 comes back as is)."""
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(os.fspath, args)], capture_output=True,
+                          text=True, errors="surrogateescape", timeout=300)
+
+
+def test_a_run_in_a_folder_whose_name_is_not_utf8_works_everywhere(tmp_path, data):
+    """A folder named b"bad\\xff" made every command call its good checkpoint "truncated or corrupt"."""
+    run = tmp_path / os.fsdecode(b"bad\xff") / os.fsdecode(b"r\xffn")
+    result = run_with_bytes(*RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", run)
+    assert result.returncode == 0, result.stderr
+    commands = [["sample", run, "--n", "4"], ["evaluate", run, "--k", "2"], ["explore", run],
+                ["--resume", run, "--num_epochs", "2"]]
+    if not export_missing():
+        commands.append(["export", run])
+    for command in commands:
+        result = run_with_bytes(*command)
+        assert result.returncode == 0 and "corrupt" not in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+    assert f"wrote 4 samples to {run / 'samples.png'}" in run_with_bytes("sample", run, "--n", "4").stdout
+    assert mnist_vae.load(run).epoch == 2 and (run / "samples.png").is_file()
+    page = (run / "explore.html").read_text(encoding="utf-8")  # the name with U+FFFD where the byte was
+    assert "mnist-vae explore: r\ufffdn" in page
+    with open(os.fsencode(run / "samples.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_hand_edited_checkpoint_with_three_layers_of_the_seeds_mlp_is_one_line(run_copy, tmp_path, capsys):
+    run = edited(run_copy, tmp_path / "edited", lambda state: state["config"].update(n_layers=3))
+    for command in (["sample", run, "--n", "4"], ["evaluate", run, "--k", "0"], ["--resume", run]):
+        result = main(capsys, *command)
+        assert_one_line_error(result, "n_layers 3", "changed by hand")
+    with pytest.raises(ValueError, match="n_layers 3"):
+        mnist_vae.load(run)
