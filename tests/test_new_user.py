@@ -280,3 +280,108 @@ def test_a_hand_edited_checkpoint_with_three_layers_of_the_seeds_mlp_is_one_line
         assert_one_line_error(result, "n_layers 3", "changed by hand")
     with pytest.raises(ValueError, match="n_layers 3"):
         mnist_vae.load(run)
+
+
+# ================================================================ 6. the right data, or a clear word
+
+def test_evaluate_on_other_data_is_refused_or_said(trained, tmp_path, capsys):
+    """`evaluate RUN --data_dir FASHION` scored an MNIST model on Fashion images without a word."""
+    other = make_idx_dataset(tmp_path / "other", n_train=256, n_test=250, seed=12)
+    result = main(capsys, "evaluate", trained, "--k", "0", "--data_dir", other)
+    assert_one_line_error(result, f"evaluate {trained}", str(other), "not those the run was trained on",
+                          "--other_data")
+    result = main(capsys, "evaluate", trained, "--k", "0", "--data_dir", other, "--other_data")
+    assert result.returncode == 0, result.stderr
+    assert "note: evaluating" in result.stdout and "other data" in result.stdout
+    # The run's own data, named or not, and a part of its test set: no word.
+    for extra in ([], ["--data_dir", mnist_vae.load(trained).config.data_dir], ["--n_test", "10"]):
+        result = main(capsys, "evaluate", trained, "--k", "0", *extra)
+        assert result.returncode == 0 and "note" not in result.stdout, result.stderr
+
+
+def test_the_api_evaluates_other_data_only_when_asked(trained, tmp_path):
+    other = make_idx_dataset(tmp_path / "other", n_train=256, n_test=250, seed=12)
+    model = mnist_vae.load(trained)
+    with pytest.raises(ValueError, match="other_data=True"):
+        model.evaluate(k=0, data_dir=str(other))
+    assert model.evaluate(k=0, data_dir=str(other), other_data=True)["other_data"] is True
+    assert model.evaluate(k=0)["other_data"] is False
+
+
+def real_dataset_dir(name):
+    from conftest import FASHION_SYSTEM_DIR, MNIST_DIR, SHARED_DATA
+
+    for folder in ((MNIST_DIR,) if name == "mnist" else (SHARED_DATA / name, FASHION_SYSTEM_DIR)):
+        if all((folder / f"{stem}.gz").is_file() or (folder / stem).is_file() for stem in DATA_FILES.values()):
+            return folder
+    pytest.skip(f"{name} is not on this machine")
+
+
+from mnist_vae.data import FILES as DATA_FILES  # noqa: E402
+
+
+def mixed_folder(folder, sources):
+    """A folder of links to the IDX files of other folders: {file key: (folder, file key)}."""
+    folder.mkdir()
+    for key, (source, source_key) in sources.items():
+        stem = DATA_FILES[source_key]
+        name = f"{stem}.gz" if (source / f"{stem}.gz").is_file() else stem
+        (folder / (DATA_FILES[key] + name[len(stem):])).symlink_to(source / name)
+    return folder
+
+
+def load_error(name, folder):
+    from mnist_vae import data
+
+    with pytest.raises(data.DataError) as excinfo:
+        data.load_dataset(name, data_dir=folder, log=lambda line: None)
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def test_another_datasets_files_are_named_as_that_dataset_and_refused(tmp_path, data, capsys):
+    fashion = real_dataset_dir("fashion-mnist")
+    message = load_error("mnist", fashion)
+    assert "is Fashion-MNIST's training images, not MNIST's" in message and "--dataset fashion-mnist" in message
+    assert "is MNIST's" in load_error("fashion-mnist", real_dataset_dir("mnist"))
+    out = tmp_path / "run"
+    result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", fashion, "--output", out)
+    assert_one_line_error(result, "Fashion-MNIST's", "--dataset fashion-mnist")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mix", ["Fashion labels", "Fashion test files"])
+def test_a_folder_mixing_two_datasets_is_refused(tmp_path, mix):
+    mnist, fashion = real_dataset_dir("mnist"), real_dataset_dir("fashion-mnist")
+    sources = {key: (mnist, key) for key in DATA_FILES}
+    for key in DATA_FILES:
+        if (mix == "Fashion labels" and key.endswith("labels")) or (mix == "Fashion test files" and
+                                                                  key.startswith("test")):
+            sources[key] = (fashion, key)
+    message = load_error("mnist", mixed_folder(tmp_path / "mixed", sources))
+    assert "mixes MNIST's and Fashion-MNIST's files" in message, message
+
+
+def test_a_file_under_another_files_name_is_refused(tmp_path):
+    mnist = real_dataset_dir("mnist")
+    sources = {key: (mnist, key) for key in DATA_FILES}
+    sources["train_images"], sources["test_images"] = (mnist, "test_images"), (mnist, "train_images")
+    message = load_error("mnist", mixed_folder(tmp_path / "swapped", sources))
+    assert "holds MNIST's test images, not its training images" in message, message
+
+
+def test_a_gz_beside_a_raw_file_with_other_contents_is_refused_naming_both(tmp_path):
+    folder = make_idx_dataset(tmp_path / "two", n_train=30, n_test=12, seed=1)  # .gz files
+    make_idx_dataset(tmp_path / "raw", n_train=30, n_test=12, seed=2, gz=False)
+    shutil.copy(tmp_path / "raw" / "t10k-labels-idx1-ubyte", folder / "t10k-labels-idx1-ubyte")
+    message = load_error("mnist", folder)
+    assert str(folder / "t10k-labels-idx1-ubyte.gz") in message and str(folder / "t10k-labels-idx1-ubyte") + " " \
+        in message and "different data" in message
+    # The same data twice is fine.
+    shutil.copy(tmp_path / "raw" / "t10k-labels-idx1-ubyte", folder / "t10k-labels-idx1-ubyte")
+    same = make_idx_dataset(tmp_path / "same", n_train=30, n_test=12, seed=1, gz=False)
+    for path in same.iterdir():
+        shutil.copy(path, folder / path.name)
+    from mnist_vae import data as data_module
+
+    assert len(data_module.load_dataset("mnist", data_dir=folder, log=lambda line: None).test_labels) == 12

@@ -92,7 +92,8 @@ def load(run_dir: Union[str, os.PathLike] = PRETRAINED, device: str = "cpu") -> 
         module = checkpoint.build_model(config, tensors, Path(run_dir) / checkpoint.FILENAME)
     except UserError as e:
         raise _as_argument_error(e) from None
-    return Model(module.to(torch_device), config, epoch=state["epoch"], run_dir=Path(run_dir), name=str(run_dir))
+    return Model(module.to(torch_device), config, epoch=state["epoch"], run_dir=Path(run_dir), name=str(run_dir),
+                 data_fingerprint=state.get("data_fingerprint"))
 
 
 def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, overwrite: bool = False,
@@ -166,13 +167,14 @@ class Model:
     """
 
     def __init__(self, module: "torch.nn.Module", config: Config, *, epoch: int, run_dir: Optional[Path],
-                 name: str, provenance: Optional[dict] = None):
+                 name: str, provenance: Optional[dict] = None, data_fingerprint: Optional[str] = None):
         self.module = module.eval()
         self.config = config
         self.epoch = epoch
         self.run_dir = run_dir
         self.name = name
         self.provenance = provenance
+        self.data_fingerprint = data_fingerprint  # of the data the run was trained on (runs.data_fingerprint)
 
     def __repr__(self) -> str:
         return (f"<mnist_vae.Model {self.name}: {self.config.dataset}, dim_z={self.dim_z}, "
@@ -343,27 +345,35 @@ class Model:
         return as_tensor(values)
 
     def evaluate(self, k: int = 1000, n_test: int = 0, data_dir: Optional[str] = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, other_data: bool = False) -> dict:
         """The run's test metrics, as `mnist-vae evaluate` prints them, in nats per image.
 
         Returns {"images", "neg_elbo", "recon", "kl", "source" (where the data came from)} and, when k > 0, the importance-weighted
         {"nll", "nll_stderr"} (± one standard error over the images). The test set is the run's
-        dataset (binarized as the run was); `n_test` > 0 uses its first n images.
+        dataset (binarized as the run was); `n_test` > 0 uses its first n images. Data other than
+        the run was trained on (`data_dir` holding other files) raise ValueError, unless `other_data`
+        is True; the result's "other_data" says whether they were.
         """
         from .train import evaluate, load_tensors, log_likelihood_estimate
 
         k = _whole_number("k", k, low=0)
         n_test = _whole_number("n_test", n_test, low=0)
+        if not isinstance(other_data, bool):
+            raise ArgumentTypeError(f"other_data must be True or False, not {other_data!r}")
         config = dataclasses.replace(self.config, data_dir=data_dir or self.config.data_dir, n_test=n_test,
                                      n_train=1)
         try:
-            tensors = load_tensors(config, self.device, log=lambda _: None)
+            tensors = load_tensors(config, self.device, log=lambda _: None,
+                                   fingerprint_of=(self.config.n_train, self.config.n_test))
+            runs.check_evaluation_data(self.data_fingerprint, tensors.fingerprint, self.name, tensors.source,
+                                       other_data, flag="other_data=True", log=lambda _: None)
         except UserError as e:
             raise _as_argument_error(e) from None
         test = tensors.test
         labels = tensors.test_y if self.conditional else None  # bounds on log p(x|y) then
         neg_elbo, recon, kl = evaluate(self.module, test, labels=labels)
-        result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source}
+        result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source,
+                  "other_data": self.data_fingerprint not in (None, tensors.fingerprint)}
         if k > 0:
             import torch
 

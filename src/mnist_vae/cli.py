@@ -129,13 +129,22 @@ def command_evaluate(prog, args):
     parser.add_argument("--data_dir", "--data-dir", type=text, help="folder with the dataset's IDX files")
     parser.add_argument("--n_test", "--n-test", type=integer(0), default=0,
                         help="use the first N test images only (0: all)")
+    parser.add_argument("--other_data", "--other-data", nargs="?", const=True, type=boolean, default=False,
+                        metavar="BOOL", help="evaluate on --data_dir even if its data are not those the run was "
+                                             "trained on (it says so)")
     args = parser.parse_args(args)
+    from . import api
     from .train import evaluate, load_tensors, log_likelihood_estimate
 
-    config, state, model, device = _load_run(args)
+    saved = api.load(args.run_dir, device=args.device)
+    config, state, model, device = saved.config, {"epoch": saved.epoch}, saved.module.eval(), saved.device
+    fingerprint_of = (config.n_train, config.n_test)
     config = dataclasses.replace(config, data_dir=args.data_dir or config.data_dir, n_test=args.n_test,
                                  n_train=1)
-    tensors = load_tensors(config, device)
+    tensors = load_tensors(config, device, fingerprint_of=fingerprint_of)
+    # Other data than the run's are refused, as --resume refuses them, or evaluated with a word saying so.
+    runs.check_evaluation_data(saved.data_fingerprint, tensors.fingerprint, args.run_dir, tensors.source,
+                               args.other_data)
     test, labels = tensors.test, tensors.test_y if model.conditional else None
     neg_elbo, recon, kl = evaluate(model, test, labels=labels)
     given = " of log p(x|y)" if model.conditional else ""

@@ -113,14 +113,17 @@ class Tensors:
     fingerprint: str = ""  # of the images and labels used (runs.data_fingerprint), for --resume
 
 
-def load_tensors(config, device, log=print):
-    """The dataset as float tensors on `device`, subset and binarized as the config says."""
+def load_tensors(config, device, log=print, fingerprint_of=None):
+    """The dataset as float tensors on `device`, subset and binarized as the config says. The fingerprint
+    is of the images and labels used, or of the first (n_train, n_test) of `fingerprint_of` (a run's
+    own subsets, to compare with its checkpoint's when evaluating on a part of the test set)."""
     dataset = load_dataset(config.dataset, config.data_dir, log=log)
     log(f"data: {config.dataset} from the {dataset.source}")
     train = dataset.train_images[: config.n_train or None].copy()  # writable, for torch
     test = dataset.test_images[: config.n_test or None].copy()
-    fingerprint = runs.data_fingerprint(train, dataset.train_labels[: config.n_train or None], test,
-                                        dataset.test_labels[: config.n_test or None])
+    n_train, n_test = fingerprint_of or (config.n_train, config.n_test)
+    fingerprint = runs.data_fingerprint(dataset.train_images[: n_train or None], dataset.train_labels[: n_train or None],
+                                        dataset.test_images[: n_test or None], dataset.test_labels[: n_test or None])
     train = torch.from_numpy(train.reshape(len(train), -1)).float().div_(255)
     test = torch.from_numpy(test.reshape(len(test), -1)).float().div_(255)
     if config.binarize != "none":
