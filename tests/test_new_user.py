@@ -385,3 +385,97 @@ def test_a_gz_beside_a_raw_file_with_other_contents_is_refused_naming_both(tmp_p
     from mnist_vae import data as data_module
 
     assert len(data_module.load_dataset("mnist", data_dir=folder, log=lambda line: None).test_labels) == 12
+
+
+# ================================================================ 7. messages that say what is true
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    from test_export import make_run
+
+    return make_run(tmp_path_factory.mktemp("conditional") / "run", dim_z=2, conditional=True)
+
+
+@pytest.fixture(scope="module")
+def digit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("digit") / "digit.png"
+    image = np.zeros((60, 40), dtype=np.uint8)
+    image[10:50, 18:24] = 255
+    Image.fromarray(image, mode="L").save(path)
+    return path
+
+
+def test_analogies_of_more_images_than_a_jpeg_holds_are_refused_up_front(conditional_run, digit, tmp_path, capsys):
+    """2200 rows to a .jpg printed libjpeg's complaint, then blamed the disk."""
+    result = main(capsys, "analogies", conditional_run, *[digit] * 2200, "--label", "1", "--out", tmp_path / "a.jpg")
+    assert_one_line_error(result, "2200 images", "65500", code=2)
+    assert "disk" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def test_analogies_names_its_own_option(conditional_run, digit, capsys):
+    result = main(capsys, "analogies", conditional_run, digit, "--label", "11")
+    assert_one_line_error(result, "--label 11", "no such class")
+    assert "--class" not in result.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["sample", "RUN", "--class", ""], "expected a class"),
+    (["sample", "RUN", "--class", "  "], "expected a class"),
+    (["analogies", "RUN", "DIGIT", "--label", ""], "expected a class"),
+    (["reproduce", "--runs", ""], "expected run names"),
+])
+def test_empty_text_says_what_is_expected(conditional_run, digit, capsys, args, expected):
+    args = [{"RUN": conditional_run, "DIGIT": digit}.get(arg, arg) for arg in args]
+    result = main(capsys, *args)
+    assert_one_line_error(result, expected, code=2)
+    assert "path" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, named", [(["--beta", "1e300"], "--beta 1e+300"),
+                                          (["--learning_rate", "1e30"], "--learning_rate 1e+30")])
+def test_a_non_finite_loss_names_the_setting_that_made_it(tmp_path, data, capsys, flags, named):
+    """--beta 1e300 made the loss infinite, and the message blamed the learning rate."""
+    result = main(capsys, *RUN_ARGS, "--num_epochs", "1", "--data_dir", data, "--output", tmp_path / "run", *flags)
+    assert_one_line_error(result, "the loss became", named)
+    if "--beta" in flags:
+        assert "learning rate" not in result.stderr and "learning_rate" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, named", [(["--kl_warmup", "10", "--num_epochs", "2"], "--kl_warmup 10"),
+                                          (["--warmup_epochs", "1e9", "--num_epochs", "2"], "--warmup_epochs 1e+09"),
+                                          (["--warmup_epochs", "1e9", "--time_budget", "0.05"],
+                                           "planned for --time_budget")])
+def test_a_warm_up_longer_than_the_run_is_refused(tmp_path, data, capsys, flags, named):
+    out = tmp_path / "run"
+    result = main(capsys, *RUN_ARGS, "--data_dir", data, "--output", out, *flags)
+    assert_one_line_error(result, named, "longer than")
+    assert not out.exists()
+
+
+def test_a_warm_up_as_long_as_the_run_is_fine():
+    Config(kl_warmup=2, warmup_epochs=2.0, num_epochs=2).check_warmups()
+
+
+@pytest.mark.parametrize("call", ["encode", "reconstruct", "decode", "add_noise", "elbo"])
+def test_tensors_on_the_meta_device_are_a_value_error(call):
+    import torch
+
+    model = mnist_vae.load("pretrained")
+    given = torch.zeros((3, 2) if call == "decode" else (3, 28, 28), device="meta")
+    with pytest.raises((ValueError, TypeError)) as excinfo:
+        getattr(model, call)(given)
+    assert "meta" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_train_checks_log_up_front_and_a_failing_log_leaves_no_folder(tmp_path, data):
+    out = tmp_path / "run"
+    with pytest.raises(TypeError, match="log must be a function"):
+        mnist_vae.train(output=out, num_epochs=1, data_dir=str(data), log=5)
+    assert not out.exists()
+
+    def broken(line):
+        raise RuntimeError("the callback's own error")
+
+    with pytest.raises(RuntimeError, match="the callback's own error"):
+        mnist_vae.train(output=out, num_epochs=1, n_hidden=16, data_dir=str(data), log=broken)
+    assert not out.exists()  # as a run that fails on its data leaves it

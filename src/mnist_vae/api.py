@@ -115,7 +115,30 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
     for flag, value in (("resume", resume), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise ArgumentTypeError(f"{flag} must be True or False, not {value!r}")
+    if not callable(log):
+        raise ArgumentTypeError(f"log must be a function of one line of text (print, or lambda line: None), "
+                                f"not {type(log).__name__}")
     output = os.fspath(output)
+    # The folder's lock first, as on the command line: it creates the folder, and removes it again if the
+    # run fails before writing anything (bad data, too little memory, a `log` that raises).
+    try:
+        if not resume:
+            lock = runs.hold(output)
+        elif os.path.isdir(output):
+            lock = runs.hold(output, create=False, what="--resume")
+        else:
+            lock = None  # checkpoint.load says what is wrong with it
+    except UserError as e:
+        raise _as_argument_error(e) from None
+    try:
+        _train(output, resume, overwrite, log, settings)
+    finally:
+        runs.release(lock)
+    return load(output)
+
+
+def _train(output: str, resume: bool, overwrite: bool, log: Callable[[str], None], settings: dict) -> None:
+    """train()'s work, inside the folder's lock."""
     from . import checkpoint, files
     from .train import prepare_output
     from .train import train as run_training
@@ -153,7 +176,6 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
             run_training(config, resume=resume, overwrite=overwrite, log=log)
     except (checkpoint.CheckpointError, ArgumentError) as e:
         raise _as_argument_error(e) from None
-    return load(output)
 
 
 # ---------------------------------------------------------------- the model
@@ -433,6 +455,8 @@ class Model:
             return classify(self.module, x, k=100).argmax(1)
         from .cli import class_index
 
+        if isinstance(labels, torch.Tensor):
+            _check_has_data("labels", labels)
         values = labels.tolist() if isinstance(labels, (np.ndarray, torch.Tensor)) else labels
         values = [values] * n if isinstance(values, (int, str, np.integer)) else list(values)
         if len(values) != n:
@@ -448,6 +472,7 @@ class Model:
 
         as_tensor = _returner(z)
         if isinstance(z, torch.Tensor):
+            _check_has_data("z", z)
             values = z.detach().to("cpu", torch.float32)
         else:
             try:
@@ -496,6 +521,7 @@ def prepare_images(images: Images) -> "torch.Tensor":
         except UserError as e:
             raise _as_argument_error(e) from None
     if isinstance(images, torch.Tensor):
+        _check_has_data("images", images)
         array = images.detach().cpu()
         array = array.numpy() if array.dtype != torch.bfloat16 else array.float().numpy()
     elif isinstance(images, np.ndarray):
@@ -536,6 +562,13 @@ def _pixels(array: np.ndarray) -> np.ndarray:
         hint = " (divide 0..255 pixel values by 255)" if high <= 255 and low >= 0 else ""
         raise ArgumentError(f"float pixel values must lie in [0, 1]; got {low:g}..{high:g}{hint}")
     return array.astype(np.float32)
+
+
+def _check_has_data(name: str, tensor: "torch.Tensor") -> None:
+    """Refuse a tensor without values (on the meta device: only a shape), which torch cannot copy or compute on."""
+    if tensor.is_meta:
+        raise ArgumentError(f"{name}: a tensor on the meta device has a shape but no values; give one with data "
+                            f"(on the CPU or a GPU)")
 
 
 def _is_pil_image(value: Any) -> bool:

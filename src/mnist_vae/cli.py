@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from . import files, limits, runs
-from .config import SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, resume_conflict, text
+from .config import (SETTINGS, Config, Interrupted, UserError, boolean, choice, integer, resume_conflict, text,
+                     words)
 
 
 class Parser(argparse.ArgumentParser):
@@ -175,7 +176,7 @@ def command_sample(prog, args):
     parser.add_argument("--n", type=integer(1, 10000), default=64, help="how many images (default 64)")
     parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/samples.png)")
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed of the draws (default 0)")
-    parser.add_argument("--class", dest="label", type=text, metavar="CLASS",
+    parser.add_argument("--class", dest="label", type=words("a class: a digit or a class name"), metavar="CLASS",
                         help="conditional runs: the class to generate, a digit or a Fashion-MNIST class name "
                              "(sneaker); without it, every class in turn")
     args = parser.parse_args(args)
@@ -208,8 +209,9 @@ def _class_names(config):
     return DATASETS[config.dataset]["classes"]
 
 
-def class_index(name, dataset):
-    """The index of a class given as its number or its name, case-insensitive (7, sneaker, ankle boot)."""
+def class_index(name, dataset, flag="--class"):
+    """The index of a class given as its number or its name, case-insensitive (7, sneaker, ankle boot);
+    `flag` is what the error names (the option that gave it)."""
     from .data import DATASETS
 
     classes = DATASETS[dataset]["classes"]
@@ -217,7 +219,7 @@ def class_index(name, dataset):
     for index, known in enumerate(classes):
         if wanted in (str(index), known.lower(), known.lower().replace("/", " "), known.lower().split("/")[0]):
             return index
-    raise UserError(f"--class {name}: {dataset} has no such class; give one of "
+    raise UserError(f"{flag} {name}: {dataset} has no such class; give one of "
                     + ", ".join(f"{i} ({c})" if c != str(i) else c for i, c in enumerate(classes)))
 
 
@@ -253,7 +255,7 @@ def command_analogies(prog, args):
                                             "conditional run: each row shows an image, then its z decoded with "
                                             "each class.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    parser.add_argument("--label", type=text, metavar="CLASS",
+    parser.add_argument("--label", type=words("a class: a digit or a class name"), metavar="CLASS",
                         help="the class of the images (a digit or a class name); without it, each is classified")
     parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/analogies.png)")
     args = parser.parse_args(args)
@@ -264,10 +266,16 @@ def command_analogies(prog, args):
 
     config, _, model, device = _conditional_run(args, "analogies")
     names = _class_names(config)
-    images = _load_images(args.images, device)
+    label = None if args.label is None else class_index(args.label, config.dataset, flag="--label")
     out = _writable(args.out or _default_out(args, "analogies.png"))
-    if args.label is not None:
-        labels = torch.full((len(images),), class_index(args.label, config.dataset), device=device)
+    from .limits import check_image
+
+    # side_by_side's picture: the input and one column per class, a row per image, 2 pixels apart
+    columns, rows = 1 + model.n_classes, len(args.images)
+    check_image(out, 30 * columns - 2, 30 * rows - 2, f"{rows} images")
+    images = _load_images(args.images, device)
+    if label is not None:
+        labels = torch.full((len(images),), label, device=device)
     else:
         labels = classify(model, images, k=100).argmax(1)
         for path, label in zip(args.images, labels.tolist()):

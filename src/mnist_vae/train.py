@@ -323,6 +323,27 @@ def write_metrics(history, out, config):
                                  f"binarize={config.binarize}")
 
 
+def nonfinite_cause(config, terms):
+    """What most likely made a step's loss non-finite, named by the settings that were set, from the step's
+    batch means `terms` [-ELBO, reconstruction, KL, loss]."""
+    if math.isfinite(terms[0]):  # the model's -ELBO was fine: the loss's own weighting overflowed
+        named = ([f"--beta {config.beta:g}"] if config.beta != 1 else []) + (
+            [f"--objective iwae with --k_train {config.k_train}"] if config.objective == "iwae" else [])
+        if named:
+            advice = "choose a smaller --beta" if config.beta > 1 else "choose another --beta or --objective elbo"
+            return f"{' and '.join(named)} made the training loss overflow while the -ELBO stayed finite; {advice}"
+    # The model itself diverged: from the settings that push it hardest, as far as they were raised.
+    defaults = type(config)()
+    named = [f"--{name} {getattr(config, name):g}" for name in ("learning_rate", "beta")
+             if getattr(config, name) > getattr(defaults, name)]
+    if config.adam_eps < defaults.adam_eps:
+        named.append(f"--adam_eps {config.adam_eps:g}")
+    if named:
+        return f"the model diverged, most likely from {' and '.join(named)}; try a smaller value"
+    return (f"the learning rate ({config.learning_rate}) is likely too high for this model, try a smaller "
+            f"--learning_rate")
+
+
 # ---------------------------------------------------------------- signals
 
 class StopSignal:
@@ -364,6 +385,8 @@ def train(config, resume=False, overwrite=False, log=print):
     # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
     torch.set_flush_denormal(True)
     config.check_combination()
+    if not resume and not config.time_budget:  # (a resumed run's were accepted when it started)
+        config.check_warmups()
     out = prepare_output(config.output, resume, overwrite)
     saved = checkpoint.load(out) if resume else None
     if saved is not None and fixed_length(saved[0]):  # fixed when the run started (a schedule, a plan): keep it
@@ -396,6 +419,7 @@ def train(config, resume=False, overwrite=False, log=print):
     if saved is None and config.time_budget:
         planned = plan_epochs(config, tensors, n_steps, device, log)
         config = dataclasses.replace(config, num_epochs=planned, epoch_digits=runs.epoch_digits(planned))
+        config.check_warmups(planned=True)
     scheduled = config.lr_schedule != "constant" or config.warmup_epochs > 0
     epoch, step, history, seconds_before = 0, 0, [], 0.0
     if saved is not None:
@@ -476,8 +500,7 @@ def train(config, resume=False, overwrite=False, log=print):
                         bar.close()
                         raise TrainingError(
                             f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}; "
-                            f"the learning rate ({config.learning_rate}) is likely too high, try a smaller "
-                            f"--learning_rate; the last good checkpoint"
+                            f"{nonfinite_cause(config, step_terms[bad].tolist())}; the last good checkpoint"
                             + (f" (epoch {epoch}) is kept in {out}" if epoch > 0 else " does not exist yet"))
                     bar.set_postfix_str(f"-elbo {losses[-CHECK_EVERY:].mean().item():.2f}")
                 if stop.received is not None and step < n_steps:
