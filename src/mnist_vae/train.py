@@ -334,13 +334,14 @@ def nonfinite_cause(config, terms):
             return f"{' and '.join(named)} made the training loss overflow while the -ELBO stayed finite; {advice}"
     # The model itself diverged: from the settings that push it hardest, as far as they were raised.
     defaults = type(config)()
-    named = [f"--{name} {getattr(config, name):g}" for name in ("learning_rate", "beta")
-             if getattr(config, name) > getattr(defaults, name)]
-    if config.adam_eps < defaults.adam_eps:
-        named.append(f"--adam_eps {config.adam_eps:g}")
-    if named:
-        return f"the model diverged, most likely from {' and '.join(named)}; try a smaller value"
-    return (f"the learning rate ({config.learning_rate}) is likely too high for this model, try a smaller "
+    raised = [(what, name) for what, name in (("the learning rate", "learning_rate"), ("the KL's weight", "beta"))
+              if getattr(config, name) > getattr(defaults, name)]
+    if len(raised) > 1:
+        return (" or ".join(f"{what} (--{name} {getattr(config, name):g})" for what, name in raised)
+                + " is likely too high, try smaller values")
+    if raised and raised[0][1] == "beta":
+        return f"the KL's weight (--beta {config.beta:g}) is likely too high, try a smaller --beta"
+    return (f"the learning rate (--learning_rate {config.learning_rate:g}) is likely too high, try a smaller "
             f"--learning_rate")
 
 
