@@ -13,6 +13,7 @@ import torch
 
 import mnist_vae
 from conftest import MNIST_DIR, assert_one_line_error, main
+from test_robustness import tmpfs  # noqa: F401 (a fixture: a real 2 MB tmpfs)
 from mnist_vae import export
 from mnist_vae.api import Model
 from mnist_vae.config import Config
@@ -258,3 +259,13 @@ def test_an_export_into_an_existing_folder_replaces_the_three_files_and_nothing_
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json", "notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "encoder.onnx").read_bytes() == (exported / "encoder.onnx").read_bytes()
+
+
+@needs_extra
+def test_a_full_disk_while_exporting_names_the_file_and_leaves_nothing(tmpfs, capsys):
+    """The pretrained model's graphs (about 5 MB) on a 2 MB file system."""
+    out = tmpfs / "onnx"
+    result = main(capsys, "export", "pretrained", "--out", out)
+    assert_one_line_error(result, str(out / "encoder.onnx"), "No space left")
+    assert ".tmp" not in result.stderr
+    assert list(tmpfs.iterdir()) == []

@@ -41,7 +41,7 @@ from .errors import ArgumentError, ArgumentTypeError, UserError, as_argument_err
 from .evaluation import (EVAL_SEED, classifier_accuracy, evaluate, log_likelihood_estimate, log_likelihoods,
                          reconstruct)
 from .export import export_onnx
-from .images import Images, prepare_images
+from .images import Images, check_has_data, prepare_images
 from .machine import resolve_device
 from .model import analogies, classify
 
@@ -77,7 +77,8 @@ def load(run_dir: Union[str, os.PathLike] = PRETRAINED, device: str = "cpu") -> 
         module = checkpoint.build_model(config, tensors, Path(run_dir) / checkpoint.FILENAME, state)
     except UserError as e:
         raise as_argument_error(e) from None
-    return Model(module.to(torch_device), config, epoch=state["epoch"], run_dir=Path(run_dir), name=str(run_dir))
+    return Model(module.to(torch_device), config, epoch=state["epoch"], run_dir=Path(run_dir), name=str(run_dir),
+                 data_fingerprint=state.get("data_fingerprint"))
 
 
 def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, overwrite: bool = False,
@@ -100,15 +101,32 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
     for flag, value in (("resume", resume), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise ArgumentTypeError(f"{flag} must be True or False, not {value!r}")
+    if not callable(log):
+        raise ArgumentTypeError(f"log must be a function of one line of text (print, or lambda line: None), "
+                                f"not {type(log).__name__}")
     output = os.fspath(output)
+    # The folder's lock first, as on the command line: it creates the folder, and removes it again if the
+    # run fails before writing anything (bad data, too little memory, a `log` that raises).
     try:
-        config, state = _training_config(output, resume, settings)
-    except checkpoint.CheckpointError as e:
+        if not resume:
+            lock = runs.hold(output)
+        elif os.path.isdir(output):
+            lock = runs.hold(output, create=False, what="--resume")
+        else:
+            lock = None  # checkpoint.load says what is wrong with it
+    except UserError as e:
         raise as_argument_error(e) from None
-    if resume and runs.training_done(config, state) and not runs.estimate_missing(config, output):
-        log(runs.finished_message(output, config, state))
-    else:
-        loop.train(config, resume=resume, overwrite=overwrite, log=log)
+    try:
+        try:
+            config, state = _training_config(output, resume, settings)
+        except checkpoint.CheckpointError as e:
+            raise as_argument_error(e) from None
+        if resume and runs.training_done(config, state) and not runs.estimate_missing(config, output):
+            log(runs.finished_message(output, config, state))
+        else:
+            loop.train(config, resume=resume, overwrite=overwrite, log=log)
+    finally:
+        runs.release(lock)
     return load(output)
 
 
@@ -150,13 +168,14 @@ class Model:
     """
 
     def __init__(self, module: "torch.nn.Module", config: Config, *, epoch: int, run_dir: Optional[Path],
-                 name: str, provenance: Optional[dict] = None):
+                 name: str, provenance: Optional[dict] = None, data_fingerprint: Optional[str] = None):
         self.module = module.eval()
         self.config = config
         self.epoch = epoch
         self.run_dir = run_dir
         self.name = name
         self.provenance = provenance
+        self.data_fingerprint = data_fingerprint  # of the data the run was trained on (runs.data_fingerprint)
 
     def __repr__(self) -> str:
         return (f"<mnist_vae.Model {self.name}: {self.config.dataset}, dim_z={self.dim_z}, "
@@ -325,28 +344,37 @@ class Model:
         return as_tensor(values)
 
     def evaluate(self, k: int = 1000, n_test: int = 0, data_dir: Optional[str] = None,
-                 progress: bool = False, log: Optional[Callable[[str], None]] = None) -> dict:
+                 progress: bool = False, log: Optional[Callable[[str], None]] = None,
+                 other_data: bool = False) -> dict:
         """The run's test metrics, as `mnist-vae evaluate` prints them, in nats per image.
 
-        Returns {"images", "neg_elbo", "recon", "kl", "source" (where the data came from)} and, when
-        k > 0, the importance-weighted {"nll", "nll_stderr"} (± one standard error over the images;
-        NaN for one image). For a conditional model the bounds are of log p(x|y) and "accuracy" is
-        its accuracy as a classifier (the class of highest ELBO). The test set is the run's dataset
-        (binarized as the run was); `n_test` > 0 uses its first n images. `progress` shows a bar
-        while the estimate runs; `log` (none by default) is told where the data comes from.
+        Returns {"images", "neg_elbo", "recon", "kl", "source" (where the data came from), "other_data"}
+        and, when k > 0, the importance-weighted {"nll", "nll_stderr"} (± one standard error over the
+        images; NaN for one image). For a conditional model the bounds are of log p(x|y) and "accuracy"
+        is its accuracy as a classifier (the class of highest ELBO). The test set is the run's dataset
+        (binarized as the run was); `n_test` > 0 uses its first n images. Data other than the run was
+        trained on (`data_dir` holding other files) raise ValueError, unless `other_data` is True; the
+        result's "other_data" says whether they were. `progress` shows a bar while the estimate runs;
+        `log` (none by default) is told where the data comes from.
         """
         k = _whole_number("k", k, low=0)
         n_test = _whole_number("n_test", n_test, low=0)
+        if not isinstance(other_data, bool):
+            raise ArgumentTypeError(f"other_data must be True or False, not {other_data!r}")
         config = dataclasses.replace(self.config, data_dir=data_dir or self.config.data_dir, n_test=n_test,
                                      n_train=1)
         try:
-            tensors = load_tensors(config, self.device, log=log or (lambda _: None))
+            tensors = load_tensors(config, self.device, log=log or (lambda _: None),
+                                   fingerprint_of=(self.config.n_train, self.config.n_test))
+            runs.check_evaluation_data(self.data_fingerprint, tensors.fingerprint, self.name, tensors.source,
+                                       other_data, log=log or (lambda _: None))
         except UserError as e:
             raise as_argument_error(e) from None
         test = tensors.test
         labels = tensors.test_y if self.conditional else None  # bounds on log p(x|y) then
         neg_elbo, recon, kl = evaluate(self.module, test, labels=labels)
-        result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source}
+        result = {"images": len(test), "neg_elbo": neg_elbo, "recon": recon, "kl": kl, "source": tensors.source,
+                  "other_data": self.data_fingerprint not in (None, tensors.fingerprint)}
         if self.conditional:
             result["accuracy"] = classifier_accuracy(self.module, test, labels)
         if k > 0:
@@ -398,6 +426,8 @@ class Model:
             if required or x is None:
                 raise ArgumentError(f"{self.name} is a conditional model: give the labels of the images")
             return self._predict(x, 100)
+        if isinstance(labels, torch.Tensor):
+            check_has_data("labels", labels)
         values = labels.tolist() if isinstance(labels, (np.ndarray, torch.Tensor)) else labels
         values = [values] * n if isinstance(values, (int, str, np.integer)) else list(values)
         if len(values) != n:
@@ -420,6 +450,7 @@ class Model:
     def _latents(self, z: Any) -> tuple:
         as_tensor = _returner(z)
         if isinstance(z, torch.Tensor):
+            check_has_data("z", z)
             values = z.detach().to("cpu", torch.float32)
         else:
             try:

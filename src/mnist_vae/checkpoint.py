@@ -10,6 +10,7 @@ previous checkpoint as it was.
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -52,8 +53,28 @@ def save(run_dir, model, optimizer, state, extra_tensors):
 
 def read_file(path):
     """(metadata, tensors) of a safetensors file, on the CPU; safetensors' and the OS's errors pass through."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        # A path whose bytes are not UTF-8 (a folder named b"bad\xff"): safetensors takes only UTF-8
+        # names, so the file is read here, by its bytes, and parsed from memory.
+        return _read_bytes(Path(path).read_bytes())
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _read_bytes(data):
+    """read_file's result from a safetensors file's bytes: its header's __metadata__, and the tensors."""
+    from safetensors.torch import load as tensors_of
+
+    if len(data) < 8 or len(data) - 8 < (size := int.from_bytes(data[:8], "little")):
+        raise SafetensorError("the header is incomplete")
+    try:
+        header = json.loads(data[8: 8 + size])
+    except (ValueError, RecursionError) as e:
+        raise SafetensorError(f"the header is not JSON ({e})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata or {}, tensors_of(data)
 
 
 def load(run_dir):
@@ -67,7 +88,10 @@ def load(run_dir):
                               f"(mnist-vae --output {run_dir})")
     try:
         metadata, tensors = read_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except OSError as e:  # the file could not be read: nothing is known about its contents
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e}); make it readable, or give another "
+                              f"run folder") from None
+    except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({e}); it cannot be loaded; "
                               f"retrain, or restore it from a backup") from None
     if metadata.get("format") != FORMAT:
@@ -85,6 +109,11 @@ def load(run_dir):
     except ValueError as e:
         raise CheckpointError(f"{path}: its config has {e}, which no run can have; the config was changed "
                               f"by hand or the file is damaged") from None
+    try:  # settings valid one by one that no model has together (the seed's MLP with three layers)
+        config.check_combination()
+    except UserError as e:
+        raise CheckpointError(f"{path}: its config has settings no run can have together ({e}); the config "
+                              f"was changed by hand or the file is damaged") from None
     # The model a checkpoint holds, by its name in model.MODELS; checkpoints from before models had
     # names hold the old program's VAE.
     name = state.setdefault("model", "vae")

@@ -4,6 +4,7 @@ Each command's module is imported when the command runs, so that `--help` and fl
 answer before torch loads, and so that a training run takes its folder's lock first.
 """
 
+import codecs
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ COMMANDS = ("train", *MODEL_COMMANDS, *FRONT_ENDS)
 
 def main(argv=None, prog=None):
     """Run a command; return its exit status. User errors print one line, never a traceback."""
+    _never_fail_on_encoding()
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or ("mnist-vae" if Path(sys.argv[0]).name != "main.py" else "main.py")
     command = "train"
@@ -39,6 +41,36 @@ def main(argv=None, prog=None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _escape(error):
+    """The encoding error handler of the command's output: a file name's byte that is not UTF-8 (a
+    surrogate, as Python reads such names) goes out as that byte, so the name printed is the name on
+    disk; any other character the output's encoding lacks, as a backslash escape (\\xb1 for ±)."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    out = bytearray()
+    for character in error.object[error.start: error.end]:
+        code = ord(character)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(code - 0xDC00)
+        else:
+            out += character.encode("ascii", "backslashreplace")
+    return bytes(out), error.end
+
+
+codecs.register_error("mnist_vae.escape", _escape)
+
+
+def _never_fail_on_encoding():
+    """Let every character reach the terminal, whatever its encoding: ± and − under PYTHONIOENCODING=ascii
+    or LANG=C, and folder names that are not UTF-8, ended a command with UnicodeEncodeError after its
+    work was done."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="mnist_vae.escape")
+        except (AttributeError, ValueError, OSError):  # not a text stream that can be reconfigured
+            pass
 
 
 def _run(command, prog, argv):

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import api, files, runs
 from .arguments import Parser
-from .config import Config, boolean, choice, integer, text
+from .config import Config, boolean, choice, integer, text, words
 from .data import class_index
 from .errors import UserError
 from .export import require_packages
@@ -59,10 +59,14 @@ def command_evaluate(prog, args):
     parser.add_argument("--data_dir", "--data-dir", type=text, help="folder with the dataset's IDX files")
     parser.add_argument("--n_test", "--n-test", type=integer(0), default=0,
                         help="use the first N test images only (0: all)")
+    parser.add_argument("--other_data", "--other-data", nargs="?", const=True, type=boolean, default=False,
+                        metavar="BOOL", help="evaluate on --data_dir even if its data are not those the run was "
+                                             "trained on (it says so)")
     args = parser.parse_args(args)
 
     model = api.load(args.run_dir, device=args.device)
-    result = model.evaluate(k=args.k, n_test=args.n_test, data_dir=args.data_dir, progress=True, log=print)
+    result = model.evaluate(k=args.k, n_test=args.n_test, data_dir=args.data_dir, progress=True, log=print,
+                            other_data=args.other_data)
     config = model.config
     given = " of log p(x|y)" if model.conditional else ""
     print(f"run: {args.run_dir} ({config.dataset}, dim_z={config.dim_z}, likelihood={config.likelihood}, "
@@ -91,7 +95,7 @@ def command_sample(prog, args):
     parser.add_argument("--n", type=integer(1, 10000), default=64, help="how many images (default 64)")
     parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/samples.png)")
     parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed of the draws (default 0)")
-    parser.add_argument("--class", dest="label", type=text, metavar="CLASS",
+    parser.add_argument("--class", dest="label", type=words("a class: a digit or a class name"), metavar="CLASS",
                         help="conditional runs: the class to generate, a digit or a Fashion-MNIST class name "
                              "(sneaker); without it, every class in turn")
     args = parser.parse_args(args)
@@ -146,17 +150,20 @@ def command_analogies(prog, args):
                                             "conditional run: each row shows an image, then its z decoded with "
                                             "each class.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
-    parser.add_argument("--label", type=text, metavar="CLASS",
+    parser.add_argument("--label", type=words("a class: a digit or a class name"), metavar="CLASS",
                         help="the class of the images (a digit or a class name); without it, each is classified")
     parser.add_argument("--out", type=text, help="image file to write (default: RUN_DIR/analogies.png)")
     args = parser.parse_args(args)
 
     model = _conditional_run(args, "analogies")
     names = model.classes
-    images = _load_images(args.images)
+    label = None if args.label is None else class_index(args.label, model.config.dataset, flag="--label")
     out = _writable(args.out or _default_out(args, "analogies.png"))
-    if args.label is not None:
-        labels = class_index(args.label, model.config.dataset)
+    # side_by_side's picture: the input and one column per class, a row per image, 2 pixels apart
+    check_image(out, 30 * (1 + len(names)) - 2, 30 * len(args.images) - 2, f"{len(args.images)} images")
+    images = _load_images(args.images)
+    if label is not None:
+        labels = label
     else:
         labels = model.predict(images)
         for path, label in zip(args.images, labels.tolist()):

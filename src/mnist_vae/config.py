@@ -87,6 +87,21 @@ class Config:
             raise UserError(f"--n_layers {self.n_layers} needs --activation tanh, relu or elu (elu_tanh is the old "
                             f"program's two-layer MLP)")
 
+    def check_warmups(self, planned=False):
+        """Raise UserError for a warm-up longer than the run: the KL's weight would never reach beta, or the
+        learning rate never reach its value (with a warm-up of 1e9 epochs the model never trains).
+        `planned`: num_epochs was planned from --time_budget."""
+        length = (f"the {self.num_epochs} epochs planned for --time_budget {self.time_budget:g}" if planned
+                  else f"the run's {self.num_epochs} epochs")
+        advice = "or a longer --time_budget" if planned else "or more --num_epochs"
+        if self.kl_warmup > self.num_epochs:
+            raise UserError(f"--kl_warmup {self.kl_warmup} is longer than {length}: the KL's weight would never "
+                            f"reach --beta; choose --kl_warmup up to {self.num_epochs}, {advice}")
+        if self.warmup_epochs > self.num_epochs:
+            raise UserError(f"--warmup_epochs {self.warmup_epochs:g} is longer than {length}: the learning rate "
+                            f"would never reach --learning_rate; choose --warmup_epochs up to {self.num_epochs}, "
+                            f"{advice}")
+
     @classmethod
     def from_dict(cls, values):
         names = {field.name for field in dataclasses.fields(cls)}
@@ -175,6 +190,16 @@ def identifier(value):
     if value and not value.replace("_", "").replace("-", "").isalnum():
         raise argparse.ArgumentTypeError(f"expected a name of letters, digits and underscores, got {value!r}")
     return value
+
+
+def words(what):
+    """A check for text that is not a path (a class, run names): refuses an empty or blank value, saying
+    what it expects."""
+    def check(value):
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return value
+    return check
 
 
 # Every setting of Config: the check of its value, and what it means (the flag's help).

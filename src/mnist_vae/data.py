@@ -44,6 +44,14 @@ DATASETS = {
             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
+        # SHA-256 of each published file once decompressed (`gunzip -c FILE | sha256sum`): a copy
+        # recompressed by another gzip has other bytes but these contents.
+        "sha256": {
+            "train_images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train_labels": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
     },
     "fashion-mnist": {
         "classes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -55,8 +63,17 @@ DATASETS = {
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
+        "sha256": {
+            "train_images": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train_labels": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "test_images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "test_labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
     },
 }
+DISPLAY_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+FILE_NAMES = {"train_images": "training images", "train_labels": "training labels", "test_images": "test images",
+              "test_labels": "test labels"}
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 # An IDX payload larger than this is refused rather than read: far above MNIST's 47 MB, and it keeps a
@@ -203,10 +220,46 @@ def load_dataset(name, data_dir=None, log=print):
     folder, source = find_dataset(name, data_dir, log=log)
     paths = {key: _file_in(folder, stem) for key, stem in FILES.items()}
     arrays = {key: read_idx(path) for key, path in paths.items()}
+    for key, stem in FILES.items():  # a .gz beside a raw file: the two must be the same data
+        raw = folder / stem
+        if paths[key] != raw and raw.is_file() and not np.array_equal(read_idx(raw), arrays[key]):
+            raise DataError(f"{paths[key]} and {raw} hold different data; keep the one that is {name}'s "
+                            f"{FILE_NAMES[key]} and remove the other")
+    check_identity(name, paths, arrays, folder)
     for split in ("train", "test"):
         _check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"],
                     paths[f"{split}_images"], paths[f"{split}_labels"])
     return Dataset(name=name, classes=DATASETS[name]["classes"], source=source, **arrays)
+
+
+def content_sha256(array):
+    """SHA-256 of the IDX file of unsigned bytes that holds `array`, as decompressed (header and payload)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    digest = hashlib.sha256(header)
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def check_identity(name, paths, arrays, folder):
+    """Refuse files that are a published dataset's, but not where they stand: another dataset's (Fashion-MNIST
+    given as MNIST), a folder mixing two datasets' files, or one file of a dataset under another's name
+    (its test images as training images). Files no dataset published (one's own data) pass."""
+    known = {digest: (dataset, key) for dataset, spec in DATASETS.items()
+             for key, digest in spec.get("sha256", {}).items()}
+    found = {key: known.get(content_sha256(array)) for key, array in arrays.items()}
+    others = {key: who for key, who in found.items() if who is not None and who[0] != name}
+    if others:
+        key, (dataset, what) = next(iter(others.items()))
+        is_file = f"{paths[key]} is {DISPLAY_NAMES[dataset]}'s {FILE_NAMES[what]}"
+        if any(who is not None and who[0] == name for who in found.values()):
+            raise DataError(f"{folder} mixes {DISPLAY_NAMES[name]}'s and {DISPLAY_NAMES[dataset]}'s files "
+                            f"({is_file}); give a folder with the four files of one dataset")
+        raise DataError(f"{is_file}, not {DISPLAY_NAMES[name]}'s; pass --dataset {dataset} to use "
+                        f"{DISPLAY_NAMES[dataset]}, or give the files of {DISPLAY_NAMES[name]}")
+    for key, who in found.items():
+        if who is not None and who[1] != key:
+            raise DataError(f"{paths[key]} holds {DISPLAY_NAMES[who[0]]}'s {FILE_NAMES[who[1]]}, not its "
+                            f"{FILE_NAMES[key]}; put each file under its own name ({FILES[who[1]]})")
 
 
 # ---------------------------------------------------------------- downloading
@@ -284,14 +337,15 @@ def _md5(path):
 # ---------------------------------------------------------------- users' own images
 
 
-def class_index(name, dataset):
-    """The index of a class given as its number or its name, case-insensitive (7, sneaker, ankle boot)."""
+def class_index(name, dataset, flag="--class"):
+    """The index of a class given as its number or its name, case-insensitive (7, sneaker, ankle boot);
+    `flag` is what the error names (the option that gave it)."""
     classes = DATASETS[dataset]["classes"]
     wanted = name.strip().lower()
     for index, known in enumerate(classes):
         if wanted in (str(index), known.lower(), known.lower().replace("/", " "), known.lower().split("/")[0]):
             return index
-    raise UserError(f"--class {name}: {dataset} has no such class; give one of "
+    raise UserError(f"{flag} {name}: {dataset} has no such class; give one of "
                     + ", ".join(f"{i} ({c})" if c != str(i) else c for i, c in enumerate(classes)))
 
 
@@ -311,14 +365,17 @@ class Tensors:
     fingerprint: str = ""  # of the images and labels used (runs.data_fingerprint), for --resume
 
 
-def load_tensors(config, device, log=print):
-    """The dataset as float tensors on `device`, subset and binarized as the config says."""
+def load_tensors(config, device, log=print, fingerprint_of=None):
+    """The dataset as float tensors on `device`, subset and binarized as the config says. The fingerprint
+    is of the images and labels used, or of the first (n_train, n_test) of `fingerprint_of` (a run's
+    own subsets, to compare with its checkpoint's when evaluating on a part of the test set)."""
     dataset = load_dataset(config.dataset, config.data_dir, log=log)
     log(f"data: {config.dataset} from the {dataset.source}")
     train = dataset.train_images[: config.n_train or None].copy()  # writable, for torch
     test = dataset.test_images[: config.n_test or None].copy()
-    fingerprint = data_fingerprint(train, dataset.train_labels[: config.n_train or None], test,
-                                        dataset.test_labels[: config.n_test or None])
+    n_train, n_test = fingerprint_of or (config.n_train, config.n_test)
+    fingerprint = data_fingerprint(dataset.train_images[: n_train or None], dataset.train_labels[: n_train or None],
+                                   dataset.test_images[: n_test or None], dataset.test_labels[: n_test or None])
     train = torch.from_numpy(train.reshape(len(train), -1)).float().div_(255)
     test = torch.from_numpy(test.reshape(len(test), -1)).float().div_(255)
     if config.binarize != "none":

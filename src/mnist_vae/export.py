@@ -87,7 +87,7 @@ def export_onnx(model, out: Path) -> dict:
             contents["model.json"] = (json.dumps(describe(model), indent=2) + "\n").encode()
             if interrupted():
                 raise KeyboardInterrupt
-            _write_together(out, contents)
+            _write_together(out, contents, interrupted)
     finally:
         for key in keys:
             runs.release(key)
@@ -145,7 +145,7 @@ def _reason(error):
     return f"{type(error).__name__}: {line[:160]}" if line else type(error).__name__
 
 
-def _write_together(out, contents):
+def _write_together(out, contents, interrupted=lambda: False):
     """Write `contents` ({file name: bytes}) into the folder `out` so that they appear together or not at all.
 
     A new folder is filled under a temporary name beside it and renamed into place. Into a folder
@@ -165,7 +165,12 @@ def _write_together(out, contents):
         raise ExportError(files.error_line(out, e)) from None
     try:
         for name, data in contents.items():
-            files.write_bytes(tmp / name, data)
+            try:
+                files.write_bytes(tmp / name, data)
+            except files.WriteError as e:  # say which file of the export failed, not its temporary name
+                raise ExportError(str(e).replace(str(tmp / name), str(out / name))) from None
+        if interrupted():  # Ctrl-C while writing: nothing is renamed into place
+            raise KeyboardInterrupt
         if fresh:
             try:
                 os.rename(tmp, out)  # atomic: the folder appears with its three files

@@ -174,6 +174,7 @@ def prepare_images(images: Images) -> "torch.Tensor":
         except UserError as e:
             raise as_argument_error(e) from None
     if isinstance(images, torch.Tensor):
+        check_has_data("images", images)
         array = images.detach().cpu()
         array = array.numpy() if array.dtype != torch.bfloat16 else array.float().numpy()
     elif isinstance(images, np.ndarray):
@@ -214,3 +215,10 @@ def _pixels(array: np.ndarray) -> np.ndarray:
         hint = " (divide 0..255 pixel values by 255)" if high <= 255 and low >= 0 else ""
         raise ArgumentError(f"float pixel values must lie in [0, 1]; got {low:g}..{high:g}{hint}")
     return array.astype(np.float32)
+
+
+def check_has_data(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a tensor without values (on the meta device: only a shape), which torch cannot copy or compute on."""
+    if tensor.is_meta:
+        raise ArgumentError(f"{name}: a tensor on the meta device has a shape but no values; give one with data "
+                            f"(on the CPU or a GPU)")

@@ -109,6 +109,28 @@ def plan_epochs(config, tensors, n_steps, device, log=print):
 # ---------------------------------------------------------------- pictures of the model
 
 
+def nonfinite_cause(config, terms):
+    """What most likely made a step's loss non-finite, named by the settings that were set, from the step's
+    batch means `terms` [-ELBO, reconstruction, KL, loss]."""
+    if math.isfinite(terms[0]):  # the model's -ELBO was fine: the loss's own weighting overflowed
+        named = ([f"--beta {config.beta:g}"] if config.beta != 1 else []) + (
+            [f"--objective iwae with --k_train {config.k_train}"] if config.objective == "iwae" else [])
+        if named:
+            advice = "choose a smaller --beta" if config.beta > 1 else "choose another --beta or --objective elbo"
+            return f"{' and '.join(named)} made the training loss overflow while the -ELBO stayed finite; {advice}"
+    # The model itself diverged: from the settings that push it hardest, as far as they were raised.
+    defaults = type(config)()
+    raised = [(what, name) for what, name in (("the learning rate", "learning_rate"), ("the KL's weight", "beta"))
+              if getattr(config, name) > getattr(defaults, name)]
+    if len(raised) > 1:
+        return (" or ".join(f"{what} (--{name} {getattr(config, name):g})" for what, name in raised)
+                + " is likely too high, try smaller values")
+    if raised and raised[0][1] == "beta":
+        return f"the KL's weight (--beta {config.beta:g}) is likely too high, try a smaller --beta"
+    return (f"the learning rate (--learning_rate {config.learning_rate:g}) is likely too high, try a smaller "
+            f"--learning_rate")
+
+
 # ---------------------------------------------------------------- signals
 
 class StopSignal:
@@ -148,6 +170,8 @@ def train(config, resume=False, overwrite=False, log=print):
     # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
     torch.set_flush_denormal(True)
     config.check_combination()
+    if not resume and not config.time_budget:  # (a resumed run's were accepted when it started)
+        config.check_warmups()
     out = prepare_output(config.output, resume, overwrite)
     saved = checkpoint.load(out) if resume else None
     if saved is not None and fixed_length(saved[0]):  # fixed when the run started (a schedule, a plan): keep it
@@ -180,6 +204,7 @@ def train(config, resume=False, overwrite=False, log=print):
     if saved is None and config.time_budget:
         planned = plan_epochs(config, tensors, n_steps, device, log)
         config = dataclasses.replace(config, num_epochs=planned, epoch_digits=runs.epoch_digits(planned))
+        config.check_warmups(planned=True)
     scheduled = config.lr_schedule != "constant" or config.warmup_epochs > 0
     epoch, step, history, seconds_before = 0, 0, [], 0.0
     if saved is not None:
@@ -260,8 +285,7 @@ def train(config, resume=False, overwrite=False, log=print):
                         bar.close()
                         raise TrainingError(
                             f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}; "
-                            f"the learning rate ({config.learning_rate}) is likely too high, try a smaller "
-                            f"--learning_rate; the last good checkpoint"
+                            f"{nonfinite_cause(config, step_terms[bad].tolist())}; the last good checkpoint"
                             + (f" (epoch {epoch}) is kept in {out}" if epoch > 0 else " does not exist yet"))
                     bar.set_postfix_str(f"-elbo {losses[-CHECK_EVERY:].mean().item():.2f}")
                 if stop.received is not None and step < n_steps:

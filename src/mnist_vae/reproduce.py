@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint, files, runs
 from .arguments import Parser
-from .config import Config, choice, fixed_length, integer, number, text
+from .config import Config, choice, fixed_length, integer, number, text, words
 from .data import binarize_test, load_tensors
 from .errors import UserError
 from .evaluation import log_likelihood_estimate
@@ -70,7 +70,7 @@ def main(prog, args):
                              "a budget of 0.02 minutes, 200 test images)")
     parser.add_argument("--data_dir", "--data-dir", type=text,
                         help="folder with MNIST's IDX files (default: found as usual)")
-    parser.add_argument("--runs", type=text, metavar="NAME[,NAME...]",
+    parser.add_argument("--runs", type=words("run names separated by commas"), metavar="NAME[,NAME...]",
                         help="train only these runs (default: all): " + ", ".join(name for name, _ in RUNS))
     parser.add_argument("--paper", type=choice("iwae"),
                         help="instead, the models of a paper beside its numbers: iwae (Burda et al. 2016, Table 1)")

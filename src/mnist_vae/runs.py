@@ -275,6 +275,21 @@ def check_same_data(state, fingerprint, out, source, log=print):
                            f"the run's data, or train a new run with another --output")
 
 
+def check_evaluation_data(saved, fingerprint, run_dir, source, other_data=False, flag="--other_data", log=print):
+    """Refuse to evaluate the run in `run_dir` on data other than it was trained on (as --resume refuses
+    to train on them), unless `other_data`: then say in one line that they are other data. `saved` is the
+    run's recorded fingerprint (None for runs that recorded none, and the packaged model: no check)."""
+    if saved is None or saved == fingerprint:
+        return
+    if not other_data:
+        raise DataMismatch(f"evaluate {run_dir}: the data from the {source} are not those the run was trained on "
+                           f"(data fingerprint {fingerprint[:12]}, the run's {saved[:12]}); give --data_dir the "
+                           f"run's data, or pass {flag} to evaluate it on these anyway"
+                           + (" (other_data=True from Python)" if flag == "--other_data" else ""))
+    log(f"note: evaluating {run_dir} on other data than it was trained on (the {source}; data fingerprint "
+        f"{fingerprint[:12]}, the run's {saved[:12]})")
+
+
 def epoch_digits(num_epochs):
     """Digits of the epoch number in file names: the width of num_epochs, two at least."""
     return max(2, len(str(num_epochs)))

@@ -14,6 +14,7 @@ import dataclasses
 import html
 import json
 import math
+import os
 import re
 import webbrowser
 from importlib import resources
@@ -210,7 +211,10 @@ def view_box(coords):
 
 def run_summary(config, state, run_dir):
     """The header's facts: the run's settings and its last test numbers."""
-    facts = {"run": Path(run_dir).resolve().name, "dataset": config.dataset, "dim_z": config.dim_z,
+    # A folder name whose bytes are not UTF-8 reaches Python with surrogates, which no page can hold:
+    # shown with U+FFFD where those bytes were.
+    name = os.fsencode(Path(run_dir).resolve().name).decode("utf-8", "replace")
+    facts = {"run": name, "dataset": config.dataset, "dim_z": config.dim_z,
              "n_hidden": config.n_hidden, "likelihood": config.likelihood, "binarize": config.binarize,
              "add_noise": bool(config.add_noise), "noise_factor": float(config.noise_factor),
              "epochs": int(state.get("epoch", 0))}
