@@ -144,7 +144,9 @@ def train(output: Union[str, os.PathLike] = "results", *, resume: bool = False, 
             raise
         except UserError as e:
             raise ArgumentError(str(e)) from None
-        if resume and runs.training_done(config, state):
+        # A finished run whose --eval_k estimate was interrupted still owes it: training runs it (as the CLI's resume)
+        estimate_missing = config.eval_k > 0 and not (Path(output) / "evaluation.json").exists()
+        if resume and runs.training_done(config, state) and not estimate_missing:
             log(runs.finished_message(output, config, state))
         else:
             run_training(config, resume=resume, overwrite=overwrite, log=log)
