@@ -34,7 +34,7 @@ def train_parser(prog):
         description="Train a variational auto-encoder on MNIST or Fashion-MNIST and write its pictures, "
                     "metrics and checkpoint into --output.",
         epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, classify, analogies, export, "
-               "explore, bench, reproduce "
+               "explore, bench, reproduce, sweep "
                f"({prog} COMMAND --help)")
     for name, (check, help_text) in SETTINGS.items():
         default = getattr(defaults, name)
@@ -403,11 +403,18 @@ def command_reproduce(prog, args):
     return reproduce_main(prog, args)
 
 
+def command_sweep(prog, args):
+    from .sweep import main as sweep_main
+
+    return sweep_main(prog, args)
+
+
 COMMANDS = {
     "train": command_train, "evaluate": command_evaluate, "sample": command_sample,
     "reconstruct": command_reconstruct, "denoise": command_denoise, "interpolate": command_interpolate,
     "classify": command_classify, "analogies": command_analogies, "export": command_export,
     "explore": command_explore, "bench": command_bench, "reproduce": command_reproduce,
+    "sweep": command_sweep,
 }
 
 
