@@ -61,8 +61,8 @@ STOP_POLL_S = 0.5  # how often a running trial asks whether the sweep was interr
 
 # ---------------------------------------------------------------- the command
 
-def main(prog, args):
-    given = list(args)
+def make_parser(prog):
+    """The sweep's own flags; the rest are training flags (parse_known_args leaves them)."""
     parser = Parser(prog=f"{prog} sweep", allow_abbrev=False, description=__doc__.splitlines()[0],
                     epilog=f"Every other flag is a training flag (see {prog} --help), passed on to every trial as "
                            f"{prog} takes it. Needs Ray Tune: {INSTALL}.")
@@ -84,6 +84,12 @@ def main(prog, args):
     parser.add_argument("--address", type=text, metavar="HOST:PORT",
                         help="run the trials on this running Ray cluster (ray start --head) instead of a "
                              "local one; --out must then be an absolute path every node can reach")
+    return parser
+
+
+def main(prog, args):
+    given = list(args)
+    parser = make_parser(prog)
     args, rest = parser.parse_known_args(args)
     sweep = plan(args, rest, f"{prog} sweep")
     ray, tune = _import_ray(local=args.address is None)
@@ -151,14 +157,14 @@ def plan(args, rest, prog):
         settings["data_dir"] = os.path.abspath(settings["data_dir"])
     if "data_dir" in grid:
         grid["data_dir"] = [os.path.abspath(value) for value in grid["data_dir"]]
+    if args.address is not None and not args.address.rpartition(":")[2].isdigit():
+        raise UsageError(f"--address {args.address}: give the head node's HOST:PORT, as `ray start --head` printed it")
     out = Path(args.out)
     if args.address is not None and not out.is_absolute():
         raise UsageError(f"--out {args.out}: with --address the trials run on the cluster's nodes, so give an "
                         f"absolute path to storage that every node reaches (a shared file system)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
-    if args.address is not None and not args.address.rpartition(":")[2].isdigit():
-        raise UsageError(f"--address {args.address}: give the head node's HOST:PORT, as `ray start --head` printed it")
     return Sweep(grid, list(range(base, base + seeds)), settings, out.absolute())
 
 
@@ -277,6 +283,9 @@ def run(sweep, args, ray, tune, command):
         where = f"the Ray cluster at --address {args.address}" if args.address else "a local Ray cluster"
         raise UserError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
     try:
+        if local and not ray.util.get_node_ip_address().startswith("127."):  # ray imported before the sweep set it up
+            raise UserError("the local Ray cluster did not start on 127.0.0.1, since ray was imported before the "
+                            "sweep began; run the sweep in a process of its own (mnist-vae sweep)")
         if not local and ray.cluster_resources().get("CPU", 0) < args.threads_per_trial:
             raise UserError(f"the Ray cluster at {args.address} has {ray.cluster_resources().get('CPU', 0):g} CPUs, "
                             f"fewer than --threads_per_trial {args.threads_per_trial}")
@@ -710,7 +719,8 @@ def plot(results, path):
         ax.grid(alpha=0.3)
         if any(lines):
             ax.legend(fontsize=8)
-    fig.suptitle(f"mean ± standard deviation over {len(results['seeds'])} seed{'s' if len(results['seeds']) > 1 else ''}")
+    seeds = len(results["seeds"])
+    fig.suptitle(f"mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''}")
     fig.tight_layout()
     try:
         with files.atomic_path(path) as tmp:
