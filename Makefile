@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml setup.py constraints.txt src/mnist_vae/fast/_kernels.c
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,export,browser,tensorboard]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,export,browser,tensorboard,sweep]'
 	touch $(STAMP)
 
 run: $(STAMP)

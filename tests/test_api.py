@@ -88,6 +88,20 @@ def test_train_resumes_and_refuses_what_the_command_line_refuses(run, data, tmp_
     assert "has finished all 2 epochs" in lines[0] and again.epoch == 2
 
 
+def test_train_resume_of_a_finished_run_runs_the_estimate_it_still_owes(data, tmp_path):
+    out = tmp_path / "estimate"
+    mnist_vae.train(output=out, data_dir=str(data), eval_k=2, log=lambda _: None, **{**SETTINGS, "num_epochs": 1})
+    estimate = (out / "evaluation.json").read_text()
+    (out / "evaluation.json").unlink()  # as after a signal during the estimate: the training is done, the estimate not
+    lines = []
+    mnist_vae.train(output=out, resume=True, log=lines.append)
+    assert (out / "evaluation.json").read_text().split('"seconds"')[0] == estimate.split('"seconds"')[0]
+    assert not any("has finished" in line for line in lines)
+    lines.clear()
+    mnist_vae.train(output=out, resume=True, log=lines.append)  # now nothing is owed
+    assert "has finished all 1 epochs" in lines[0]
+
+
 @pytest.mark.parametrize("kind", ["missing", "no checkpoint", "truncated"])
 def test_bad_run_folder_is_a_value_error_with_the_command_lines_message(run, tmp_path, capsys, kind):
     bad = tmp_path / "bad"

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import sys
 from dataclasses import replace
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FASHION_SYSTEM_DIR, assert_one_line_error, main, make_idx_dataset, run_command
+from conftest import FASHION_SYSTEM_DIR, assert_one_line_error, main, make_idx_dataset, read_metrics, run_command
 from conftest import MNIST_DIR as MNIST
 from mnist_vae import loop as train_module
 from mnist_vae import machine
@@ -143,6 +144,42 @@ def test_reproduce_runs_selects_runs_and_tables_every_finished_one(reproduced, c
                           "--runs dim3", "cond_dim20")
 
 
+def test_reproduce_seeds_trains_every_seed_and_tables_their_spread(reproduced, tmp_path, capsys):
+    out = tmp_path / "results"
+    for name in ("dim4", "cond_dim2"):  # their seed 0, trained by the quick reproduction
+        shutil.copytree(reproduced.out / "runs" / name, out / "runs" / name)
+    result = main(capsys, "reproduce", "--quick", "--seeds", "2", "--runs", "dim4,cond_dim2", "--out", out,
+                  "--data_dir", MNIST)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("already complete; reusing it") == 2  # seed 0 of each; seed 1 is trained
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["run"]: row for row in results["runs"]}
+    assert set(rows) == {"dim4", "cond_dim2"}
+    for name, row in rows.items():
+        given = "_given_y" if name.startswith("cond") else ""
+        folders = [out / "runs" / name, out / "runs" / f"{name}_seed1"]
+        assert [json.loads((folder / "config.json").read_text())["seed"] for folder in folders] == [0, 1]
+        elbo = [float(read_metrics(folder)[-1][f"test_neg_elbo{given}"]) for folder in folders]
+        estimates = [json.loads((folder / "evaluation.json").read_text()) for folder in folders]
+        nll = [e[f"iw_nll{given}"] for e in estimates]
+        assert [seed[f"test_neg_elbo{given}"] for seed in row["seeds"]] == pytest.approx(elbo, abs=1e-4)
+        assert row[f"test_neg_elbo{given}"] == pytest.approx(sum(elbo) / 2, abs=1e-4)
+        assert row["std"][f"test_neg_elbo{given}"] == pytest.approx(abs(elbo[0] - elbo[1]) / math.sqrt(2), abs=1e-4)
+        assert row[f"iw_nll{given}"] == pytest.approx(sum(nll) / 2)
+        assert row["std"][f"iw_nll{given}"] == pytest.approx(abs(nll[0] - nll[1]) / math.sqrt(2))
+        assert row[f"iw_nll{given}_stderr"] == pytest.approx(sum(e[f"iw_nll{given}_stderr"] for e in estimates) / 2)
+        assert elbo[0] != elbo[1]
+    table = (out / "results.md").read_text()
+    dim4 = rows["dim4"]
+    assert (f"| dim4 (2 seeds) | mnist | 4 | no | 2 | {dim4['test_neg_elbo']:.2f} ± "
+            f"{dim4['std']['test_neg_elbo']:.2f} | {dim4['iw_nll']:.2f} ± {dim4['std']['iw_nll']:.2f} (s.e. {dim4['iw_nll_stderr']:.2f}) |") in table
+    cond = rows["cond_dim2"]
+    assert f"{cond['test_accuracy']:.4f} ± {cond['std']['test_accuracy']:.4f} |" in table
+    assert "--seeds 2" in table and "mean over its seeds ± their standard deviation" in table
+    assert_one_line_error(main(capsys, "reproduce", "--paper", "iwae", "--seeds", "2", "--out", out),
+                          "--seeds does not apply to --paper")
+
+
 def test_bench_floor_reads_the_layers_of_the_model_it_times():
     """Depth, width, label columns and IWAE's draws: the floor's products are those of the row's own model."""
     from mnist_vae.bench import floor_epoch_seconds, product_shapes
@@ -188,6 +225,7 @@ def test_bench_routines_compute_the_products_they_time(dtype):
     ("bench", ["--device", "tpu"], "--device"),
     ("reproduce", ["--epochs", "zero"], "--epochs"),
     ("reproduce", ["--k", "-5"], "--k"),
+    ("reproduce", ["--seeds", "0"], "--seeds"),
 ])
 def test_bad_tool_arguments_are_one_line(capsys, command, args, flag):
     result = main(capsys, command, *args)

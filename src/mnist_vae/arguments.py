@@ -33,7 +33,7 @@ def train_parser(prog):
         description="Train a variational auto-encoder on MNIST or Fashion-MNIST and write its pictures, "
                     "metrics and checkpoint into --output.",
         epilog="other commands: evaluate, sample, reconstruct, denoise, interpolate, classify, analogies, export, "
-               "explore, bench, reproduce "
+               "explore, bench, reproduce, sweep "
                f"({prog} COMMAND --help)")
     for name, (check, help_text) in SETTINGS.items():
         default = getattr(defaults, name)

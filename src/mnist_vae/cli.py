@@ -14,7 +14,7 @@ from .config import Config
 from .errors import Interrupted, UserError
 
 MODEL_COMMANDS = ("evaluate", "sample", "reconstruct", "denoise", "interpolate", "classify", "analogies", "export")
-FRONT_ENDS = ("explore", "bench", "reproduce")
+FRONT_ENDS = ("explore", "bench", "reproduce", "sweep")
 COMMANDS = ("train", *MODEL_COMMANDS, *FRONT_ENDS)
 
 
@@ -95,8 +95,11 @@ def _run(command, prog, argv):
     if command == "bench":
         from . import bench
         return bench.main(prog, argv)
-    from . import reproduce
-    return reproduce.main(prog, argv)
+    if command == "reproduce":
+        from . import reproduce
+        return reproduce.main(prog, argv)
+    from . import sweep
+    return sweep.main(prog, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ and 20; denoising with dim_z 20; the 2-D manifold and latent map) plus a
 Fashion-MNIST manifold and a dim_z 20 run on dynamically binarized MNIST, whose
 log-likelihood is the one that compares with the literature's, and conditional VAEs
 (--conditional) on MNIST and Fashion-MNIST with dim_z 2 and 20; all at the same
-number of epochs. `--runs` trains only the runs it names. Numbers under different likelihoods or binarizations go into
+number of epochs. `--runs` trains only the runs it names; `--seeds N` trains each with seeds 0 to
+N - 1 (seed 0 in OUT/runs/NAME, the others in OUT/runs/NAME_seed1, NAME_seed2, ...) and the tables show
+the mean ± standard deviation over the seeds. Numbers under different likelihoods or binarizations go into
 separate tables, never into one column. Each run keeps its own
 folder under OUT/runs, so an interrupted reproduction resumes where it stopped and
 a finished run is not trained again.
@@ -72,6 +74,9 @@ def main(prog, args):
                         help="folder with MNIST's IDX files (default: found as usual)")
     parser.add_argument("--runs", type=words("run names separated by commas"), metavar="NAME[,NAME...]",
                         help="train only these runs (default: all): " + ", ".join(name for name, _ in RUNS))
+    parser.add_argument("--seeds", type=integer(1), metavar="N",
+                        help="train each run with seeds 0 to N - 1; the tables show mean ± standard deviation over "
+                             "them (default 1)")
     parser.add_argument("--paper", type=choice("iwae"),
                         help="instead, the models of a paper beside its numbers: iwae (Burda et al. 2016, Table 1)")
     parser.add_argument("--budget", type=number(0.0), metavar="MINUTES",
@@ -81,8 +86,9 @@ def main(prog, args):
                              "set (default 5; 0: skip)")
     args = parser.parse_args(args)
     if args.paper:
-        if args.epochs is not None or args.runs:
-            raise UserError(f"--{'epochs' if args.epochs is not None else 'runs'} does not apply to --paper "
+        if args.epochs is not None or args.runs or args.seeds is not None:
+            flag = "epochs" if args.epochs is not None else "runs" if args.runs else "seeds"
+            raise UserError(f"--{flag} does not apply to --paper "
                             f"{args.paper}, which trains its own models for --budget minutes each; drop it")
         return paper_main(args)
     for flag in ("budget", "binarizations"):
@@ -90,6 +96,7 @@ def main(prog, args):
             raise UserError(f"--{flag} applies to --paper only; drop it, or add --paper iwae")
     args.epochs = 60 if args.epochs is None else args.epochs
     args.k = 1000 if args.k is None else args.k
+    args.seeds = 1 if args.seeds is None else args.seeds
     selected = [name for name, _ in RUNS if not (args.quick and name in QUICK_LEAVES_OUT)]
     if args.runs:
         names = [name.strip() for name in args.runs.split(",") if name.strip()]
@@ -116,21 +123,52 @@ def main(prog, args):
                 rows.append(earlier[name])
             continue  # not asked for and not trained before: left out of the tables
         print(f"== {name}: {settings}, {config.num_epochs} epochs")
+        per_seed = []
         try:
-            row = _train_or_reuse(train, config)
+            for seed in range(args.seeds):
+                seeded = seed_config(config, name, seed, out)
+                if name not in selected and _finished(seeded) is None:
+                    continue  # a run not asked for: tabled with the seeds it has, none trained
+                if args.seeds > 1:
+                    print(f"   seed {seed}: {seeded.output}")
+                row = _train_or_reuse(train, seeded)
+                per_seed.append({"seed": seed, **row, "wall_seconds": _training_seconds(seeded)})
         except UserError as e:
             if config.dataset == "mnist":
                 raise
             print(f"   skipped: {e}")  # Fashion-MNIST may not be on this machine
             rows.append({"run": name, "skipped": str(e)})
             continue
-        rows.append({"run": name, **settings, "epochs": config.num_epochs, **row,
-                     "wall_seconds": _training_seconds(config)})
+        rows.append({"run": name, **settings, "epochs": config.num_epochs, **over_seeds(per_seed)})
     _collect_images(out, base.num_epochs)
     files.write_json(out / "results.json", {"machine": machine(), "command": _command(args), "runs": rows})
     files.write_text(out / "results.md", results_table(rows, args, base))
     print(f"wrote {out / 'results.md'} and the images beside it")
     return 0
+
+
+def seed_config(config, name, seed, out):
+    """The run of `config` with another seed: seed 0 is the run itself (OUT/runs/NAME), seed 2 OUT/runs/NAME_seed2."""
+    return config if seed == 0 else replace(config, seed=seed, output=str(Path(out) / "runs" / f"{name}_seed{seed}"))
+
+
+SPREAD_KEYS = ("test_neg_elbo", "test_neg_elbo_given_y", "iw_nll", "iw_nll_given_y", "test_accuracy")
+
+
+def over_seeds(rows):
+    """One table row from a run's rows, one per seed: with one seed, its row; with several, the mean of each
+    number, `std` (the sample standard deviation over the seeds of each test metric), the mean standard error
+    of the NLL estimates, and `seeds`, the rows themselves."""
+    if len(rows) == 1:
+        return {key: value for key, value in rows[0].items() if key != "seed"}
+    numbers = [key for key, value in rows[0].items()
+               if key != "seed" and isinstance(value, (int, float)) and not isinstance(value, bool)
+               and all(isinstance(row.get(key), (int, float)) for row in rows)]
+    row = {key: sum(row[key] for row in rows) / len(rows) for key in numbers}
+    row["std"] = {key: math.sqrt(sum((r[key] - row[key]) ** 2 for r in rows) / (len(rows) - 1))
+                  for key in SPREAD_KEYS if key in numbers}
+    return {**{key: value for key, value in rows[0].items() if key not in numbers and key != "seed"}, **row,
+            "seeds": rows}
 
 
 def _earlier_rows(path):
@@ -206,6 +244,7 @@ def _collect_images(out, epochs):
 
 def _command(args):
     runs = f" --runs {args.runs}" if args.runs else ""
+    runs += f" --seeds {args.seeds}" if getattr(args, "seeds", 1) > 1 else ""
     if args.quick:
         return f"mnist-vae reproduce --quick{runs} --out {args.out}"
     return f"mnist-vae reproduce --epochs {args.epochs} --k {args.k}{runs} --out {args.out}"
@@ -246,18 +285,37 @@ def results_table(rows, args, base):
             if "skipped" in row:
                 lines.append(f"| {row['run']} | skipped: {row['skipped']} |||||||" + ("|" if conditional else ""))
                 continue
+            spread = row.get("std", {})
             nll = (f"{row[f'iw_nll{given}']:.2f} ± {row[f'iw_nll{given}_stderr']:.2f}" if f"iw_nll{given}" in row
                    else "–")
-            accuracy = f" {row['test_accuracy']:.4f} |" if conditional else ""
-            lines.append(f"| {row['run']} | {row.get('dataset', 'mnist')} | {row['dim_z']} | "
+            if f"iw_nll{given}" in spread:  # several seeds: their spread, beside the estimate's standard error
+                nll = (f"{row[f'iw_nll{given}']:.2f} ± {spread[f'iw_nll{given}']:.2f} "
+                       f"(s.e. {row[f'iw_nll{given}_stderr']:.2f})")
+            elbo = f"{row[f'test_neg_elbo{given}']:.2f}" + (
+                f" ± {spread[f'test_neg_elbo{given}']:.2f}" if f"test_neg_elbo{given}" in spread else "")
+            accuracy = ""
+            if conditional:
+                accuracy = f" {row['test_accuracy']:.4f}" + (
+                    f" ± {spread['test_accuracy']:.4f}" if "test_accuracy" in spread else "") + " |"
+            name = row["run"] + (f" ({len(row['seeds'])} seeds)" if "seeds" in row else "")
+            lines.append(f"| {name} | {row.get('dataset', 'mnist')} | {row['dim_z']} | "
                          f"{'yes' if row.get('add_noise') else 'no'} | {row['epochs']} | "
-                         f"{row[f'test_neg_elbo{given}']:.2f} | {nll} |{accuracy} {_duration(row['wall_seconds'])} |")
+                         f"{elbo} | {nll} |{accuracy} {_duration(row['wall_seconds'])} |")
         lines.append("")
     lines += [
         f"Nats per test image ({base.n_test or 10000} test images). −ELBO is the bound with one z per image "
         "(fixed draws); NLL is the importance-weighted estimate ± one standard error over test images. "
         "Training time sums the epochs' training steps.",
         "",
+    ]
+    if any("seeds" in row for row in rows):
+        lines += [
+            "A run with several seeds (seed 0 in runs/NAME, the others in runs/NAME_seed1, ...) shows the mean over "
+            "its seeds ± their standard deviation, and the NLL's standard error over test images (s.e., the mean "
+            "of the seeds'); its training time is the mean of the seeds'.",
+            "",
+        ]
+    lines += [
         f"Command: `{_command(args)}`; machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
         f"({m['threads']} threads), Python {m['python']}.",
         "",

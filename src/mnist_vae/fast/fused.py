@@ -53,7 +53,7 @@ def mlp_layers(modules):
     """The layers of an MLP the step computes, [(linear, activation, dropout p)], the last with activation
     None: Linear, then activation and an optional layers.Dropout for each hidden layer, then a last
     Linear; or, where `modules` are not such an MLP, a string saying why."""
-    modules, layers, i = list(modules), [], 0
+    modules, found, i = list(modules), [], 0
     while i < len(modules):
         linear = modules[i]
         if type(linear) is not nn.Linear:
@@ -62,7 +62,7 @@ def mlp_layers(modules):
         if linear.bias is None:
             return "it has a layer without a bias"
         if i == len(modules) - 1:
-            return layers + [(linear, None, 0.0)]
+            return found + [(linear, None, 0.0)]
         activation = modules[i + 1]
         if type(activation) not in ACTIVATIONS:
             return (f"its module {i + 1} is {_name(activation)}, and the fused step computes nn.ELU, nn.ReLU and "
@@ -74,7 +74,7 @@ def mlp_layers(modules):
         if i < len(modules) and type(modules[i]) is layers.Dropout:
             p = modules[i].p
             i += 1
-        layers.append((linear, ACTIVATIONS[type(activation)], p))
+        found.append((linear, ACTIVATIONS[type(activation)], p))
     return "it does not end with a Linear layer"
 
 
@@ -95,13 +95,13 @@ def unsupported(model, config):
         return f"it trains model.VAE and model.ConditionalVAE only, not {type(model).__name__}"
     n_y = model.n_classes if model.conditional else 0
     for part, n_in, n_out in (("encoder", 784 + n_y, 2 * model.dim_z), ("decoder", model.dim_z + n_y, 784)):
-        layers = mlp_layers(getattr(model, part))
-        if isinstance(layers, str):
-            return f"the {part} is not an MLP it computes: {layers}"
-        shapes = [linear.weight.shape for linear, _, _ in layers]
+        mlp = mlp_layers(getattr(model, part))
+        if isinstance(mlp, str):
+            return f"the {part} is not an MLP it computes: {mlp}"
+        shapes = [linear.weight.shape for linear, _, _ in mlp]
         if (shapes[0][1], shapes[-1][0]) != (n_in, n_out) or any(a[0] != b[1] for a, b in zip(shapes, shapes[1:])):
             return f"the {part}'s layers' shapes do not chain from {n_in} inputs to {n_out} outputs"
-        if any(not 0 <= p < 1 for _, _, p in layers):
+        if any(not 0 <= p < 1 for _, _, p in mlp):
             return f"the {part} has a dropout rate outside [0, 1)"
     if model.likelihood not in LIKELIHOODS:
         return f"it has no gradient for the likelihood {model.likelihood!r}"
