@@ -483,7 +483,7 @@ def test_a_large_image_is_decoded_downscaled(tmp_path):
     if not Path("/proc/self/status").exists():
         pytest.skip("needs Linux's /proc to measure peak memory")
     # VmHWM, not ru_maxrss: that one keeps the peak of the pytest process that forked this one.
-    code = ("import sys; from mnist_vae.data import load_user_image; x = load_user_image(sys.argv[1]); "
+    code = ("import sys; from mnist_vae.images import load_user_image; x = load_user_image(sys.argv[1]); "
             "assert x.shape == (784,) and x.max() > 0.9; "
             "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])")
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)

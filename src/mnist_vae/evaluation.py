@@ -15,6 +15,17 @@ EVAL_SEED = 1312  # the z samples of the test -ELBO
 IW_SEED = 6114  # the importance samples of the log-likelihood estimate
 
 
+TERMS = ("neg_elbo", "recon", "kl", "loss")
+"""What a training step returns, by column: the batch means of the -ELBO, the reconstruction term
+-log p(x|z), the KL and the loss minimised; the test -ELBO (`evaluate`) has the first three. Each
+is a metric's name after "train_" or "test_" (the -ELBO's as elbo_name says)."""
+
+
+def term(terms, name):
+    """The column `name` (one of TERMS) of the step results `terms`, a tensor (..., len(TERMS))."""
+    return terms[..., TERMS.index(name)]
+
+
 METRIC_FIELDS = ["epoch", "train_neg_elbo", "train_recon", "train_kl",
                  "test_neg_elbo", "test_recon", "test_kl", "seconds", "likelihood", "binarize"]
 
@@ -36,6 +47,27 @@ def metric_fields(config):
     extra += ["test_accuracy"] if config.conditional else []
     at = fields.index("seconds")
     return fields[:at] + extra + fields[at:]
+
+
+def epoch_row(model, config, tensors, train_terms, epoch, seconds):
+    """The row of metrics.csv for `epoch` (counted from 1): the training terms `train_terms` (a dict by
+    TERMS' names: means over the epoch's images), the test -ELBO and its terms, and where the run has
+    them the test K-sample bound it trains on (IWAE, with fixed draws) and the accuracy as a classifier."""
+    labels = tensors.test_y if model.conditional else None
+    test_terms = dict(zip(TERMS, evaluate(model, tensors.test, labels=labels)))
+    elbo = elbo_name(config)
+    row = {"epoch": epoch,
+           **{f"train_{name.replace('neg_elbo', elbo)}": value for name, value in train_terms.items()},
+           **{f"test_{name.replace('neg_elbo', elbo)}": value for name, value in test_terms.items()},
+           "seconds": seconds, "likelihood": config.likelihood, "binarize": config.binarize}
+    if config.objective == "iwae":
+        bound, _ = log_likelihood_estimate(model, tensors.test, config.k_train, progress=False, labels=labels,
+                                           generator=torch.Generator(device=tensors.test.device).manual_seed(IW_SEED))
+        row["test_neg_iw_bound" + ("_given_y" if model.conditional else "")] = bound
+    if model.conditional:
+        row["test_accuracy"] = classifier_accuracy(model, tensors.test, tensors.test_y)
+    fields = metric_fields(config)
+    return {key: value for key, value in row.items() if key in fields}
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
-"""The training loop: data as tensors in memory, fused Adam steps, evaluation, output files, checkpoints.
+"""The training loop: data as tensors in memory, fused Adam steps, evaluation, observers that write the outputs.
 
-`train(config)` reads straight down: set up the output folder, the data and the model
-(or restore them from a checkpoint), then for each epoch train, evaluate on the whole
-test set, write the images, metrics and a checkpoint.
+`train(config)` is the algorithm: prepare the run (the output folder, the data, the model and the
+final config, or all of them restored from a checkpoint), then for each epoch run the steps, evaluate,
+and tell the observers (outputs.py: the log line, the pictures, metrics.csv, TensorBoard, the checkpoint).
 """
 
 import dataclasses
@@ -11,21 +11,22 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, files, limits, plots, runs
-from .config import fixed_length
-from .data import add_noise, load_tensors
+from . import checkpoint, files, limits, runs
+from .config import Config, fixed_length
+from .data import Tensors, add_noise, load_tensors
 from .errors import ArgumentError, Interrupted, UserError
-from .evaluation import IW_SEED, classifier_accuracy, elbo_name, evaluate, log_likelihood_estimate, metric_fields
+from .evaluation import TERMS, elbo_name, epoch_row, log_likelihood_estimate, term
 from .fast import products
 from .fast.fused import FusedTrainStep, unsupported
 from .fast.threads import ThreadGovernor, products_thread_invariant
 from .machine import resolve_device
 from .model import build
-from .outputs import log_tensorboard, tensorboard, write_epoch_images, write_metrics
+from .outputs import default_observers, write_input_images
 from .step import kl_weight, learning_rate, make_step
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check synchronises)
@@ -36,7 +37,171 @@ class TrainingError(UserError):
     pass
 
 
+# ---------------------------------------------------------------- the algorithm
+
+@runs.locked_run
+def train(config, resume=False, overwrite=False, log=print, observers=()):
+    """Train as `config` says, writing everything into config.output; return the last metrics row.
+
+    `observers` (outputs.Observer) are told after the run's own (outputs.default_observers) at the end
+    of every epoch, where a signal stops an epoch, and when training ends. The run holds the lock of
+    config.output throughout (runs.locked_run)."""
+    run = prepare(config, resume, overwrite, log)
+    observers = [*default_observers(run.config), *observers]
+    with StopSignal() as stop, ThreadGovernor(run.config.threads, adapt=run.adapt_threads) as governor:
+        while epochs_left(run):
+            if not run_steps(run, stop, governor):  # a signal came between two steps
+                for observer in observers:
+                    observer.on_interrupt(run)
+                stop_here(run, stop, f"at epoch {run.progress.epoch + 1}, step {run.progress.step}")
+            row = evaluate_epoch(run)
+            for observer in observers:
+                observer.on_epoch_end(run, row)
+            if stop.received is not None and run.progress.epoch < run.config.num_epochs:
+                stop_here(run, stop, f"after epoch {run.progress.epoch}")
+    for observer in observers:
+        observer.on_train_end(run)
+    return finish(run, stop)
+
+
+# ---------------------------------------------------------------- the run's state
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run is: what a checkpoint saves besides the weights, Adam and the global random states."""
+    epoch: int = 0  # epochs done
+    step: int = 0  # steps done in the epoch under way
+    history: list = dataclasses.field(default_factory=list)  # the metrics rows of the epochs done
+    seconds: float = 0.0  # training seconds spent in the epoch under way, across resumes
+    step_terms: Optional[torch.Tensor] = None  # (steps, len(TERMS)): the epoch's step results so far
+    epoch_start_state: Optional[torch.Tensor] = None  # the data generator's state at the epoch's start
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything the loop works with, made by prepare before the first step; only `progress` changes."""
+    config: Config  # final: the epochs and the digits of the image names fixed
+    out: Path
+    device: torch.device
+    log: Any
+    tensors: Tensors
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step_function: Any  # step.make_step's: fused or autograd
+    step_name: str
+    data_generator: torch.Generator  # the order of the training images, and dynamic binarization
+    fixed: dict  # what every epoch's pictures are made from
+    n_steps: int
+    batch_sizes: torch.Tensor  # (n_steps,) float64: the last batch may be smaller
+    adapt_threads: bool  # whether the thread count may follow the machine's load
+    progress: Progress
+
+
 # ---------------------------------------------------------------- set-up
+
+def prepare(config, resume, overwrite, log):
+    """Check the settings, make the output folder, the data, the model and its step, fix the config,
+    and restore the run's checkpoint (`resume`) or start the folder afresh; write config.json."""
+    device = resolve_device(config.device)
+    limits.check_training(config, device)  # memory and image sizes, before anything is written
+    try:
+        products.check_precision(config.precision, device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    # Gradients and Adam's second moments drift into denormal floats, which x86 CPUs handle
+    # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
+    torch.set_flush_denormal(True)
+    config.check_combination()
+    if not resume and not config.time_budget:  # (a resumed run's were accepted when it started)
+        config.check_warmups()
+    out = prepare_output(config.output, resume, overwrite)
+    saved = checkpoint.load(out) if resume else None
+    tensors = load_tensors(config, device, log)
+    torch.manual_seed(config.seed)
+    model, optimizer = make_model(config, device)
+    step_function = make_step(model, optimizer, config)
+    step_name = "fused" if isinstance(step_function, FusedTrainStep) else "autograd"
+    if step_name == "autograd" and config.step == "auto":
+        log(f"training step: autograd (the fused step does not fit: {unsupported(model, config)})")
+    data_generator = torch.Generator(device=device).manual_seed(config.seed)
+    fixed = picture_inputs(config, tensors, device)
+    n_train, batch_size = len(tensors.train), config.batch_size
+    n_steps = math.ceil(n_train / batch_size)
+    batch_sizes = torch.full((n_steps,), batch_size, device=device, dtype=torch.float64)
+    batch_sizes[-1] = n_train - batch_size * (n_steps - 1)
+    config = final_config(config, saved, tensors, n_steps, device, log)
+    run = Run(config, out, device, log, tensors, model, optimizer, step_function, step_name, data_generator, fixed,
+              n_steps, batch_sizes, adapt_threads=False, progress=Progress())
+    if saved is not None:
+        restore(run, saved)
+    else:
+        runs.clear_outputs(out, log)  # an earlier run's (--overwrite), or a failed start's: never a mix
+        write_input_images(config, fixed, out)
+    files.write_json(out / "config.json", {**config.to_dict(), "data_source": tensors.source, "device": str(device),
+                                     "torch": torch.__version__, "model": model.name, "training_step": step_name,
+                                     # which routine did the step's products: their rounding differs
+                                     "products": step_function.products.name if step_name == "fused" else "torch"})
+    return dataclasses.replace(run, adapt_threads=threads_may_adapt(run))
+
+
+def picture_inputs(config, tensors, device):
+    """What every epoch's pictures are made from: fixed test inputs, their noisy copies, prior draws."""
+    images_generator = torch.Generator().manual_seed(config.seed)
+    n_prr = config.PRR_n_img_x * config.PRR_n_img_y
+    prr_clean = tensors.test[:n_prr]
+    fixed = {"prr_input": prr_clean, "prr_clean": prr_clean, "prr_labels": tensors.test_y[:n_prr],
+             "prior_z": torch.randn((n_prr, config.dim_z), generator=images_generator).to(device)}
+    if config.add_noise:
+        fixed["prr_input"] = add_noise(prr_clean.cpu(), config.noise_factor, images_generator).to(device)
+    return fixed
+
+
+def final_config(config, saved, tensors, n_steps, device, log):
+    """The config the loop runs with, fixed before its first step: a resumed run keeps the epochs fixed at
+    its start (a schedule, a plan), the epochs' digits in image names are fixed at a run's start (an
+    older run's from its saved num_epochs), and a new --time_budget run plans its epochs (plan_epochs)."""
+    if saved is not None and fixed_length(saved[0]):
+        config = dataclasses.replace(config, num_epochs=saved[0].num_epochs)
+    if not config.epoch_digits:
+        first = saved[0] if saved else config
+        config = dataclasses.replace(config, epoch_digits=runs.epoch_digits(first.num_epochs))
+    if saved is None and config.time_budget:
+        planned = plan_epochs(config, tensors, n_steps, device, log)
+        config = dataclasses.replace(config, num_epochs=planned, epoch_digits=runs.epoch_digits(planned))
+        config.check_warmups(planned=True)
+    return config
+
+
+def restore(run, saved):
+    """Put the checkpoint `saved` (checkpoint.load's) into the run: weights, Adam, random states, progress."""
+    _, state, saved_tensors = saved
+    runs.check_same_data(state, run.tensors.fingerprint, run.out, run.tensors.source, run.log)
+    checkpoint.check_progress(state, saved_tensors, run.n_steps, run.out / checkpoint.FILENAME, run.device)
+    run.model.load_state_dict(checkpoint.build_model(run.config, saved_tensors, run.out, state).state_dict())
+    checkpoint.load_optimizer_state(run.optimizer, saved_tensors, run.out / checkpoint.FILENAME)
+    progress = run.progress
+    progress.epoch, progress.step, progress.history = state["epoch"], state["step"], state["history"]
+    progress.seconds = state["seconds_in_epoch"]
+    run.data_generator.set_state(saved_tensors["rng.data_epoch_start"])
+    torch.set_rng_state(saved_tensors["rng.torch"])
+    if run.device.type == "cuda" and "rng.cuda" in saved_tensors:
+        torch.cuda.set_rng_state(saved_tensors["rng.cuda"])
+    step_terms = saved_tensors["progress.step_terms"].to(run.device)
+    if step_terms.shape[1] == len(TERMS) - 1:  # from before the loss had its own column: it was the -ELBO
+        step_terms = torch.cat([step_terms, step_terms[:, [TERMS.index("neg_elbo")]]], dim=1)
+    progress.step_terms = step_terms
+    run.log(f"resuming {run.out} at epoch {progress.epoch + 1}, step {progress.step}")
+
+
+def threads_may_adapt(run):
+    """Whether the thread count may follow the machine's load: only where no product of this run rounds
+    otherwise on fewer threads. (The autograd step's products are torch's, on k draws of z per image
+    with --objective iwae.)"""
+    config, n_train, batch_size = run.config, len(run.tensors.train), run.config.batch_size
+    step_products = getattr(run.step_function, "products", None) or products.Products(run.device, name="torch.mm")
+    rows = {n * k for n in (batch_size, n_train - batch_size * (run.n_steps - 1)) for k in (1, config.k_train)}
+    return (config.threads == 0 and run.device.type == "cpu" and config.precision == "fp32"
+            and products_thread_invariant(run.model, rows, step_products))
 
 
 def prepare_output(folder, resume=False, overwrite=False):
@@ -103,10 +268,52 @@ def plan_epochs(config, tensors, n_steps, device, log=print):
     return epochs
 
 
-# ---------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------- an epoch
+
+def run_steps(run, stop, governor):
+    """Train the epoch under way from run.progress.step to its end; False where a signal stopped it
+    between two steps (run.progress then says where, for the checkpoint)."""
+    config, progress, tensors = run.config, run.progress, run.tensors
+    progress.epoch_start_state = run.data_generator.get_state()
+    order = torch.randperm(len(tensors.train), generator=run.data_generator, device=run.device)
+    epoch_data = tensors.train
+    if config.binarize == "dynamic":
+        epoch_data = torch.bernoulli(tensors.train, generator=run.data_generator)
+    if progress.step == 0:
+        progress.step_terms = torch.zeros((run.n_steps, len(TERMS)), device=run.device)
+    bar = tqdm(total=run.n_steps, initial=progress.step, desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
+               disable=None, leave=False, unit="step")
+    seconds_before, started = progress.seconds, time.perf_counter()
+    while progress.step < run.n_steps:
+        train_step(run, order, epoch_data)
+        governor()
+        progress.step += 1
+        bar.update(1)
+        if progress.step % CHECK_EVERY == 0 or progress.step == run.n_steps:
+            check_loss(run, bar)
+        if stop.received is not None and progress.step < run.n_steps:
+            bar.close()
+            progress.seconds = seconds_before + time.perf_counter() - started
+            return False
+    bar.close()
+    progress.seconds = seconds_before + time.perf_counter() - started
+    return True
 
 
-# ---------------------------------------------------------------- pictures of the model
+def train_step(run, order, epoch_data):
+    """One step of Adam on the batch at run.progress.step of the epoch's `order`; its results go into
+    run.progress.step_terms."""
+    config, tensors, epoch, step = run.config, run.tensors, run.progress.epoch, run.progress.step
+    batch = order[step * config.batch_size: (step + 1) * config.batch_size]
+    target = epoch_data.index_select(0, batch)
+    labels = tensors.train_y.index_select(0, batch) if run.model.conditional else None
+    x = add_noise(target, config.noise_factor) if config.add_noise else target
+    if config.kl_warmup:
+        run.step_function.loss_options["kl_weight"] = kl_weight(config, epoch, step, run.n_steps)
+    if config.lr_schedule != "constant" or config.warmup_epochs > 0:
+        for group in run.optimizer.param_groups:  # a pure function of the position in the run: a resume gets the same
+            group["lr"] = learning_rate(config, epoch, step, run.n_steps)
+    run.progress.step_terms[step] = run.step_function(x, target, labels)  # batch means, columns TERMS
 
 
 def nonfinite_cause(config, terms):
@@ -131,6 +338,92 @@ def nonfinite_cause(config, terms):
             f"--learning_rate")
 
 
+def check_loss(run, bar):
+    """Stop with a TrainingError where the epoch's loss so far is not finite; else show its latest mean."""
+    progress = run.progress
+    losses = term(progress.step_terms[:progress.step], "loss")
+    if not torch.isfinite(losses.sum()):
+        bad = int(torch.nonzero(~torch.isfinite(losses))[0])
+        bar.close()
+        raise TrainingError(
+            f"the loss became {losses[bad].item()} at epoch {progress.epoch + 1}, step {bad + 1}; "
+            f"{nonfinite_cause(run.config, progress.step_terms[bad].tolist())}; the last good checkpoint"
+            + (f" (epoch {progress.epoch}) is kept in {run.out}" if progress.epoch > 0 else " does not exist yet"))
+    bar.set_postfix_str(f"-elbo {losses[-CHECK_EVERY:].mean().item():.2f}")
+
+
+def epochs_left(run):
+    """Whether the run has epochs to train: its num_epochs not done, its --time_budget not spent."""
+    return run.progress.epoch < run.config.num_epochs and not runs.budget_spent(run.config, run.progress.history)
+
+
+def evaluate_epoch(run):
+    """The metrics row of the epoch just trained (evaluation.epoch_row), added to the history; the
+    progress moves to the next epoch's start."""
+    progress = run.progress
+    # Batch means weighted by batch sizes (the last batch may be smaller): means over images.
+    means = (progress.step_terms.double() * run.batch_sizes[:, None]).sum(0).div_(len(run.tensors.train)).tolist()
+    row = epoch_row(run.model, run.config, run.tensors, dict(zip(TERMS, means)), progress.epoch + 1,
+                    progress.seconds)
+    progress.history.append(row)
+    progress.epoch, progress.step, progress.seconds = progress.epoch + 1, 0, 0.0
+    progress.epoch_start_state = run.data_generator.get_state()
+    return row
+
+
+def stop_here(run, stop, where):
+    """End the run on a signal, its checkpoint written."""
+    run.log(f"interrupted {where}; checkpoint written; resume with:\n  mnist-vae --resume {run.out}")
+    raise Interrupted(128 + stop.received)
+
+
+# ---------------------------------------------------------------- the end
+
+def finish(run, stop):
+    """Say where a time budget ended training, estimate the test log-likelihood (--eval_k) into
+    evaluation.json, and return the last row, with the step that trained it."""
+    config, progress = run.config, run.progress
+    if progress.epoch < config.num_epochs:
+        run.log(f"time budget of {config.time_budget:g} minutes spent after {progress.epoch} of the "
+                f"{config.num_epochs} planned epochs; training stops here")
+    row = progress.history[-1] if progress.history else None
+    if config.eval_k > 0:
+        row = estimate_log_likelihood(run, row, stop)
+    return {**row, "step": run.step_name} if row else row
+
+
+def estimate_log_likelihood(run, row, stop):
+    """The importance-weighted estimate at config.eval_k, written to evaluation.json; `row` with it.
+
+    A signal in the last epoch's end phase (`stop`), or during the estimate, stops here; the checkpoint
+    holds the finished training, and --resume runs the estimate that is still missing."""
+    config, model, tensors = run.config, run.model, run.tensors
+    estimate = None
+    if stop.received is None:
+        with StopSignal() as stop, ThreadGovernor(config.threads, adapt=run.adapt_threads) as governor:
+            started = time.perf_counter()
+            estimate = log_likelihood_estimate(model, tensors.test, config.eval_k,
+                                               labels=tensors.test_y if model.conditional else None, stop=stop,
+                                               governor=governor)
+            estimate_seconds = time.perf_counter() - started
+    if estimate is None:
+        run.log(f"interrupted before the log-likelihood estimate was done; the trained model is saved; "
+                f"finish the estimate with:\n  mnist-vae --resume {run.out}")
+        raise Interrupted(128 + stop.received)
+    nll, stderr = estimate
+    stderr = stderr if math.isfinite(stderr) else None  # one test image: no standard error
+    given = "_given_y" if model.conditional else ""
+    elbo = f"test_{elbo_name(config)}"
+    result = {elbo: row[elbo] if row else None, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr,
+              "k": config.eval_k, "n_test": len(tensors.test), "likelihood": config.likelihood,
+              "binarize": config.binarize, "seconds": estimate_seconds}
+    files.write_json(run.out / "evaluation.json", result)
+    run.log(f"test log-likelihood (importance weighted, k={config.eval_k}): NLL {nll:.3f}"
+            + (f" ± {stderr:.3f}" if stderr is not None else " (one test image: no standard error)")
+            + " nats per image" + (" (-log p(x|y), given the label)" if given else ""))
+    return {**row, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr} if row else row
+
+
 # ---------------------------------------------------------------- signals
 
 class StopSignal:
@@ -151,220 +444,3 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------- the run
-
-@runs.locked_run
-def train(config, resume=False, overwrite=False, log=print):
-    """Train as `config` says, writing everything into config.output; return the last metrics row.
-
-    The run holds the lock of config.output throughout (runs.locked_run)."""
-    device = resolve_device(config.device)
-    limits.check_training(config, device)  # memory and image sizes, before anything is written
-    try:
-        products.check_precision(config.precision, device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    # Gradients and Adam's second moments drift into denormal floats, which x86 CPUs handle
-    # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
-    torch.set_flush_denormal(True)
-    config.check_combination()
-    if not resume and not config.time_budget:  # (a resumed run's were accepted when it started)
-        config.check_warmups()
-    out = prepare_output(config.output, resume, overwrite)
-    saved = checkpoint.load(out) if resume else None
-    if saved is not None and fixed_length(saved[0]):  # fixed when the run started (a schedule, a plan): keep it
-        config = dataclasses.replace(config, num_epochs=saved[0].num_epochs)
-    if not config.epoch_digits:  # fixed at the run's start; an older run's from its saved num_epochs
-        first = saved[0] if saved else config
-        config = dataclasses.replace(config, epoch_digits=runs.epoch_digits(first.num_epochs))
-    tensors = load_tensors(config, device, log)
-    torch.manual_seed(config.seed)
-    model, optimizer = make_model(config, device)
-    step_function = make_step(model, optimizer, config)
-    step_name = "fused" if isinstance(step_function, FusedTrainStep) else "autograd"
-    if step_name == "autograd" and config.step == "auto":
-        log(f"training step: autograd (the fused step does not fit: {unsupported(model, config)})")
-    data_generator = torch.Generator(device=device).manual_seed(config.seed)
-
-    # What every epoch's pictures are made from: fixed inputs, their noisy copies, prior draws.
-    images_generator = torch.Generator().manual_seed(config.seed)
-    n_prr = config.PRR_n_img_x * config.PRR_n_img_y
-    prr_clean = tensors.test[:n_prr]
-    fixed = {"prr_input": prr_clean, "prr_clean": prr_clean, "prr_labels": tensors.test_y[:n_prr],
-             "prior_z": torch.randn((n_prr, config.dim_z), generator=images_generator).to(device)}
-    if config.add_noise:
-        fixed["prr_input"] = add_noise(prr_clean.cpu(), config.noise_factor, images_generator).to(device)
-
-    n_train, batch_size = len(tensors.train), config.batch_size
-    n_steps = math.ceil(n_train / batch_size)
-    batch_sizes = torch.full((n_steps,), batch_size, device=device, dtype=torch.float64)
-    batch_sizes[-1] = n_train - batch_size * (n_steps - 1)
-    if saved is None and config.time_budget:
-        planned = plan_epochs(config, tensors, n_steps, device, log)
-        config = dataclasses.replace(config, num_epochs=planned, epoch_digits=runs.epoch_digits(planned))
-        config.check_warmups(planned=True)
-    scheduled = config.lr_schedule != "constant" or config.warmup_epochs > 0
-    epoch, step, history, seconds_before = 0, 0, [], 0.0
-    if saved is not None:
-        _, state, saved_tensors = saved
-        runs.check_same_data(state, tensors.fingerprint, out, tensors.source, log)
-        checkpoint.check_progress(state, saved_tensors, n_steps, out / checkpoint.FILENAME, device)
-        model.load_state_dict(checkpoint.build_model(config, saved_tensors, out, state).state_dict())
-        checkpoint.load_optimizer_state(optimizer, saved_tensors, out / checkpoint.FILENAME)
-        epoch, step, history = state["epoch"], state["step"], state["history"]
-        seconds_before = state["seconds_in_epoch"]
-        data_generator.set_state(saved_tensors["rng.data_epoch_start"])
-        torch.set_rng_state(saved_tensors["rng.torch"])
-        if device.type == "cuda" and "rng.cuda" in saved_tensors:
-            torch.cuda.set_rng_state(saved_tensors["rng.cuda"])
-        step_terms = saved_tensors["progress.step_terms"].to(device)
-        if step_terms.shape[1] == 3:  # a checkpoint from before the loss had its own column: it was -ELBO
-            step_terms = torch.cat([step_terms, step_terms[:, :1]], dim=1)
-        log(f"resuming {out} at epoch {epoch + 1}, step {step}")
-    else:
-        runs.clear_outputs(out, log)  # an earlier run's (--overwrite), or a failed start's: never a mix
-        plots.save_grid(prr_clean.cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y, out / "input.jpg")
-        if config.add_noise:
-            plots.save_grid(fixed["prr_input"].cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y,
-                            out / "input_noise.jpg")
-    files.write_json(out / "config.json", {**config.to_dict(), "data_source": tensors.source, "device": str(device),
-                                     "torch": torch.__version__, "model": model.name, "training_step": step_name,
-                                     # which routine did the step's products: their rounding differs
-                                     "products": step_function.products.name if step_name == "fused" else "torch"})
-    board = tensorboard(config)
-
-    row = history[-1] if history else None
-
-    def save_checkpoint(epoch_start_state, seconds):
-        extra = {"rng.data_epoch_start": epoch_start_state, "rng.torch": torch.get_rng_state(),
-                 "progress.step_terms": step_terms}
-        if device.type == "cuda":
-            extra["rng.cuda"] = torch.cuda.get_rng_state()
-        state = {"config": config.to_dict(), "model": model.name, "epoch": epoch, "step": step, "history": history,
-                 "seconds_in_epoch": seconds, "data_source": tensors.source, "data_fingerprint": tensors.fingerprint}
-        checkpoint.save(out, model, optimizer, state, extra)
-
-    # The thread count may follow the machine's load only where no product of this run rounds otherwise.
-    # (The autograd step's products are torch's, on k draws of z per image with --objective iwae.)
-    step_products = getattr(step_function, "products", None) or products.Products(device, name="torch.mm")
-    rows = {n * k for n in (batch_size, n_train - batch_size * (n_steps - 1)) for k in (1, config.k_train)}
-    adapt = (config.threads == 0 and device.type == "cpu" and config.precision == "fp32"
-             and products_thread_invariant(model, rows, step_products))
-    with StopSignal() as stop, ThreadGovernor(config.threads, adapt=adapt) as governor:
-        while epoch < config.num_epochs and not runs.budget_spent(config, history):
-            epoch_start_state = data_generator.get_state()
-            order = torch.randperm(n_train, generator=data_generator, device=device)
-            epoch_data = tensors.train
-            if config.binarize == "dynamic":
-                epoch_data = torch.bernoulli(tensors.train, generator=data_generator)
-            if step == 0:
-                step_terms = torch.zeros((n_steps, 4), device=device)
-            bar = tqdm(total=n_steps, initial=step, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                       disable=None, leave=False, unit="step")
-            started = time.perf_counter()
-            while step < n_steps:
-                batch = order[step * batch_size: (step + 1) * batch_size]
-                target = epoch_data.index_select(0, batch)
-                labels = tensors.train_y.index_select(0, batch) if model.conditional else None
-                x = add_noise(target, config.noise_factor) if config.add_noise else target
-                if config.kl_warmup:
-                    step_function.loss_options["kl_weight"] = kl_weight(config, epoch, step, n_steps)
-                if scheduled:  # a pure function of the position in the run, so a resumed run gets the same
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(config, epoch, step, n_steps)
-                step_terms[step] = step_function(x, target, labels)  # batch means of -ELBO, -log p(x|z), KL, loss
-                governor()
-                step += 1
-                bar.update(1)
-                if step % CHECK_EVERY == 0 or step == n_steps:
-                    losses = step_terms[:step, 3]
-                    if not torch.isfinite(losses.sum()):
-                        bad = int(torch.nonzero(~torch.isfinite(losses))[0])
-                        bar.close()
-                        raise TrainingError(
-                            f"the loss became {losses[bad].item()} at epoch {epoch + 1}, step {bad + 1}; "
-                            f"{nonfinite_cause(config, step_terms[bad].tolist())}; the last good checkpoint"
-                            + (f" (epoch {epoch}) is kept in {out}" if epoch > 0 else " does not exist yet"))
-                    bar.set_postfix_str(f"-elbo {losses[-CHECK_EVERY:].mean().item():.2f}")
-                if stop.received is not None and step < n_steps:
-                    bar.close()
-                    save_checkpoint(epoch_start_state, seconds_before + time.perf_counter() - started)
-                    log(f"interrupted at epoch {epoch + 1}, step {step}; checkpoint written; resume with:\n"
-                        f"  mnist-vae --resume {out}")
-                    raise Interrupted(128 + stop.received)
-            bar.close()
-            seconds = seconds_before + time.perf_counter() - started
-
-            # Batch means weighted by batch sizes (the last batch may be smaller): means over images.
-            train_terms = (step_terms.double() * batch_sizes[:, None]).sum(0).div_(n_train).tolist()
-            test_labels = tensors.test_y if model.conditional else None
-            test_terms = evaluate(model, tensors.test, labels=test_labels)
-            fields, elbo = metric_fields(config), elbo_name(config)
-            row = {"epoch": epoch + 1,
-                   **dict(zip([f"train_{elbo}", "train_recon", "train_kl", "train_loss"], train_terms)),
-                   **dict(zip([f"test_{elbo}", "test_recon", "test_kl"], test_terms)),
-                   "seconds": seconds, "likelihood": config.likelihood, "binarize": config.binarize}
-            extra = ""
-            if config.objective == "iwae":  # the bound trained on, at its K, with fixed draws
-                bound, _ = log_likelihood_estimate(model, tensors.test, config.k_train, progress=False,
-                                                   labels=test_labels,
-                                                   generator=torch.Generator(device=device).manual_seed(IW_SEED))
-                row["test_neg_iw_bound" + ("_given_y" if model.conditional else "")] = bound
-                extra += f"  test -iw bound (k={config.k_train}) {bound:8.3f}"
-            if model.conditional:
-                row["test_accuracy"] = classifier_accuracy(model, tensors.test, tensors.test_y)
-                extra += f"  test accuracy {row['test_accuracy']:.4f}"
-            row = {key: value for key, value in row.items() if key in fields}
-            history.append(row)
-            name = "-elbo(x|y)" if model.conditional else "-elbo"
-            loss = f", loss {train_terms[3]:8.3f}" if "train_loss" in fields else ""
-            log(f"epoch {epoch + 1:>{len(str(config.num_epochs))}}/{config.num_epochs}  "
-                f"train {name} {train_terms[0]:8.3f} (recon {train_terms[1]:8.3f}, kl {train_terms[2]:6.3f}{loss})  "
-                f"test {name} {test_terms[0]:8.3f} (recon {test_terms[1]:8.3f}, kl {test_terms[2]:6.3f}){extra}  "
-                f"{seconds:5.1f} s")
-            write_epoch_images(model, config, fixed, tensors, out, epoch + 1)
-            write_metrics(history, out, config)
-            if board is not None:
-                log_tensorboard(board, row, out, config, epoch + 1)
-            epoch, step, seconds_before = epoch + 1, 0, 0.0
-            save_checkpoint(data_generator.get_state(), 0.0)
-            if stop.received is not None and epoch < config.num_epochs:
-                log(f"interrupted after epoch {epoch}; checkpoint written; resume with:\n"
-                    f"  mnist-vae --resume {out}")
-                raise Interrupted(128 + stop.received)
-
-    if board is not None:
-        board.close()
-    if epoch < config.num_epochs:
-        log(f"time budget of {config.time_budget:g} minutes spent after {epoch} of the {config.num_epochs} "
-            f"planned epochs; training stops here")
-    if config.eval_k > 0:
-        # A signal in the last epoch's end phase, or during the estimate, stops here; the checkpoint holds
-        # the finished training, and --resume runs the estimate that is still missing.
-        estimate = None
-        if stop.received is None:
-            with StopSignal() as stop, ThreadGovernor(config.threads, adapt=adapt) as governor:
-                started = time.perf_counter()
-                estimate = log_likelihood_estimate(model, tensors.test, config.eval_k,
-                                                   labels=tensors.test_y if model.conditional else None, stop=stop,
-                                                   governor=governor)
-                estimate_seconds = time.perf_counter() - started
-        if estimate is None:
-            log(f"interrupted before the log-likelihood estimate was done; the trained model is saved; "
-                f"finish the estimate with:\n  mnist-vae --resume {out}")
-            raise Interrupted(128 + stop.received)
-        nll, stderr = estimate
-        stderr = stderr if math.isfinite(stderr) else None  # one test image: no standard error
-        given = "_given_y" if model.conditional else ""
-        elbo = f"test_{elbo_name(config)}"
-        result = {elbo: row[elbo] if row else None, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr,
-                  "k": config.eval_k, "n_test": len(tensors.test), "likelihood": config.likelihood,
-                  "binarize": config.binarize, "seconds": estimate_seconds}
-        files.write_json(out / "evaluation.json", result)
-        log(f"test log-likelihood (importance weighted, k={config.eval_k}): NLL {nll:.3f}"
-            + (f" ± {stderr:.3f}" if stderr is not None else " (one test image: no standard error)")
-            + " nats per image" + (" (-log p(x|y), given the label)" if given else ""))
-        row = {**row, f"iw_nll{given}": nll, f"iw_nll{given}_stderr": stderr} if row else row
-    return {**row, "step": step_name} if row else row

@@ -1,4 +1,9 @@
-"""What a training run writes each epoch: the pictures, metrics.csv and its curves, TensorBoard's logs."""
+"""What a training run writes as it goes: the observers of the loop (the epoch's log line, its pictures,
+metrics.csv and its curves, TensorBoard's logs, the checkpoint) and the files they write.
+
+The loop tells every observer when an epoch ends, when a signal stops it mid-epoch and when training
+ends (Observer); default_observers is the list every run has, in the order they are told.
+"""
 
 import csv
 import io
@@ -7,9 +12,114 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import files, plots, runs
+from . import checkpoint, files, plots, runs
 from .evaluation import decode_images, elbo_name, metric_fields, reconstruct
 from .model import analogies, evaluating, samples_by_class
+
+
+class Observer:
+    """What the training loop tells as it goes; a subclass overrides what it needs.
+
+    `run` is the loop's run state (loop.Run: config, out, model, optimizer, tensors, progress, log...),
+    `row` the epoch's metrics row as metrics.csv gets it. When on_epoch_end is called, run.progress
+    is already past the epoch (run.progress.history ends with `row`)."""
+
+    def on_epoch_end(self, run, row):
+        pass
+
+    def on_interrupt(self, run):
+        """A signal stopped the run between two steps of an epoch; the loop stops after telling everyone."""
+
+    def on_train_end(self, run):
+        """The last epoch is done (or the time budget spent); called before the log-likelihood estimate."""
+
+
+class EpochLog(Observer):
+    """The epoch's line in the log: the training and test -ELBO with their terms, and the seconds."""
+
+    def on_epoch_end(self, run, row):
+        config, elbo = run.config, elbo_name(run.config)
+        name = "-elbo(x|y)" if run.model.conditional else "-elbo"
+        loss = f", loss {row['train_loss']:8.3f}" if "train_loss" in row else ""
+        extra = ""
+        bound = "test_neg_iw_bound" + ("_given_y" if run.model.conditional else "")
+        if bound in row:
+            extra += f"  test -iw bound (k={config.k_train}) {row[bound]:8.3f}"
+        if "test_accuracy" in row:
+            extra += f"  test accuracy {row['test_accuracy']:.4f}"
+        run.log(f"epoch {row['epoch']:>{len(str(config.num_epochs))}}/{config.num_epochs}  "
+                f"train {name} {row[f'train_{elbo}']:8.3f} (recon {row['train_recon']:8.3f}, "
+                f"kl {row['train_kl']:6.3f}{loss})  "
+                f"test {name} {row[f'test_{elbo}']:8.3f} (recon {row['test_recon']:8.3f}, "
+                f"kl {row['test_kl']:6.3f}){extra}  {row['seconds']:5.1f} s")
+
+
+class EpochImages(Observer):
+    """The epoch's pictures (write_epoch_images)."""
+
+    def on_epoch_end(self, run, row):
+        write_epoch_images(run.model, run.config, run.fixed, run.tensors, run.out, row["epoch"])
+
+
+class Metrics(Observer):
+    """metrics.csv and loss_curves.png, rewritten with every epoch's row so far."""
+
+    def on_epoch_end(self, run, row):
+        write_metrics(run.progress.history, run.out, run.config)
+
+
+class TensorBoard(Observer):
+    """The epoch's metrics and pictures in TensorBoard's logs (--tensorboard)."""
+
+    def __init__(self, config):
+        self.board = tensorboard(config)
+
+    def on_epoch_end(self, run, row):
+        log_tensorboard(self.board, row, run.out, run.config, row["epoch"])
+
+    def on_train_end(self, run):
+        self.board.close()
+
+
+class Checkpoint(Observer):
+    """checkpoint.safetensors, at the end of every epoch and where a signal stops an epoch."""
+
+    def on_epoch_end(self, run, row):
+        save_checkpoint(run)
+
+    def on_interrupt(self, run):
+        save_checkpoint(run)
+
+
+def default_observers(config):
+    """The observers of every run, in the order they are told: the log line, the pictures, the metrics,
+    TensorBoard's logs where config.tensorboard asks for them, and last the checkpoint."""
+    return [EpochLog(), EpochImages(), Metrics(), *([TensorBoard(config)] if config.tensorboard else []),
+            Checkpoint()]
+
+
+def save_checkpoint(run):
+    """Write the run's checkpoint: the model, Adam, the random states and run.progress (the epoch and the
+    step reached, the history, the seconds of this epoch, the data order's state at the epoch's start, and
+    the step results of the epoch so far)."""
+    progress = run.progress
+    extra = {"rng.data_epoch_start": progress.epoch_start_state, "rng.torch": torch.get_rng_state(),
+             "progress.step_terms": progress.step_terms}
+    if run.device.type == "cuda":
+        extra["rng.cuda"] = torch.cuda.get_rng_state()
+    state = {"config": run.config.to_dict(), "model": run.model.name, "epoch": progress.epoch,
+             "step": progress.step, "history": progress.history, "seconds_in_epoch": progress.seconds,
+             "data_source": run.tensors.source, "data_fingerprint": run.tensors.fingerprint}
+    checkpoint.save(run.out, run.model, run.optimizer, state, extra)
+
+
+def write_input_images(config, fixed, out):
+    """input.jpg, the test images the reconstructions start from, and input_noise.jpg, their noisy copies
+    (--add_noise)."""
+    plots.save_grid(fixed["prr_clean"].cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y, out / "input.jpg")
+    if config.add_noise:
+        plots.save_grid(fixed["prr_input"].cpu().numpy(), config.PRR_n_img_x, config.PRR_n_img_y,
+                        out / "input_noise.jpg")
 
 
 def epoch_name(prefix, epoch, num_epochs, digits=0):

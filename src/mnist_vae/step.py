@@ -18,7 +18,8 @@ STEPS = ("auto", "fused", "autograd")
 
 class AutogradTrainStep:
     """Calls of this object take one optimizer step on a batch through the model's loss; they return
-    the batch means of [-ELBO, reconstruction, KL, loss] as one tensor, without synchronising.
+    the batch means of [-ELBO, reconstruction, KL, loss] as one tensor (the columns evaluation.TERMS
+    names), without synchronising.
     `loss_options` (kl_weight, objective, k) are passed to model.loss; kl_weight may change between
     calls (KL warm-up). With precision "bf16" the model runs under torch.autocast, whose layers multiply
     in bfloat16; the models hand their encoder's and decoder's outputs on as float32, so that the

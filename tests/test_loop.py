@@ -1,0 +1,86 @@
+"""The training loop's observers: one a caller adds is told of every epoch with its row, after the run's
+own (the checkpoint already holds the epoch), of a signal mid-epoch, and of the end of training; and the
+step results are read by name."""
+
+import signal
+
+import pytest
+import torch
+
+from conftest import read_metrics, signal_at_call
+from mnist_vae import checkpoint, loop, outputs
+from mnist_vae.config import Config
+from mnist_vae.errors import Interrupted
+from mnist_vae.evaluation import TERMS, term
+from mnist_vae.outputs import Checkpoint, EpochImages, EpochLog, Metrics, Observer, TensorBoard, default_observers
+
+STEPS_PER_EPOCH = 8  # the tiny dataset's 256 training images in batches of 32
+
+
+class Recording(Observer):
+    """Writes down what it is told, and what the run's folder holds at that moment."""
+
+    def __init__(self):
+        self.told = []
+
+    def on_epoch_end(self, run, row):
+        _, state, _ = checkpoint.load(run.out)
+        self.told.append(("epoch", row, state["epoch"], state["step"], list(run.progress.history)))
+
+    def on_interrupt(self, run):
+        self.told.append(("interrupt", run.progress.epoch, run.progress.step))
+
+    def on_train_end(self, run):
+        self.told.append(("end", run.progress.epoch))
+
+
+def _config(tmp_path, data, **changes):
+    return Config(data_dir=str(data), output=str(tmp_path / "run"), n_hidden=32, batch_size=32, dim_z=3,
+                  n_test=64, PRR_n_img_x=4, PRR_n_img_y=4, seed=7, **changes)
+
+
+def test_an_added_observer_is_told_once_per_epoch_with_its_row_then_the_end(tmp_path, tiny_dataset):
+    observer = Recording()
+    last = loop.train(_config(tmp_path, tiny_dataset, num_epochs=3), log=lambda *a: None, observers=[observer])
+    epochs = [told for told in observer.told if told[0] == "epoch"]
+    assert [told[0] for told in observer.told] == ["epoch", "epoch", "epoch", "end"]
+    assert observer.told[-1] == ("end", 3)
+    _, state, _ = checkpoint.load(tmp_path / "run")
+    assert [row for _, row, *_ in epochs] == state["history"]  # the rows metrics.csv and the checkpoint hold
+    assert [row["epoch"] for _, row, *_ in epochs] == [1, 2, 3]
+    assert [int(row["epoch"]) for row in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert [(saved_epoch, saved_step) for _, _, saved_epoch, saved_step, _ in epochs] == [(1, 0), (2, 0), (3, 0)]
+    assert [len(history) for *_, history in epochs] == [1, 2, 3]
+    assert last == {**epochs[-1][1], "step": "fused"}
+
+
+def test_an_observer_is_told_of_a_signal_mid_epoch_after_the_checkpoint(tmp_path, tiny_dataset, monkeypatch):
+    observer, saved = Recording(), []
+
+    class AfterCheckpoint(Observer):
+        def on_interrupt(self, run):
+            saved.append(checkpoint.load(run.out)[1]["step"])
+
+    signal_at_call(monkeypatch, STEPS_PER_EPOCH + 3, [signal.SIGINT])  # step 3 of epoch 2
+    with pytest.raises(Interrupted) as excinfo:
+        loop.train(_config(tmp_path, tiny_dataset, num_epochs=3), log=lambda *a: None,
+                   observers=[observer, AfterCheckpoint()])
+    assert excinfo.value.exit_code == 128 + signal.SIGINT
+    assert [told[0] for told in observer.told] == ["epoch", "interrupt"]
+    assert observer.told[-1] == ("interrupt", 1, 3) and saved == [3]
+
+
+def test_the_default_observers_in_their_order(monkeypatch):
+    kinds = [type(observer) for observer in default_observers(Config())]
+    assert kinds == [EpochLog, EpochImages, Metrics, Checkpoint]
+    monkeypatch.setattr(outputs, "tensorboard", lambda config: "a writer")  # no logs written: the order only
+    observers = default_observers(Config(tensorboard="board"))
+    assert [type(observer) for observer in observers] == [EpochLog, EpochImages, Metrics, TensorBoard, Checkpoint]
+    assert observers[3].board == "a writer"
+
+
+def test_step_results_are_read_by_name():
+    terms = torch.arange(12.0).reshape(3, len(TERMS))  # three steps' results
+    assert TERMS == ("neg_elbo", "recon", "kl", "loss")  # the layout of progress.step_terms in checkpoints
+    assert torch.equal(term(terms, "loss"), torch.tensor([3.0, 7.0, 11.0]))
+    assert term(terms[1], "kl").item() == 6.0
