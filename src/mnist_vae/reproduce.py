@@ -60,7 +60,26 @@ PIXELS = {  # what the numbers of each --binarize are
 
 
 def main(prog, args):
+    args = _parser(prog).parse_args(args)
+    if args.paper:
+        if args.epochs is not None or args.runs or args.seeds is not None:
+            flag = "epochs" if args.epochs is not None else "runs" if args.runs else "seeds"
+            raise UserError(f"--{flag} does not apply to --paper "
+                            f"{args.paper}, which trains its own models for --budget minutes each; drop it")
+        return paper_main(args)
+    for flag in ("budget", "binarizations"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} applies to --paper only; drop it, or add --paper iwae")
+    args.epochs = 60 if args.epochs is None else args.epochs
+    args.k = 1000 if args.k is None else args.k
+    args.seeds = 1 if args.seeds is None else args.seeds
+    selected = _selected_runs(args)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
+    return reproduce_runs(args, selected)
 
+
+def _parser(prog):
     parser = Parser(prog=f"{prog} reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=integer(1), help="epochs per run (default 60, as the old README)")
     parser.add_argument("--out", type=text, default="docs/results",
@@ -84,30 +103,23 @@ def main(prog, args):
     parser.add_argument("--binarizations", type=integer(0), metavar="N",
                         help="--paper: also estimate the first model's NLL on N other binarizations of the test "
                              "set (default 5; 0: skip)")
-    args = parser.parse_args(args)
-    if args.paper:
-        if args.epochs is not None or args.runs or args.seeds is not None:
-            flag = "epochs" if args.epochs is not None else "runs" if args.runs else "seeds"
-            raise UserError(f"--{flag} does not apply to --paper "
-                            f"{args.paper}, which trains its own models for --budget minutes each; drop it")
-        return paper_main(args)
-    for flag in ("budget", "binarizations"):
-        if getattr(args, flag) is not None:
-            raise UserError(f"--{flag} applies to --paper only; drop it, or add --paper iwae")
-    args.epochs = 60 if args.epochs is None else args.epochs
-    args.k = 1000 if args.k is None else args.k
-    args.seeds = 1 if args.seeds is None else args.seeds
-    selected = [name for name, _ in RUNS if not (args.quick and name in QUICK_LEAVES_OUT)]
-    if args.runs:
-        names = [name.strip() for name in args.runs.split(",") if name.strip()]
-        unknown = [name for name in names if name not in dict(RUNS)]
-        if unknown or not names:
-            raise UserError(f"--runs {args.runs}: no run named {', '.join(unknown) or 'there'}; choose from "
-                            + ", ".join(name for name, _ in RUNS))
-        selected = names
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
+    return parser
 
+
+def _selected_runs(args):
+    """The runs --runs names (all by default; --quick leaves some out), each known by name."""
+    if not args.runs:
+        return [name for name, _ in RUNS if not (args.quick and name in QUICK_LEAVES_OUT)]
+    names = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in dict(RUNS)]
+    if unknown or not names:
+        raise UserError(f"--runs {args.runs}: no run named {', '.join(unknown) or 'there'}; choose from "
+                        + ", ".join(name for name, _ in RUNS))
+    return names
+
+
+def reproduce_runs(args, selected):
+    """Train (or reuse) the runs, each with args.seeds seeds, and write their tables and images."""
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     base = Config(num_epochs=args.epochs, eval_k=args.k, data_dir=args.data_dir)
