@@ -19,7 +19,8 @@ STEPS = ("auto", "fused", "autograd")
 class AutogradTrainStep:
     """Calls of this object take one optimizer step on a batch through the model's loss; they return
     the batch means of [-ELBO, reconstruction, KL, loss] as one tensor, without synchronising.
-    `loss_options` (kl_weight, objective, k) are passed to model.loss; kl_weight may change between
+    `loss_options` (kl_weight, objective, k, and gradient where it is not the standard one) are passed
+    to model.loss; kl_weight may change between
     calls (KL warm-up). With precision "bf16" the model runs under torch.autocast, whose layers multiply
     in bfloat16; the models hand their encoder's and decoder's outputs on as float32, so that the
     loss, the KL and the weights' updates are float32."""
@@ -46,8 +47,11 @@ def make_step(model, optimizer, config):
         raise UserError(f"--step fused cannot train this run: {reason}; use --step auto or autograd")
     if config.step != "autograd" and reason is None:
         return fused.FusedTrainStep(model, optimizer, config.precision)
+    # The gradient estimator is passed only when it is not the standard one, so that a registered model
+    # whose loss does not know the option trains as before.
+    options = {} if config.gradient == "standard" else {"gradient": config.gradient}
     return AutogradTrainStep(model, optimizer, config.precision, kl_weight=config.beta, objective=config.objective,
-                             k=config.k_train)
+                             k=config.k_train, **options)
 
 
 def kl_weight(config, epoch, step, n_steps):

@@ -67,6 +67,8 @@ def unsupported(model, config):
         return "its kernels are float32, and the model's parameters are not"
     if config.objective != "elbo" or config.beta != 1 or config.kl_warmup != 0:
         return "it computes the plain ELBO only (no --objective iwae, --beta or --kl_warmup)"
+    if config.gradient != "standard":
+        return f"it computes the standard gradient only, not --gradient {config.gradient}"
     return None
 
 
