@@ -324,7 +324,7 @@ class TwoLayerVAE(nn.Module):
         mu1, std1 = gaussian(self.q_z1(x).to(x.dtype))
         eps = torch.randn((len(x), n, self.dim_eps), device=x.device, dtype=x.dtype, generator=generator)
         z1, _, log_ratio = self.chain(mu1[:, None], std1[:, None], eps)  # (batch, n, .)
-        return log_likelihood_of_draws(self.p_x(z1), x, self.likelihood) + log_ratio
+        return log_likelihood_of_draws(self.p_x(z1).to(x.dtype), x, self.likelihood) + log_ratio
 
 
 # Every model by the name a checkpoint records. Adding a model is a class and its entry here, made by
