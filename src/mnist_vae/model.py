@@ -1,8 +1,9 @@
-"""The models: the VAE and the conditional VAE (the old program's MLP, or MLPs of a chosen depth and activation), each owning its loss (ELBO, beta, IWAE), the registry of models, and the importance-weighted bound.
+"""The models: the VAE and the conditional VAE (the old program's MLP, or MLPs of a chosen depth and activation) and the VAE of two stochastic layers, each owning its loss (ELBO, beta, IWAE, DReG), the registry of models, and the importance-weighted bound.
 
 Kingma & Welling, "Auto-Encoding Variational Bayes" (2014), with the MLPs of the
 TensorFlow program this project replaces; Burda, Grosse & Salakhutdinov,
-"Importance Weighted Autoencoders" (2016) for the log-likelihood estimate;
+"Importance Weighted Autoencoders" (2016) for the log-likelihood estimate and the model of two
+stochastic layers;
 Loaiza-Ganem & Cunningham, "The continuous Bernoulli" (2019) for grey-level pixels;
 Kingma, Rezende, Mohamed & Welling, "Semi-supervised learning with deep generative models"
 (2014) and Sohn, Lee & Yan (2015) for the conditional VAE; Higgins et al. (2017) for beta;
