@@ -43,7 +43,7 @@ from .evaluation import (EVAL_SEED, classifier_accuracy, evaluate, log_likelihoo
 from .export import export_onnx
 from .images import Images, check_has_data, prepare_images
 from .machine import resolve_device
-from .model import analogies, classify
+from .model import analogies, classify, noise_size
 
 __all__ = ["Model", "load", "train", "prepare_images", "PRETRAINED", "ArgumentError", "ArgumentTypeError"]
 
@@ -324,7 +324,7 @@ class Model:
         with _no_grad():
             for start in range(0, len(x), 2000):  # the batches of train.evaluate, so the draws are its own
                 batch = x[start: start + 2000]
-                eps = torch.randn((len(batch), self.dim_z), generator=generator, device=x.device)
+                eps = torch.randn((len(batch), noise_size(self.module)), generator=generator, device=x.device)
                 batch_labels = None if y is None else y[start: start + 2000]
                 values.append(self.module(batch, eps=eps, labels=batch_labels)[0])
         return as_tensor(torch.cat(values))

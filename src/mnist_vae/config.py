@@ -53,6 +53,7 @@ class Config:
     lr_schedule: str = "constant"   # constant, paper (Burda et al.'s 3^i passes) or cosine
     warmup_epochs: float = 0.0      # raise the learning rate linearly from 0 over the first N epochs
     time_budget: float = 0.0        # minutes of training; plans num_epochs and stops there (0: none)
+    gradient: str = "standard"      # standard or dreg: the gradient estimator of --objective iwae
     # Not a flag: the digits of the epoch in image file names, fixed when a run starts (0: not yet),
     # so that a run trained further keeps PRR_epoch_01.jpg beside PRR_epoch_02.jpg, not _003.
     epoch_digits: int = 0
@@ -83,6 +84,12 @@ class Config:
         """Raise UserError for settings that are each valid but contradict each other."""
         if self.k_train != 1 and self.objective != "iwae":
             raise UserError(f"--k_train {self.k_train} needs --objective iwae (the ELBO uses one z per image)")
+        if self.gradient != "standard" and self.objective != "iwae":
+            raise UserError(f"--gradient {self.gradient} needs --objective iwae (it estimates the gradient of the "
+                            f"importance-weighted bound)")
+        if self.gradient == "dreg" and self.model == "vae2" and self.dropout:
+            raise UserError(f"--gradient dreg with --model vae2 needs --dropout 0 (its estimator evaluates q(z2|z1) "
+                            f"twice, and dropout would draw a different mask each time)")
         if self.activation == "elu_tanh" and self.n_layers != 2:
             raise UserError(f"--n_layers {self.n_layers} needs --activation tanh, relu or elu (elu_tanh is the old "
                             f"program's two-layer MLP)")
@@ -255,6 +262,9 @@ SETTINGS = {
                     "--conditional); a model class registered there by the user trains the same way"),
     "time_budget": (number(0.0, low_open=False), "minutes of training: --num_epochs is planned from a timing of "
                                                  "the first steps, and training stops when they are spent (0: none)"),
+    "gradient": (choice("standard", "dreg"), "gradient of --objective iwae: standard, or dreg (Tucker et al.'s "
+                                             "doubly reparameterised estimator: the same objective, a lower-variance "
+                                             "gradient for the encoder)"),
 }
 
 
@@ -266,7 +276,7 @@ MODEL_DEFINING = (
     "dim_z", "dataset", "seed", "add_noise", "noise_factor", "n_hidden", "learning_rate",
     "batch_size", "likelihood", "binarize", "dropout", "n_train", "n_test",
     "conditional", "beta", "kl_warmup", "objective", "k_train", "precision",
-    "n_layers", "activation", "model", "adam_eps", "lr_schedule", "warmup_epochs", "time_budget",
+    "n_layers", "activation", "model", "adam_eps", "lr_schedule", "warmup_epochs", "time_budget", "gradient",
 )
 
 

@@ -6,7 +6,7 @@ import torch
 from tqdm import tqdm
 
 from .fast.threads import ThreadGovernor
-from .model import classify, evaluating, importance_weighted_log_likelihood
+from .model import classify, evaluating, importance_weighted_log_likelihood, noise_size
 
 
 EVAL_SEED = 1312  # the z samples of the test -ELBO
@@ -80,7 +80,7 @@ def evaluate(model, x, batch_size=2000, labels=None):
     sums = torch.zeros(3, device=x.device, dtype=torch.float64)
     for start in range(0, len(x), batch_size):
         batch = x[start: start + batch_size]
-        eps = torch.randn((len(batch), model.dim_z), generator=generator, device=x.device)
+        eps = torch.randn((len(batch), noise_size(model)), generator=generator, device=x.device)
         batch_labels = None if labels is None else labels[start: start + batch_size]
         elbo, reconstruction, kl = model(batch, eps=eps, labels=batch_labels)
         sums += torch.stack([-elbo.sum(), -reconstruction.sum(), kl.sum()]).double()

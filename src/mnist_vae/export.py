@@ -327,6 +327,10 @@ def describe(model) -> dict:
     dim_z = model.dim_z
     likelihood = model.config.likelihood
     given = ", y" if model.conditional else ""
+    # A model of two stochastic layers (vae2) is exported on its top z, z2, through the means of z1.
+    two = int(getattr(model.module, "stochastic_layers", 1)) > 1
+    q, p = ("q(z2|z1) at z1 = the mean of q(z1|x)", "p(x|z1) at z1 = the mean of p(z1|z2), z = z2") if two else \
+        (f"q(z|x{given})", f"p(x|z{given})")
     label = [{"name": "label", "dtype": "int64", "shape": ["batch"],
               "meaning": "the class index of each row, 0 to 9: "
                          + ", ".join(f"{i} {name}" for i, name in enumerate(model.classes))}] if model.conditional else []
@@ -340,16 +344,16 @@ def describe(model) -> dict:
                         "meaning": "28 x 28 grey images row by row, pixel values in [0, 1], white ink on black "
                                    "(as MNIST)"}] + label,
             "outputs": [{"name": "mu", "dtype": "float32", "shape": ["batch", dim_z],
-                         "meaning": f"mean of the Gaussian q(z|x{given})"},
+                         "meaning": f"mean of the Gaussian {q}"},
                         {"name": "std", "dtype": "float32", "shape": ["batch", dim_z],
-                         "meaning": f"standard deviation of q(z|x{given})"}],
+                         "meaning": f"standard deviation of {q}"}],
         },
         "decoder": {
             "file": "decoder.onnx",
             "inputs": [{"name": "z", "dtype": "float32", "shape": ["batch", dim_z],
                         "meaning": "latent vectors; the prior is N(0, I)"}] + label,
             "outputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 784],
-                         "meaning": f"mean pixel values of p(x|z{given}) ({likelihood}), in [0, 1], row by row"}],
+                         "meaning": f"mean pixel values of {p} ({likelihood}), in [0, 1], row by row"}],
         },
         "opset": OPSET,
         "settings": model.config.to_dict(),

@@ -20,7 +20,8 @@ class AutogradTrainStep:
     """Calls of this object take one optimizer step on a batch through the model's loss; they return
     the batch means of [-ELBO, reconstruction, KL, loss] as one tensor (the columns evaluation.TERMS
     names), without synchronising.
-    `loss_options` (kl_weight, objective, k) are passed to model.loss; kl_weight may change between
+    `loss_options` (kl_weight, objective, k, and gradient where it is not the standard one) are passed
+    to model.loss; kl_weight may change between
     calls (KL warm-up). With precision "bf16" the model runs under torch.autocast, whose layers multiply
     in bfloat16; the models hand their encoder's and decoder's outputs on as float32, so that the
     loss, the KL and the weights' updates are float32."""
@@ -43,12 +44,15 @@ def make_step(model, optimizer, config):
     """The step `config.step` asks for: auto picks the fused step where it supports the model and
     loss, else autograd; fused where it cannot be had is a UserError saying why."""
     loss_options = dict(kl_weight=config.beta, objective=config.objective, k=config.k_train)
+    # The gradient estimator is passed only when it is not the standard one, so that a registered model
+    # whose loss does not know the option trains as before.
+    autograd_options = loss_options if config.gradient == "standard" else {**loss_options, "gradient": config.gradient}
     reason = fused.unsupported(model, config)
     if config.step == "fused" and reason is not None:
         raise UserError(f"--step fused cannot train this run: {reason}; use --step auto or autograd")
     if config.step != "autograd" and reason is None:
         return fused.FusedTrainStep(model, optimizer, config.precision, **loss_options)
-    return AutogradTrainStep(model, optimizer, config.precision, **loss_options)
+    return AutogradTrainStep(model, optimizer, config.precision, **autograd_options)
 
 
 def kl_weight(config, epoch, step, n_steps):

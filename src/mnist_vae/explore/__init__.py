@@ -311,6 +311,11 @@ def build_page(run_dir, n_points=None, device="cpu", log=print):
         config, state, tensors = checkpoint.load(run_dir)
         path = Path(run_dir) / checkpoint.FILENAME
         model = checkpoint.build_model(config, tensors, path, state).to(device).eval()
+    layers = int(getattr(model, "stochastic_layers", 1))
+    if layers != 1:
+        raise ExploreError(f"{path}: its {model.name} model has {layers} stochastic layers, and the explore page "
+                           f"runs models of one z (vae, cvae) in the browser; use the Python API's encode, decode "
+                           f"and sample, which work on its top z")
     n_points = config.PMLR_n_samples if n_points is None else n_points
     data_config = dataclasses.replace(config, n_test=n_points, n_train=1)
     test = load_tensors(data_config, torch.device(device), log=log)

@@ -109,6 +109,8 @@ def unsupported(model, config):
         return "its kernels are float32, and the model's parameters are not"
     if config.objective not in OBJECTIVES:
         return f"it computes the ELBO and the importance-weighted bound only, not {config.objective!r}"
+    if config.gradient != "standard":
+        return f"it computes the standard gradient only, not --gradient {config.gradient}"
     return None
 
 
