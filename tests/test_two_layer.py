@@ -16,6 +16,7 @@ from conftest import assert_one_line_error, main, make_idx_dataset
 from mnist_vae import checkpoint, export
 from mnist_vae.config import Config
 from mnist_vae.fast import fused
+from mnist_vae.layers import Tanh  # the models' tanh, through the sigmoid
 from mnist_vae.model import MODELS, TwoLayerVAE, build, importance_weighted_log_likelihood
 
 MISSING = export.missing_packages()
@@ -58,7 +59,7 @@ def test_from_config_builds_burda_et_al_s_model_from_their_settings():
               for name, part in (("q_z1", model.q_z1), ("q_z2", model.q_z2), ("p_z1", model.p_z1), ("p_x", model.p_x))}
     assert shapes == {"q_z1": [(784, 200), (200, 200), (200, 200)], "q_z2": [(100, 100), (100, 100), (100, 100)],
                       "p_z1": [(50, 100), (100, 100), (100, 200)], "p_x": [(100, 200), (200, 200), (200, 784)]}
-    assert all(isinstance(m, (nn.Linear, nn.Tanh)) for m in model.modules() if not isinstance(m, (nn.Sequential,
+    assert all(isinstance(m, (nn.Linear, Tanh)) for m in model.modules() if not isinstance(m, (nn.Sequential,
                                                                                                     TwoLayerVAE)))
     assert (model.dim_z, model.dim_z1, model.dim_eps) == (50, 100, 150)
     # the default activation, the one-layer old program's mix, means tanh here; the fused step is not for it
