@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import files
-from .errors import UserError
+from .errors import DataError, UserError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -80,10 +80,6 @@ SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 # small gzip file that inflates to many gigabytes (or a header that promises them) from filling memory.
 MAX_IDX_BYTES = 1 << 31
 DOWNLOAD_TIMEOUT_S = 30
-
-
-class DataError(UserError):
-    """A problem with the user's data or files, reported as one line without a traceback."""
 
 
 @dataclass

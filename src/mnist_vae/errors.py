@@ -15,6 +15,10 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+class DataError(UserError):
+    """A problem with the user's data or files, reported as one line without a traceback."""
+
+
 class ArgumentError(UserError, ValueError):
     """A bad argument: a ValueError for Python callers, and the command line's one-line error."""
 

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import DataError
-from .errors import ArgumentError, ArgumentTypeError, UserError, as_argument_error
+from .errors import DataError
 
-# np.ndarray | torch.Tensor | PIL.Image.Image | str | os.PathLike | a list of these
-Images = Any
 
 
 def load_user_image(path):
@@ -149,76 +143,3 @@ def area_weights(n_out, n_in):
         for j in range(int(low), min(n_in, math.ceil(high))):
             weights[i, j] = (min(high, j + 1) - max(low, j)) * n_out / n_in
     return weights
-
-
-def prepare_images(images: Images) -> "torch.Tensor":
-    """Images in any of the accepted forms (see mnist_vae.api) as a float32 tensor (N, 784) in [0, 1].
-
-    Arrays and tensors are taken as MNIST-style pixels as they are; PIL images and files are
-    prepared as MNIST's digits were (made grey, inverted on a light background, cropped to the
-    ink, scaled to 20 x 20 and centred in 28 x 28), as the command line does.
-    """
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ArgumentError("images: the list is empty; give at least one image")
-        return torch.cat([prepare_images(image) for image in images])
-    if isinstance(images, (str, os.PathLike)):
-        try:
-            return torch.from_numpy(load_user_image(images))[None]
-        except UserError as e:
-            raise as_argument_error(e) from None
-    if isinstance(images, Image.Image):
-        grey = np.asarray(images.convert("L"), dtype=np.float32) / 255.0
-        try:
-            return torch.from_numpy(prepare_digit(grey, "the image"))[None]
-        except UserError as e:
-            raise as_argument_error(e) from None
-    if isinstance(images, torch.Tensor):
-        check_has_data("images", images)
-        array = images.detach().cpu()
-        array = array.numpy() if array.dtype != torch.bfloat16 else array.float().numpy()
-    elif isinstance(images, np.ndarray):
-        array = images
-    else:
-        raise ArgumentTypeError("images must be a NumPy array, a torch tensor, a PIL image, a path or a list of "
-                                f"these, not {type(images).__name__}")
-    return torch.from_numpy(_pixels(array))
-
-
-def _pixels(array: np.ndarray) -> np.ndarray:
-    """An array of MNIST-style images as float32 (N, 784) in [0, 1], with a clear error for anything else."""
-    shape = array.shape
-    if shape in ((28, 28), (784,)):
-        array = array.reshape(1, 784)
-    elif len(shape) == 3 and shape[1:] == (28, 28) or len(shape) == 4 and shape[1:] == (1, 28, 28) or \
-            len(shape) == 2 and shape[1] == 784:
-        array = array.reshape(len(array), 784)
-    else:
-        raise ArgumentError(f"images must have shape (N, 28, 28) or (N, 784), or (28, 28) or (784,) for one "
-                            f"image; got {shape}")
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.bool_:
-        return array.astype(np.float32)
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise ArgumentTypeError(f"images must hold numbers (uint8 0..255 or float in [0, 1]), not {array.dtype}")
-    if array.size == 0:
-        raise ArgumentError("images: the array holds no image")
-    low, high = float(array.min()), float(array.max())
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ArgumentError("images hold NaN or infinite values")
-    if np.issubdtype(array.dtype, np.integer):
-        if low < 0 or high > 255:
-            raise ArgumentError(f"integer pixel values must lie in 0..255; got {low:g}..{high:g}")
-        return array.astype(np.float32) / 255.0
-    if low < 0 or high > 1:
-        hint = " (divide 0..255 pixel values by 255)" if high <= 255 and low >= 0 else ""
-        raise ArgumentError(f"float pixel values must lie in [0, 1]; got {low:g}..{high:g}{hint}")
-    return array.astype(np.float32)
-
-
-def check_has_data(name: str, tensor: torch.Tensor) -> None:
-    """Refuse a tensor without values (on the meta device: only a shape), which torch cannot copy or compute on."""
-    if tensor.is_meta:
-        raise ArgumentError(f"{name}: a tensor on the meta device has a shape but no values; give one with data "
-                            f"(on the CPU or a GPU)")
