@@ -6,22 +6,14 @@ It imports the models and never the reverse: `step.make_step` hands it a model o
 
 import os
 import platform
-from pathlib import Path
 
 import torch
 
-from . import kernels
+from . import kernels, products
 
 
 def machine():
     """The CPU, cores, torch and the elementwise code in use, for benchmark and results headers."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = products.cpu()["model_name"] or platform.processor() or platform.machine()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "kernels": kernels.description()}
