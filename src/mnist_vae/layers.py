@@ -72,13 +72,13 @@ def tanh_(a):
     return a.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
-def dropout_mask(shape, p, device=None):
+def dropout_mask(shape, p, device=None, key=None):
     """An inverted-dropout mask of `shape`: 0 with probability p, else 1/(1-p); float32.
 
-    Drawn from 16-bit uniform integers (dropout_bits), so p is rounded to a multiple
-    of 1/65536 (0.1 becomes 0.100006); the fused training step draws the same bits.
+    Drawn from 16-bit uniform integers (dropout_bits, from `key` or a new one), so p is rounded
+    to a multiple of 1/65536 (0.1 becomes 0.100006); the fused training step draws the same bits.
     """
-    bits = dropout_bits(math.prod(shape), device)
+    bits = dropout_bits(math.prod(shape), device, key)
     # Comparing straight into a float tensor is one pass; a bool mask and a where() are two, 6x slower.
     keep = torch.ge(bits, keep_threshold(p), out=torch.empty(bits.shape, device=device))
     return keep.mul_(1.0 / (1.0 - p)).view(shape)

@@ -223,7 +223,7 @@ VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long 
 
 /* ---- Python bindings: addresses come as integers from Tensor.data_ptr(). */
 
-/* With `masked`, the mask's bits are SplitMix64's outputs from `key`, as kernels.dropout_bits draws them,
+/* With `masked`, the mask's bits are SplitMix64's outputs from `key`, as layers.dropout_bits draws them,
  * written into a buffer here: one call instead of two, and no tensor for them in Python. */
 static PyObject *py_activation(PyObject *args, int kind) {
     unsigned long long a, bias, factor, key;

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import layers
-from ..layers import dropout_bits, keep_threshold, tanh_
+from ..layers import dropout_mask, keep_threshold, tanh_
 
 try:
     from . import _kernels
@@ -79,7 +79,7 @@ def elu_dropout(a, bias, key, p):
     e = F.elu(a.add_(bias))
     factor = e.clamp(max=0).add_(1)  # elu'(x) = min(elu(x), 0) + 1
     if key is not None:
-        m = _mask(dropout_bits(a.numel(), a.device, key), p, a.shape)
+        m = dropout_mask(a.shape, p, a.device, key)
         e.mul_(m), factor.mul_(m)
     return a.copy_(e), factor
 
@@ -92,7 +92,7 @@ def tanh_dropout(a, bias, key, p):
     t = tanh_(a.add_(bias))
     factor = torch.addcmul(torch.ones_like(t), t, t, value=-1)
     if key is not None:
-        m = _mask(dropout_bits(a.numel(), a.device, key), p, a.shape)
+        m = dropout_mask(a.shape, p, a.device, key)
         t.mul_(m), factor.mul_(m)
     return t, factor
 
@@ -106,7 +106,7 @@ def relu_dropout(a, bias, key, p):
     factor = torch.gt(x, 0, out=torch.empty_like(x))
     x.relu_()
     if key is not None:
-        m = _mask(dropout_bits(a.numel(), a.device, key), p, a.shape)
+        m = dropout_mask(a.shape, p, a.device, key)
         x.mul_(m), factor.mul_(m)
     return x, factor
 
@@ -171,8 +171,3 @@ def gaussian_backward(gaussian, eps, std, d_z, scale):
     mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
     d_std = d_z * eps + (std - 1 / std) * scale
     return torch.cat([d_z + mu * scale, d_std * torch.sigmoid(pre_std)], dim=1)
-
-
-def _mask(bits, p, shape):
-    keep = torch.ge(bits, keep_threshold(p), out=torch.empty(bits.shape, device=bits.device))
-    return keep.mul_(1 / (1 - p)).view(shape)
