@@ -91,6 +91,18 @@ def unsupported(model, config):
     dtype), so a model edited to use another activation or layer goes to the autograd step; and at
     the loss the config asks for.
     """
+    reason = unsupported_model(model)
+    if reason is not None:
+        return reason
+    if config.objective not in OBJECTIVES:
+        return f"it computes the ELBO and the importance-weighted bound only, not {config.objective!r}"
+    if config.gradient != "standard":
+        return f"it computes the standard gradient only, not --gradient {config.gradient}"
+    return None
+
+
+def unsupported_model(model):
+    """Why the fast path cannot compute the encoder, the decoder and the likelihood of `model`; None if it can."""
     if type(model) not in (VAE, ConditionalVAE):  # a subclass may encode, decode or lose differently
         return f"it trains model.VAE and model.ConditionalVAE only, not {type(model).__name__}"
     n_y = model.n_classes if model.conditional else 0
@@ -107,10 +119,6 @@ def unsupported(model, config):
         return f"it has no gradient for the likelihood {model.likelihood!r}"
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return "its kernels are float32, and the model's parameters are not"
-    if config.objective not in OBJECTIVES:
-        return f"it computes the ELBO and the importance-weighted bound only, not {config.objective!r}"
-    if config.gradient != "standard":
-        return f"it computes the standard gradient only, not --gradient {config.gradient}"
     return None
 
 
@@ -149,6 +157,10 @@ class FusedTrainStep:
                                  device=weight.device)
             self.grads = [(shared[:layer.weight.numel()].view_as(layer.weight), torch.empty_like(layer.bias))
                           for layer in self.layers]
+            # oneDNN gives its products as new tensors: their weight gradients go to Adam as they are,
+            # where a copy into the buffer would move every weight's size once more a step.
+            self.weight_grads_into_buffer = not self.products.onednn
+            self.counts, self.steps = None, None  # Adam's step counts: one tensor and its 0-d views
         else:  # optimizer.step() after the backward pass, from the parameters' .grad
             for layer in self.layers:
                 for parameter in (layer.weight, layer.bias):
@@ -268,11 +280,12 @@ class FusedTrainStep:
         (after W's last use in this step); return d(inputs)."""
         weight = self.layers[index].weight
         grad_weight, grad_bias = self.grads[index]
-        self.products.weight_grad(d_out, inputs, out=grad_weight)
+        into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
+        grad_weight = self.products.weight_grad(d_out, inputs, out=into)
         torch.sum(d_out, dim=0, out=grad_bias)
         d_inputs = self.products.input_grad(d_out, weight) if need_input_grad else None
         if self.adam_by_layer:
-            self._adam(index)
+            self._adam(index, grad_weight, grad_bias)
         return d_inputs
 
     def adam_step(self):
@@ -283,19 +296,28 @@ class FusedTrainStep:
             return
         self._count_adam_step()
         for index in range(len(self.layers)):
-            self._adam(index)
+            self._adam(index, *self.grads[index])
 
     def _count_adam_step(self):
-        """Create Adam's state as torch.optim.Adam would on its first step; add 1 to every step count."""
+        """Add 1 to every parameter's step count, first creating Adam's state as torch.optim.Adam would on
+        its first step. Adam's state holds the counts as 0-d views of one tensor (self.counts), so that one
+        add counts them all (torch's _foreach_add_ makes a call of each on the CPU); counts that are not,
+        as a checkpoint loads them, are put there first."""
         state = self.optimizer.state
         parameters = self.optimizer.param_groups[0]["params"]
         if not state:
             for p in parameters:
                 state[p] = {"step": torch.tensor(0.0, device=p.device),
                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        torch._foreach_add_([state[p]["step"] for p in parameters], 1)
+        if self.steps is None or any(state[p]["step"] is not view for p, view in zip(parameters, self.steps)):
+            counts = torch.stack([state[p]["step"] for p in parameters])
+            self.steps = list(counts)  # views of `counts`, in order
+            for p, view in zip(parameters, self.steps):
+                state[p]["step"] = view
+            self.counts = counts
+        self.counts.add_(1)
 
-    def _adam(self, index):
+    def _adam(self, index, grad_weight, grad_bias):
         """torch.optim.Adam(fused=True).step() for the weight and bias of one layer, without its
         per-call Python bookkeeping."""
         group = self.optimizer.param_groups[0]
@@ -303,7 +325,7 @@ class FusedTrainStep:
         states = [self.optimizer.state[layer.weight], self.optimizer.state[layer.bias]]
         beta1, beta2 = group["betas"]
         torch._fused_adam_(
-            [layer.weight, layer.bias], list(self.grads[index]), [s["exp_avg"] for s in states],
+            [layer.weight, layer.bias], [grad_weight, grad_bias], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
             lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
             maximize=False)

@@ -150,12 +150,15 @@ class Products:
             return torch.mm(x.bfloat16(), weight.bfloat16().t()).float()
         return _onednn(x, weight) if self.onednn else torch.mm(x, weight.t())
 
-    def weight_grad(self, d_y, x, out):
+    def weight_grad(self, d_y, x, out=None):
+        """d_y' x, into `out` where it is given, else a new tensor (oneDNN gives only new ones)."""
         if self.bf16:
-            return out.copy_(torch.mm(d_y.t().bfloat16(), x.bfloat16()))
-        if self.onednn:
-            return out.copy_(_onednn(d_y.t(), x.t()))
-        return torch.mm(d_y.t(), x, out=out)
+            product = torch.mm(d_y.t().bfloat16(), x.bfloat16())
+        elif self.onednn:
+            product = _onednn(d_y.t(), x.t())
+        else:
+            return torch.mm(d_y.t(), x, out=out)
+        return product.float() if out is None else out.copy_(product)
 
     def input_grad(self, d_y, weight):
         if self.bf16:
