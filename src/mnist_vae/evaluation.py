@@ -5,6 +5,8 @@ import math
 import torch
 from tqdm import tqdm
 
+from .fast import memory
+from .fast.estimate import log_px_of_draws
 from .fast.threads import ThreadGovernor
 from .model import classify, evaluating, importance_weighted_log_likelihood, noise_size
 
@@ -102,6 +104,8 @@ def log_likelihoods(model, x, k, batch_size=100, progress=True, labels=None, gen
     model.eval()
     if generator is None:
         torch.manual_seed(IW_SEED)  # the estimator draws from the global generator; fix it for repeatability
+    fast = log_px_of_draws(model)  # the decoder's products and loops of the training step, where they fit
+    memory.keep_freed_memory()  # its outputs of megabytes on pages already mapped (fast/memory.py)
     per_image = []
     for start in tqdm(range(0, len(x), batch_size), desc=f"log-likelihood, k={k}", disable=None if progress else True,
                       leave=False):
@@ -111,7 +115,8 @@ def log_likelihoods(model, x, k, batch_size=100, progress=True, labels=None, gen
         governor()
         batch_labels = None if labels is None else labels[start: start + batch_size]
         per_image.append(importance_weighted_log_likelihood(model, x[start: start + batch_size], k,
-                                                            labels=batch_labels, generator=generator))
+                                                            labels=batch_labels, generator=generator,
+                                                            log_px_of_draws=fast))
     model.train(was_training)
     return torch.cat(per_image)
 

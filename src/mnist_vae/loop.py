@@ -21,7 +21,7 @@ from .config import Config, fixed_length
 from .data import Tensors, add_noise, load_tensors
 from .errors import ArgumentError, Interrupted, UserError
 from .evaluation import TERMS, elbo_name, epoch_row, log_likelihood_estimate, term
-from .fast import products
+from .fast import memory, products
 from .fast.fused import FusedTrainStep, unsupported
 from .fast.threads import ThreadGovernor, products_thread_invariant
 from .machine import resolve_device
@@ -111,6 +111,7 @@ def prepare(config, resume, overwrite, log):
     # Gradients and Adam's second moments drift into denormal floats, which x86 CPUs handle
     # 10-100x slower: epochs took 4 s or 20 s by chance. Flushing them to zero costs nothing.
     torch.set_flush_denormal(True)
+    memory.keep_freed_memory()  # the products' new outputs on pages already mapped (fast/memory.py)
     config.check_combination()
     if not resume and not config.time_budget:  # (a resumed run's were accepted when it started)
         config.check_warmups()

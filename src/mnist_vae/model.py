@@ -467,7 +467,7 @@ def continuous_bernoulli_mean(logits):
 
 
 @torch.no_grad()
-def importance_weighted_log_likelihood(model, x, k, max_rows=None, labels=None, generator=None):
+def importance_weighted_log_likelihood(model, x, k, max_rows=None, labels=None, generator=None, log_px_of_draws=None):
     """Per-image estimate of log p(x) with k importance samples from q(z|x) (of log p(x|y), with
     q(z|x, y) and p(x|z, y), given the `labels` of a conditional model).
 
@@ -478,6 +478,8 @@ def importance_weighted_log_likelihood(model, x, k, max_rows=None, labels=None, 
     wants large chunks (65536 rows, 200 MB of logits). Call in eval mode (no dropout).
     A model with a method `log_importance_weights(x, n, labels, generator)` (one of more than
     one z, such as TwoLayerVAE) gives each chunk's log weights, (batch, n), itself.
+    `log_px_of_draws(z, x, labels)`, where given, computes log p(x|z) of the draws (batch, n) in place of
+    the model's decoder and likelihood (the fast path's, fast/estimate.py).
     """
     if max_rows is None:
         max_rows = 1024 if x.device.type == "cpu" else 65536
@@ -500,7 +502,10 @@ def importance_weighted_log_likelihood(model, x, k, max_rows=None, labels=None, 
         z = mu[:, None] + std[:, None] * eps  # (batch, n, dim_z)
         log_q = (-0.5 * eps.square() - std[:, None].log() - 0.5 * LOG_2PI).sum(-1)
         log_prior = (-0.5 * z.square() - 0.5 * LOG_2PI).sum(-1)
-        log_px = log_likelihood_of_draws(model.decode(z, draw_labels), x, model.likelihood)
+        if log_px_of_draws is not None:
+            log_px = log_px_of_draws(z, x, labels)
+        else:
+            log_px = log_likelihood_of_draws(model.decode(z, draw_labels), x, model.likelihood)
         log_w = log_px + log_prior - log_q  # (batch, n)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=1))
     return total - math.log(k)
