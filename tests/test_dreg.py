@@ -3,6 +3,7 @@ the same expected gradient as the standard estimator, the decoder's gradient unc
 lower variance; and --gradient dreg where it applies only."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -168,11 +169,12 @@ def test_the_unbiasedness_test_tells_a_biased_estimator(monkeypatch):
 
 # ---------------------------------------------------------------- the setting
 
-def test_dreg_goes_to_the_autograd_step_and_reaches_the_loss(monkeypatch):
+def test_dreg_reaches_the_fused_step_and_the_models_loss(monkeypatch):
     config = Config(n_hidden=16, dim_z=3, objective="iwae", k_train=4, gradient="dreg")
     model = build(config)
-    assert fused.unsupported(model, config) is not None
-    # the fused step is only for the plain ELBO; the gradient alone also sends a model there
+    fast = step.make_step(model, torch.optim.Adam(model.parameters()), config)
+    assert isinstance(fast, fused.FusedTrainStep) and fast.loss_options["gradient"] == "dreg"
+    # the gradient alone, without the iwae objective, is not something the fused step computes
     plain = Config(n_hidden=16, dim_z=3, gradient="dreg")
     assert "--gradient dreg" in fused.unsupported(build(plain), plain)
     seen = {}
@@ -183,12 +185,12 @@ def test_dreg_goes_to_the_autograd_step_and_reaches_the_loss(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(VAE, "loss", loss)
-    train_step = step.make_step(model, torch.optim.Adam(model.parameters()), config)
+    train_step = step.make_step(model, torch.optim.Adam(model.parameters()), replace(config, step="autograd"))
     assert isinstance(train_step, step.AutogradTrainStep)
     train_step(torch.rand(4, 784))
     assert seen["gradient"] == "dreg" and seen["objective"] == "iwae" and seen["k"] == 4
     # the standard gradient is not passed at all, so a registered model's loss need not know the option
-    standard = Config(n_hidden=16, dim_z=3, objective="iwae", k_train=4)
+    standard = Config(n_hidden=16, dim_z=3, objective="iwae", k_train=4, step="autograd")
     assert "gradient" not in step.make_step(model, torch.optim.Adam(model.parameters()), standard).loss_options
 
 

@@ -46,13 +46,14 @@ def make_step(model, optimizer, config):
     loss_options = dict(kl_weight=config.beta, objective=config.objective, k=config.k_train)
     # The gradient estimator is passed only when it is not the standard one, so that a registered model
     # whose loss does not know the option trains as before.
-    autograd_options = loss_options if config.gradient == "standard" else {**loss_options, "gradient": config.gradient}
+    if config.gradient != "standard":
+        loss_options["gradient"] = config.gradient
     reason = fused.unsupported(model, config)
     if config.step == "fused" and reason is not None:
         raise UserError(f"--step fused cannot train this run: {reason}; use --step auto or autograd")
     if config.step != "autograd" and reason is None:
         return fused.FusedTrainStep(model, optimizer, config.precision, **loss_options)
-    return AutogradTrainStep(model, optimizer, config.precision, **autograd_options)
+    return AutogradTrainStep(model, optimizer, config.precision, **loss_options)
 
 
 def kl_weight(config, epoch, step, n_steps):

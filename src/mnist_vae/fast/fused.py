@@ -9,7 +9,7 @@ It trains only what `unsupported` finds it computes: the MLPs model.VAE and
 model.ConditionalVAE build from settings (the old program's, and any depth of ELU, ReLU or tanh,
 with or without dropout; the conditional VAE has the one-hot label as more input columns of
 both first layers), under the ELBO with any weight on its KL (beta, KL warm-up) or the
-importance-weighted bound, and either likelihood; every other model goes through the
+importance-weighted bound (its standard or DReG gradient), and either likelihood; every other model goes through the
 autograd step (step.py). The elementwise work of each layer (bias, activation, dropout, and
 the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built.
 
@@ -30,6 +30,10 @@ l_k = log p(target|z_k) + w (log p(z_k) - log q(z_k|x)). Its gradient weights dr
 normalised importance weight v_k = softmax over k of l_k:
   d logits_k = v_k (d -log p(target|z_k) / d logits_k) / B      d z_k = (the decoder's) + w v_k z_k / B
   d mu = sum_k d z_k      d std = sum_k d z_k eps_k - w / (B std)   (log q's -log std; the v_k sum to 1)
+With Tucker et al.'s DReG gradient the decoder's gradients stay these; the encoder's come through z
+alone, log q(z_k|x) differentiated in z with its parameters held, each draw weighted by
+(1 - w + w v_k) once more (model.dreg_surrogate):
+  d z_k = (1 - w + w v_k) ((the decoder's) + w v_k (z_k - eps_k / std) / B)      d std = sum_k d z_k eps_k
 """
 
 import math
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import layers
-from ..model import LIKELIHOODS, VAE, ConditionalVAE, continuous_bernoulli_log_norm
+from ..model import GRADIENTS, LIKELIHOODS, VAE, ConditionalVAE, continuous_bernoulli_log_norm
 from . import kernels
 from .products import Products
 
@@ -96,8 +100,10 @@ def unsupported(model, config):
         return reason
     if config.objective not in OBJECTIVES:
         return f"it computes the ELBO and the importance-weighted bound only, not {config.objective!r}"
-    if config.gradient != "standard":
-        return f"it computes the standard gradient only, not --gradient {config.gradient}"
+    if config.gradient not in GRADIENTS:
+        return f"it computes the standard and DReG gradients only, not --gradient {config.gradient}"
+    if config.gradient != "standard" and config.objective != "iwae":
+        return f"--gradient {config.gradient} is a gradient of the iwae objective, not of {config.objective!r}"
     return None
 
 
@@ -130,7 +136,7 @@ def supports(model, config):
 class FusedTrainStep:
     """Calls of this object take one optimizer step on a batch (images, targets, labels); they return
     the batch means of [-ELBO, reconstruction -log p(x|z), KL, loss] as one tensor, as model.VAE.loss,
-    without synchronising. `loss_options` are model.VAE.loss's (kl_weight, objective, k), and
+    without synchronising. `loss_options` are model.VAE.loss's (kl_weight, objective, k, gradient), and
     kl_weight may change between calls (KL warm-up). Use it only where `supports(model, config)`."""
 
     def __init__(self, model, optimizer, precision="fp32", **loss_options):
@@ -242,8 +248,17 @@ class FusedTrainStep:
             if not iwae:
                 d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, kl_weight / batch)
             else:
-                d_z = d_z.view(k, batch, dim_z).add_(z_draws * weights[:, :, None] * (kl_weight / batch))
-                d_std = (d_z * eps).sum(dim=0).sub_(std.reciprocal() * (kl_weight / batch))
+                d_z = d_z.view(k, batch, dim_z)
+                if self.loss_options.get("gradient", "standard") == "dreg":
+                    # The encoder through z alone, log q's parameters held: d log w / dz gains
+                    # b (eps / std - z); each draw's gradient is weighted (1 - b + b v_k) more
+                    # (model.dreg_surrogate), and log q has no direct term in std.
+                    d_z.add_((z_draws - eps / std) * (weights[:, :, None] * (kl_weight / batch)))
+                    d_z.mul_((1 - kl_weight + kl_weight * weights)[:, :, None])
+                    d_std = (d_z * eps).sum(dim=0)
+                else:
+                    d_z.add_(z_draws * weights[:, :, None] * (kl_weight / batch))
+                    d_std = (d_z * eps).sum(dim=0).sub_(std.reciprocal() * (kl_weight / batch))
                 d_gaussian = torch.cat([d_z.sum(dim=0), d_std.mul_(torch.sigmoid(pre_std))], dim=1)
             self._backward(self.encoder, d_gaussian, encoder_inputs, encoder_factors, need_input_grad=False)
 
