@@ -215,6 +215,7 @@ def test_a_budget_run_plans_its_epochs_and_stops_when_they_are_spent(data, tmp_p
     out = tmp_path / "run"
     budget = 0.001  # minutes: 0.06 s of training, a handful of these epochs
     monkeypatch.setattr(train_module, "plan_epochs", lambda *args, **kwargs: 500)  # a plan far too long
+    monkeypatch.setattr(train_module, "replan_epochs", lambda run: run)  # and kept after the first epoch
     result = main(capsys, *SCHEDULED, "--time_budget", str(budget), "--data_dir", data, "--output", out)
     assert result.returncode == 0, result.stderr
     config, state, _ = checkpoint.load(out)
@@ -226,6 +227,24 @@ def test_a_budget_run_plans_its_epochs_and_stops_when_they_are_spent(data, tmp_p
     result = main(capsys, "--resume", out)  # done: nothing more to train
     assert result.returncode == 0 and "spent its time budget" in result.stdout
     assert checkpoint.load(out)[1]["epoch"] == state["epoch"]
+
+
+@pytest.mark.parametrize("plan", [500, 1])
+def test_a_budget_run_plans_again_from_its_first_epoch(data, tmp_path, capsys, monkeypatch, plan):
+    """A timing before the first step that was far too slow (500 epochs planned) or too fast (1): the first
+    epoch's own seconds make the plan the run keeps, in its checkpoint, config.json and image names."""
+    out = tmp_path / "run"
+    budget = 0.001 if plan > 1 else 0.02  # minutes: a few of these epochs, or a few dozen
+    monkeypatch.setattr(train_module, "plan_epochs", lambda *args, **kwargs: plan)
+    result = main(capsys, *TINY, "--time_budget", str(budget), "--data_dir", data, "--output", out)
+    assert result.returncode == 0, result.stderr
+    config, state, _ = checkpoint.load(out)
+    planned = max(1, int(60 * budget / state["history"][0]["seconds"]))
+    assert config.num_epochs == planned != plan
+    assert f"so {planned} epochs fit the {budget:g} minutes, not the {plan} planned" in result.stdout
+    assert json.loads((out / "config.json").read_text())["num_epochs"] == planned
+    assert config.epoch_digits == runs.epoch_digits(planned)
+    assert (out / f"PRR_epoch_{state['epoch']:0{config.epoch_digits}d}.jpg").is_file()
 
 
 def test_a_budget_run_plans_from_a_timing(data, tmp_path, capsys):

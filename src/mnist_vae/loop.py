@@ -6,6 +6,7 @@ and tell the observers (outputs.py: the log line, the pictures, metrics.csv, Ten
 """
 
 import dataclasses
+import json
 import math
 import signal
 import tempfile
@@ -55,6 +56,7 @@ def train(config, resume=False, overwrite=False, log=print, observers=()):
                     observer.on_interrupt(run)
                 stop_here(run, stop, f"at epoch {run.progress.epoch + 1}, step {run.progress.step}")
             row = evaluate_epoch(run)
+            run = replan_epochs(run)
             for observer in observers:
                 observer.on_epoch_end(run, row)
             if stop.received is not None and run.progress.epoch < run.config.num_epochs:
@@ -267,6 +269,31 @@ def plan_epochs(config, tensors, n_steps, device, log=print):
         f"epoch of {n_steps} steps about {step_seconds * n_steps:.2f} s; planned {epochs} epochs (training stops "
         f"earlier if the budget is spent)")
     return epochs
+
+
+def replan_epochs(run):
+    """After the first epoch of a --time_budget run, its epochs planned again from that epoch's own
+    training time (the run with its checkpoint and config.json then holds the new plan).
+
+    The timing before the first step is short, and on a shared machine another process may slow it
+    or speed it: a plan made from it can leave a third of the budget unused, or stop the learning-rate
+    schedule a third before its end. The first epoch has trained the same under either plan (its
+    learning rate, warm-up included, is the same in the first epoch of both), so the run goes on as if
+    it had been planned so from the start."""
+    config, history = run.config, run.progress.history
+    if not config.time_budget or len(history) != 1:
+        return run
+    epochs = max(1, int(60 * config.time_budget / max(history[0]["seconds"], 1e-9)))
+    if abs(epochs - config.num_epochs) <= 0.05 * config.num_epochs or epochs < max(config.warmup_epochs,
+                                                                                     config.kl_warmup, 1):
+        return run
+    run.log(f"time budget: the first epoch took {history[0]['seconds']:.2f} s of training, so {epochs} epochs "
+            f"fit the {config.time_budget:g} minutes, not the {config.num_epochs} planned at the start; planned {epochs} "
+            f"epochs")
+    config = dataclasses.replace(config, num_epochs=epochs, epoch_digits=runs.epoch_digits(epochs))
+    path = run.out / "config.json"
+    files.write_json(path, {**json.loads(path.read_text()), "num_epochs": epochs, "epoch_digits": config.epoch_digits})
+    return dataclasses.replace(run, config=config)
 
 
 # ---------------------------------------------------------------- an epoch
