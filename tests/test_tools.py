@@ -390,7 +390,34 @@ def test_reproduce_paper_again_reuses_its_runs(literature):
     assert after["rows"] == json.loads(before)["rows"]
 
 
+def test_reproduce_recipes_table_what_each_change_did(tmp_path, capsys):
+    """Two recipes in two calls: each trained with its parent's settings and its own change, the second call's
+    table holding both rows, the change column the difference of their NLLs."""
+    from mnist_vae import checkpoint
+    from mnist_vae.reproduce import RECIPES, recipe_settings
+
+    out = tmp_path / "recipes"
+    for recipe in ("paper", "batch100", "paper,batch100"):
+        result = main(capsys, "reproduce", "--paper", "iwae", "--recipe", recipe, "--quick", "--out", out,
+                      "--data_dir", MNIST)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.count("already complete; reusing it") == 2
+    results = json.loads((out / "recipes.json").read_text())
+    table = (out / "recipes.md").read_text()
+    rows = {row["recipe"]: row for row in results["rows"]}
+    assert list(rows) == ["paper", "batch100"] and rows["batch100"]["parent"] == "paper"
+    config = checkpoint.load(out / "runs" / "recipe_batch100")[0]
+    assert (config.objective, config.k_train, config.batch_size, config.warmup_epochs) == ("iwae", 5, 100, 1.0)
+    assert recipe_settings("dreg") == {**recipe_settings("cosine"), "gradient": "dreg"}
+    assert config.n_hidden == 200 and config.time_budget == 0.02 and RECIPES["batch100"][2] in table
+    change = rows["batch100"]["nll"] - rows["paper"]["nll"]
+    assert f"| {rows['batch100']['nll']:.2f} ± {rows['batch100']['nll_stderr']:.2f} | {change:+.2f} |" in table
+    assert "--recipe paper,batch100 --quick" in table
+
+
 @pytest.mark.parametrize("args, flag, code", [
+    (["--paper", "iwae", "--recipe", "nothing"], "--recipe nothing", 1),
+    (["--recipe", "paper"], "--recipe", 1),
     (["--paper", "iwae", "--epochs", "3"], "--epochs", 1),
     (["--paper", "iwae", "--runs", "dim4"], "--runs", 1),
     (["--budget", "5"], "--budget", 1),
