@@ -56,6 +56,10 @@ def train_both(data, steps, likelihood="bernoulli", noise=False, batch_size=128,
     return reference, fast, torch.stack(reference_terms), torch.stack(fast_terms)
 
 
+# The C loops through each product routine; their torch-ops versions (the fallback where the C extension
+# is not built) through torch.mm here, and layer by layer in the gradient test below.
+@pytest.mark.parametrize("implementation, routine", [("C", "torch.mm"), ("C", "oneDNN"), ("torch ops", "torch.mm")],
+                         indirect=True)
 def test_fused_step_matches_autograd_for_300_steps(mnist_batches, implementation, routine):
     reference, fast, reference_terms, fast_terms = train_both(mnist_batches, steps=300)
     assert fast_step_routine(fast) == routine

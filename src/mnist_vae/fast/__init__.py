@@ -14,6 +14,6 @@ from . import kernels, products
 
 def machine():
     """The CPU, cores, torch and the elementwise code in use, for benchmark and results headers."""
-    cpu = products.cpu()["model_name"] or platform.processor() or platform.machine()
+    cpu = products.describe_cpu(products.cpu()) or platform.processor() or platform.machine()  # as lscpu names it
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "kernels": kernels.description()}
