@@ -4,6 +4,7 @@ fits it, each surviving --resume bit for bit, and checkpoints from before them l
 
 import json
 import math
+import re
 import signal
 
 import pytest
@@ -230,21 +231,36 @@ def test_a_budget_run_plans_its_epochs_and_stops_when_they_are_spent(data, tmp_p
 
 
 @pytest.mark.parametrize("plan", [500, 1])
-def test_a_budget_run_plans_again_from_its_first_epoch(data, tmp_path, capsys, monkeypatch, plan):
-    """A timing before the first step that was far too slow (500 epochs planned) or too fast (1): the first
-    epoch's own seconds make the plan the run keeps, in its checkpoint, config.json and image names."""
+def test_a_budget_run_plans_again_from_its_epochs(data, tmp_path, capsys, monkeypatch, plan):
+    """A timing before the first step that was far too slow (500 epochs planned) or too fast (1): the epochs'
+    own seconds make the plan the run keeps, in its checkpoint, config.json and image names, and the run
+    ends with its schedule, its budget spent."""
     out = tmp_path / "run"
     budget = 0.001 if plan > 1 else 0.02  # minutes: a few of these epochs, or a few dozen
     monkeypatch.setattr(train_module, "plan_epochs", lambda *args, **kwargs: plan)
     result = main(capsys, *TINY, "--time_budget", str(budget), "--data_dir", data, "--output", out)
     assert result.returncode == 0, result.stderr
     config, state, _ = checkpoint.load(out)
-    planned = max(1, int(60 * budget / state["history"][0]["seconds"]))
-    assert config.num_epochs == planned != plan
-    assert f"so {planned} epochs fit the {budget:g} minutes, not the {plan} planned" in result.stdout
-    assert json.loads((out / "config.json").read_text())["num_epochs"] == planned
-    assert config.epoch_digits == runs.epoch_digits(planned)
+    first = max(1, int(60 * budget / state["history"][0]["seconds"]))
+    assert f"so {first} epochs fit the {budget:g} minutes, not the {plan} planned" in result.stdout
+    last = re.findall(r"planned (\d+) epochs", result.stdout)[-1]
+    assert config.num_epochs == int(last) == state["epoch"] != plan
+    assert json.loads((out / "config.json").read_text())["num_epochs"] == config.num_epochs
     assert (out / f"PRR_epoch_{state['epoch']:0{config.epoch_digits}d}.jpg").is_file()
+
+
+def test_the_plan_follows_the_epochs_seconds():
+    """Cut by an epoch that no longer fits, lengthened only where 2% more fit, from the recent epochs."""
+    def plan(num_epochs, seconds):  # a budget of one minute
+        config = Config(time_budget=1.0, num_epochs=num_epochs)
+        return train_module.epochs_that_fit(config, [{"seconds": s} for s in seconds])[0]
+
+    assert plan(60, [1.0] * 10) == 60  # 50 s left, 50 epochs more: as planned
+    assert plan(60, [2.0] * 10) == 30  # 40 s left at 2 s
+    assert plan(60, [0.5] * 10) == 120  # 55 s left at 0.5 s
+    assert plan(60, [0.98] * 10) == 60  # 61 fit: not 2% more, the schedule left alone
+    assert plan(40, [1.0] * 10 + [2.0] * 10) == 35  # the last ten epochs' 2 s, not the mean of all
+    assert plan(10, [7.0] * 9) == 9  # the budget spent: what is done is the plan
 
 
 def test_a_budget_run_plans_from_a_timing(data, tmp_path, capsys):

@@ -271,29 +271,44 @@ def plan_epochs(config, tensors, n_steps, device, log=print):
     return epochs
 
 
-def replan_epochs(run):
-    """After the first epoch of a --time_budget run, its epochs planned again from that epoch's own
-    training time (the run with its checkpoint and config.json then holds the new plan).
+def replan_epochs(run, recent=10):
+    """At the end of each epoch of a --time_budget run, its epochs planned again from the training time
+    of its last `recent` epochs and the minutes left (the run with its checkpoint and config.json then
+    holds the new plan).
 
-    The timing before the first step is short, and on a shared machine another process may slow it
-    or speed it: a plan made from it can leave a third of the budget unused, or stop the learning-rate
-    schedule a third before its end. The first epoch has trained the same under either plan (its
-    learning rate, warm-up included, is the same in the first epoch of both), so the run goes on as if
-    it had been planned so from the start."""
+    The timing before the first step is short, and on a shared machine other processes slow a run
+    or leave it alone by turns, and the epochs of one run can differ twofold. A plan made once can leave a
+    quarter of the budget unused, or stop the learning-rate schedule before its end. So the plan follows
+    the run: it is cut by any epoch that no longer fits, and lengthened where at least 2% more fit; the
+    schedule, which reads the plan at each step, moves by as much."""
     config, history = run.config, run.progress.history
-    if not config.time_budget or len(history) != 1:
+    if not config.time_budget or not history or 1 < len(history) >= config.num_epochs:
+        return run  # (a schedule run to its end is not taken up again)
+    epochs, seconds = epochs_that_fit(config, history, recent)
+    if epochs == config.num_epochs:
         return run
-    epochs = max(1, int(60 * config.time_budget / max(history[0]["seconds"], 1e-9)))
-    if abs(epochs - config.num_epochs) <= 0.05 * config.num_epochs or epochs < max(config.warmup_epochs,
-                                                                                     config.kl_warmup, 1):
-        return run
-    run.log(f"time budget: the first epoch took {history[0]['seconds']:.2f} s of training, so {epochs} epochs "
-            f"fit the {config.time_budget:g} minutes, not the {config.num_epochs} planned at the start; planned {epochs} "
-            f"epochs")
-    config = dataclasses.replace(config, num_epochs=epochs, epoch_digits=runs.epoch_digits(epochs))
+    run.log(f"time budget: epochs of {seconds:.2f} s of training, so {epochs} epochs fit the "
+            f"{config.time_budget:g} minutes, not the {config.num_epochs} planned; planned {epochs} epochs")
+    done = len(history)
+    # the image names' digits as the plan needs, fixed once the first epoch's pictures are written
+    digits = runs.epoch_digits(epochs) if done == 1 else max(config.epoch_digits, runs.epoch_digits(epochs))
+    config = dataclasses.replace(config, num_epochs=epochs, epoch_digits=digits)
     path = run.out / "config.json"
     files.write_json(path, {**json.loads(path.read_text()), "num_epochs": epochs, "epoch_digits": config.epoch_digits})
     return dataclasses.replace(run, config=config)
+
+
+def epochs_that_fit(config, history, recent=10):
+    """The epochs a --time_budget run plans after the epochs of `history` (replan_epochs), and the mean
+    training seconds of its last `recent` epochs it planned from; config.num_epochs where the plan stands."""
+    done, left = len(history), 60 * config.time_budget - runs.training_seconds(history)
+    seconds = sum(row["seconds"] for row in history[-recent:]) / len(history[-recent:])
+    epochs = done + int(left / max(seconds, 1e-9)) if left > 0 else done
+    if epochs >= config.num_epochs and epochs - config.num_epochs < max(1, 0.02 * config.num_epochs):
+        return config.num_epochs, seconds  # fits, and not 2% more: the schedule is left alone
+    if epochs < max(done, config.warmup_epochs, config.kl_warmup, 1):
+        return config.num_epochs, seconds
+    return epochs, seconds
 
 
 # ---------------------------------------------------------------- an epoch
