@@ -9,8 +9,8 @@ It trains only what `unsupported` finds it computes: the MLPs model.VAE and
 model.ConditionalVAE build from settings (the old program's, and any depth of ELU, ReLU or tanh,
 with or without dropout; the conditional VAE has the one-hot label as more input columns of
 both first layers), under the ELBO with any weight on its KL (beta, KL warm-up) or the
-importance-weighted bound (its standard or DReG gradient), and either likelihood; every other model goes through the
-autograd step (step.py). The elementwise work of each layer (bias, activation, dropout, and
+importance-weighted bound (its standard or DReG gradient), and either likelihood; every other
+model goes through the autograd step (step.py). The elementwise work of each layer (bias, activation, dropout, and
 the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built.
 
 Notation, for a batch of B images; each hidden layer i of the encoder or the decoder is
