@@ -287,9 +287,10 @@ def replan_epochs(run, recent=10):
     epochs, seconds = epochs_that_fit(config, history, recent)
     if epochs == config.num_epochs:
         return run
-    run.log(f"time budget: epochs of {seconds:.2f} s of training, so {epochs} epochs fit the "
-            f"{config.time_budget:g} minutes, not the {config.num_epochs} planned; planned {epochs} epochs")
     done = len(history)
+    if done == 1 or abs(epochs - config.num_epochs) >= 0.02 * config.num_epochs:  # (the epoch lines show the rest)
+        run.log(f"time budget: epochs of {seconds:.2f} s of training, so {epochs} epochs fit the "
+                f"{config.time_budget:g} minutes, not the {config.num_epochs} planned; planned {epochs} epochs")
     # the image names' digits as the plan needs, fixed once the first epoch's pictures are written
     digits = runs.epoch_digits(epochs) if done == 1 else max(config.epoch_digits, runs.epoch_digits(epochs))
     config = dataclasses.replace(config, num_epochs=epochs, epoch_digits=digits)
