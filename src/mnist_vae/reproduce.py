@@ -117,11 +117,17 @@ def _selected_runs(args):
     """The runs --runs names (all by default; --quick leaves some out), each known by name."""
     if not args.runs:
         return [name for name, _ in RUNS if not (args.quick and name in QUICK_LEAVES_OUT)]
-    names = [name.strip() for name in args.runs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in dict(RUNS)]
+    return _known_names("runs", "run", args.runs, [name for name, _ in RUNS])
+
+
+def _known_names(flag, kind, text, known):
+    """The names of `text` (separated by commas) for --`flag`; a UserError naming the `known` ones where one
+    is not among them, or none is given."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise UserError(f"--runs {args.runs}: no run named {', '.join(unknown) or 'there'}; choose from "
-                        + ", ".join(name for name, _ in RUNS))
+        raise UserError(f"--{flag} {text}: no {kind} named {', '.join(unknown) or 'there'}; choose from "
+                        + ", ".join(known))
     return names
 
 
@@ -387,26 +393,14 @@ def recipe_settings(name):
     return {**(recipe_settings(parent) if parent else {}), **changes}
 
 
-def _selected_recipes(text):
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in RECIPES]
-    if unknown or not names:
-        raise UserError(f"--recipe {text}: no recipe named {', '.join(unknown) or 'there'}; choose from "
-                        + ", ".join(RECIPES))
-    return names
-
-
 def recipes_main(args):
     """mnist-vae reproduce --paper iwae --recipe NAMES: train each recipe for args.budget minutes (each
     resumable in OUT/runs/recipe_NAME) and write OUT/recipes.md and recipes.json over every recipe
     finished in OUT, those of earlier calls too."""
-    selected = _selected_recipes(args.recipe)
+    selected = _known_names("recipe", "recipe", args.recipe, list(RECIPES))
     if args.binarizations is not None:
         raise UserError("--binarizations applies to --paper iwae without --recipe; drop it")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    out = _paper_out(args)
     base = _paper_base(args)
     rows = []
     for name in RECIPES:
@@ -423,6 +417,15 @@ def recipes_main(args):
     files.write_text(out / "recipes.md", recipes_table(results))
     print(f"wrote {out / 'recipes.md'} and recipes.json")
     return 0
+
+
+def _paper_out(args):
+    """The --out folder of a --paper command, made with its runs/ folder; a UserError where it is a file."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _paper_base(args):
@@ -484,10 +487,7 @@ def paper_main(args):
     """mnist-vae reproduce --paper iwae: train PAPER_RUNS for args.budget minutes each (each resumable in
     its own folder), and write OUT/literature.md and literature.json."""
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out} is a file, not a folder; give a folder name")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    out = _paper_out(args)
     base = _paper_base(args)
     budget, k = base.time_budget, base.eval_k
     binarizations = args.binarizations if args.binarizations is not None else 2 if args.quick else 5
