@@ -414,6 +414,15 @@ def test_reproduce_recipes_table_what_each_change_did(tmp_path, capsys):
     assert f"| {rows['batch100']['nll']:.2f} ± {rows['batch100']['nll_stderr']:.2f} | {change:+.2f} |" in table
     assert "--recipe paper,batch100 --quick" in table
 
+    shutil.rmtree(out / "runs" / "recipe_paper")  # the run folders are not kept with the results; the rows are
+    result = main(capsys, "reproduce", "--paper", "iwae", "--recipe", "batch100", "--quick", "--out", out,
+                  "--data_dir", MNIST)
+    assert result.returncode == 0, result.stderr
+    kept = json.loads((out / "recipes.json").read_text())["rows"]
+    assert [row["recipe"] for row in kept] == ["paper", "batch100"] and kept[0]["nll"] == rows["paper"]["nll"]
+    assert kept[0]["command"].endswith("--recipe paper,batch100 --quick --out " + str(out))
+    assert "--recipe batch100 --quick" in (out / "recipes.md").read_text()
+
 
 @pytest.mark.parametrize("args, flag, code", [
     (["--paper", "iwae", "--recipe", "nothing"], "--recipe nothing", 1),

@@ -402,21 +402,39 @@ def recipes_main(args):
         raise UserError("--binarizations applies to --paper iwae without --recipe; drop it")
     out = _paper_out(args)
     base = _paper_base(args)
+    command, earlier = _paper_command(args), _earlier_recipes(out / "recipes.json", base)
     rows = []
     for name in RECIPES:
         config = replace(base, output=str(out / "runs" / f"recipe_{name}"), **recipe_settings(name))
         if name not in selected and _finished(config) is None:
-            continue  # neither asked for nor trained in OUT before
+            if name in earlier:  # not asked for, its run folder gone: the row an earlier call wrote stays
+                rows.append(earlier[name])
+            continue
         print(f"== recipe {name}: {RECIPES[name][2]}, {base.time_budget:g} minutes of training")
         _check_same_paper_run(config)
         rows.append({"recipe": name, "parent": RECIPES[name][0], "change": RECIPES[name][2],
-                     "settings": recipe_settings(name), **_paper_row(config)})
-    results = {"machine": machine(), "command": _paper_command(args), "budget_minutes": base.time_budget,
+                     "settings": recipe_settings(name), **_paper_row(config),
+                     "command": earlier.get(name, {}).get("command", command) if name not in selected else command,
+                     "cpu": machine()["cpu"]})
+    results = {"machine": machine(), "command": command, "budget_minutes": base.time_budget,
                "k": base.eval_k, "n_test": base.n_test or 10000, "settings": BURDA_MODEL, "rows": rows}
     files.write_json(out / "recipes.json", results)
     files.write_text(out / "recipes.md", recipes_table(results))
     print(f"wrote {out / 'recipes.md'} and recipes.json")
     return 0
+
+
+def _earlier_recipes(path, base):
+    """The rows of an earlier recipes.json by recipe, where it was made with the budget and k of `base`, so that
+    a later call adds to the table even where the run folders (not kept with the results) are gone."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        if (earlier["budget_minutes"], earlier["k"]) != (base.time_budget, base.eval_k):
+            return {}
+        return {row["recipe"]: {"command": earlier["command"], "cpu": earlier["machine"]["cpu"], **row}
+                for row in earlier["rows"] if row["recipe"] in RECIPES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _paper_out(args):
@@ -476,11 +494,17 @@ def recipes_table(results):
         "minutes are spent. For comparison, after 3,280 epochs: "
         "Table 1's VAE 86.76, IWAE k = 5 85.54, IWAE k = 50 84.78; two stochastic layers, IWAE k = 50, 82.90.",
         "",
-        f"Command: `{results['command']}`; machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({m['threads']} threads), Python {m['python']}.",
+        "Commands: " + ", ".join(f"`{c}`" for c in _distinct(row.get("command", results["command"]) for row in rows))
+        + f"; machine: {', '.join(_distinct(row.get('cpu', m['cpu']) for row in rows))}, {m['cores']} cores, "
+        f"torch {m['torch']} ({m['threads']} threads), Python {m['python']}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _distinct(values):
+    """The values in their first order, each once."""
+    return list(dict.fromkeys(values))
 
 
 def paper_main(args):
