@@ -473,7 +473,8 @@ def recipes_table(results):
     nll = {row["recipe"]: row["nll"] for row in rows}
     lines = [
         f"Burda et al.'s one-layer model (784–200–200–50 tanh, Bernoulli, dynamically binarized MNIST), or the "
-        f"model a recipe changes it to, trained by each recipe for {results['budget_minutes']:g} minutes. Test −log p(x) in nats, k = {results['k']} "
+        f"model a recipe changes it to, trained by each recipe for {results['budget_minutes']:g} minutes. "
+        f"Test −log p(x) in nats, k = {results['k']} "
         f"importance samples, {results['n_test']} test images; each recipe changes one thing of the one it "
         f"names, and the last column is what that change moved the NLL.",
         "",
