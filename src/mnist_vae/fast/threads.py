@@ -10,9 +10,10 @@ much CPU time the rest of the machine used on this process's cores (Linux's
 /proc/stat, less this process's own time) and sets torch's thread count to the
 cores left free, at least one, and back up to the starting count once they are
 free again. Results must not change with it, and mostly do not: the step's kernels
-give the same bits on any number of threads, and so do most products; but MKL splits
-the inner dimension of some small products between threads (seen here: the weight
-gradient of a layer with 6 or 10 outputs, as dim_z 3 or 5 give). So a run adapts only
+give the same bits on any number of threads, and so do many products; but MKL splits
+the inner dimension of some products between threads (on an AMD EPYC Zen 4: the weight
+gradient of a layer with 6 or 10 outputs, as dim_z 3 or 5 give; on an Intel Xeon with
+AMX: the products whose inner dimension is an image's 784 pixels). So a run adapts only
 after `products_thread_invariant` has computed each product of its own layers on one
 thread and on all and found the same bits; otherwise it keeps its count, and a run
 interrupted and resumed on a busy machine still matches one trained alone
