@@ -233,3 +233,13 @@ def test_a_run_whose_products_round_otherwise_keeps_its_count(tmp_path, tiny_dat
     monkeypatch.setattr(train_module, "products_thread_invariant", lambda *a: True)
     train(Config(output=str(tmp_path / "adapting"), **settings), log=lambda *a: None)
     assert made == [True, True, False, False]  # the loop's and the estimate's, in each run
+
+
+def test_importing_mnist_vae_turns_on_mkls_reproducible_mode_unless_the_user_chose_one():
+    show = "import os, mnist_vae; print(os.environ['MKL_CBWR'])"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    chosen = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "AUTO,STRICT"
+    kept = subprocess.run([sys.executable, "-c", show], env={**env, "MKL_CBWR": "COMPATIBLE"}, capture_output=True,
+                          text=True, check=True)
+    assert kept.stdout.strip() == "COMPATIBLE"

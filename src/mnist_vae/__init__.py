@@ -14,8 +14,15 @@ not wait for torch.
 """
 
 import importlib
+import os
 
 from .version import __version__
+
+# MKL's strict reproducibility mode: its float32 products (gemm) then give the same bits on any number
+# of threads, so the thread count may follow a busy machine's load without changing a run's numbers
+# (fast/threads.py). MKL reads the variable at its first product, hence here, before any; a value the
+# user set is kept.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __all__ = ["load", "train", "Model", "PRETRAINED", "prepare_images", "datasets", "ArgumentError",
            "ArgumentTypeError", "UserError", "__version__"]

@@ -9,14 +9,15 @@ in docs/speed.md). So every second or so `ThreadGovernor` reads how
 much CPU time the rest of the machine used on this process's cores (Linux's
 /proc/stat, less this process's own time) and sets torch's thread count to the
 cores left free, at least one, and back up to the starting count once they are
-free again. Results must not change with it, and mostly do not: the step's kernels
-give the same bits on any number of threads, and so do many products; but MKL splits
-the inner dimension of some products between threads (on an AMD EPYC Zen 4: the weight
-gradient of a layer with 6 or 10 outputs, as dim_z 3 or 5 give; on an Intel Xeon with
-AMX: the products whose inner dimension is an image's 784 pixels). So a run adapts only
-after `products_thread_invariant` has computed each product of its own layers on one
-thread and on all and found the same bits; otherwise it keeps its count, and a run
-interrupted and resumed on a busy machine still matches one trained alone
+free again. Results must not change with it: the step's kernels give the same bits on
+any number of threads, and so do MKL's products in its strict reproducibility mode,
+which importing mnist_vae turns on (MKL_CBWR, in __init__.py). Without that mode MKL
+splits the inner dimension of some products between threads (on an AMD EPYC Zen 4: the
+weight gradient of a layer with 6 or 10 outputs; on an Intel Xeon with AMX: the products
+whose inner dimension is an image's 784 pixels), and oneDNN promises nothing either. So
+a run adapts only after `products_thread_invariant` has computed each product of its own
+layers on one thread and on all and found the same bits; otherwise it keeps its count,
+and a run interrupted and resumed on a busy machine still matches one trained alone
 (tests/test_threads.py and the resume tests check both). Where /proc/stat cannot be
 read (macOS, Windows) the thread count is left alone.
 """
