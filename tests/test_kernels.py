@@ -113,6 +113,37 @@ def test_bernoulli_loss_and_its_gradient(implementation):
     assert torch.equal(d_rows, d_logits) and rows.sum().item() == log_p.item()
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("activation", ["elu", "tanh", "relu"])
+def test_the_forward_pass_alone_gives_the_same_activations_and_no_factor(implementation, activation, p):
+    a, bias = inputs()
+    key = layers.dropout_key() if p > 0 else None
+    function = kernels.ACTIVATION_DROPOUT[activation]
+    h, factor = function(a.clone(), bias, key, p)
+    h_alone, no_factor = function(a.clone(), bias, key, p, backward=False)
+    assert no_factor is None and factor is not None
+    assert torch.equal(h_alone, h)
+
+
+@pytest.mark.parametrize("cols", [784, 5, 37])
+def test_the_log_likelihood_of_draws_reads_each_image_once_for_its_n_draws(implementation, cols):
+    """bernoulli_log_p: row r of the logits is a draw for image r // n, summed over pixels as the
+    float64 reference sums them (cols not a multiple of the loop's 16 lanes take its tail too)."""
+    n = 3
+    images = max(11, -(-3001 // (n * cols)))  # inputs() writes its special values into the first 3001
+    logits, bias = inputs(n * images, cols)
+    torch.manual_seed(2)
+    x = torch.rand(images, cols)
+    x[:, : cols // 2] = (x[:, : cols // 2] > 0.5).float()
+    log_p = kernels.bernoulli_log_p(logits, bias, x, n)
+    l64 = logits.double() + bias.double()
+    target = x.double().repeat_interleave(n, dim=0)
+    reference = (target * l64 - F.softplus(l64)).sum(dim=1)
+    torch.testing.assert_close(log_p.double(), reference, rtol=1e-6, atol=1e-4)
+    by_row, _ = kernels.bernoulli_loss(logits, bias, x.repeat_interleave(n, dim=0), 1.0, by_row=True)
+    torch.testing.assert_close(log_p, by_row, rtol=1e-6, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (128, 500)])
 def test_the_activation_loops_drop_the_units_of_dropout_bits(implementation, shape):
     """The C loop draws a mask's bits itself from its key; they must be dropout_bits' bits, also where
@@ -137,7 +168,8 @@ def test_the_c_loops_give_the_same_on_any_number_of_threads():
         for threads in (1, 3):
             torch.set_num_threads(threads)
             results[threads] = (*kernels.tanh_dropout(a.clone(), bias, key, 0.3),
-                                *kernels.bernoulli_loss(a, bias, target, 0.01))
+                                *kernels.bernoulli_loss(a, bias, target, 0.01),
+                                kernels.bernoulli_log_p(a, bias, target, 1))
     finally:
         torch.set_num_threads(threads_before)
     for one, three in zip(results[1], results[3]):

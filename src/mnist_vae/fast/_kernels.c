@@ -112,11 +112,11 @@ static inline float log1p_0_to_1(float e) {
 /* The activations of activation_rows, by the number the Python side passes. */
 enum { ELU = 0, TANH = 1, RELU = 2 };
 
-/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. `kind` and `masked`
- * are constants after inlining, so that each case is its own loop: a load of bits[i] that might be skipped
+/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. `kind`, `masked`
+ * and `store` (whether the factor is written) are constants after inlining, so that each case is its own loop: a load of bits[i] that might be skipped
  * cannot be vectorised without AVX-512's masked loads. */
 static inline __attribute__((always_inline)) void activation_rows(
-        int kind, int masked, float *restrict a, const float *restrict bias, float *restrict factor,
+        int kind, int masked, int store, float *restrict a, const float *restrict bias, float *restrict factor,
         const int16_t *restrict bits, int16_t threshold, float scale, long rows, long cols) {
     for (long r = 0; r < rows; r++)
         for (long c = 0; c < cols; c++) {
@@ -125,35 +125,47 @@ static inline __attribute__((always_inline)) void activation_rows(
             if (kind == TANH) { /* 2 sigmoid(2x) - 1, as model.tanh_; factor = m (1 - tanh^2) */
                 float t = 2.0f / (1.0f + exp_f(-2.0f * x)) - 1.0f;
                 a[i] = t * m;
-                factor[i] = m * (1.0f - t * t);
+                if (store)
+                    factor[i] = m * (1.0f - t * t);
             } else if (kind == RELU) { /* max(x, 0); factor = m where x > 0, else 0 */
                 a[i] = (x > 0.0f ? x : 0.0f) * m;
-                factor[i] = x > 0.0f ? m : 0.0f;
+                if (store)
+                    factor[i] = x > 0.0f ? m : 0.0f;
             } else { /* elu; factor = m elu'(x) */
                 float e = x > 0.0f ? x : expm1_f(x);
                 a[i] = e * m;
-                factor[i] = (x > 0.0f ? 1.0f : e + 1.0f) * m;
+                if (store)
+                    factor[i] = (x > 0.0f ? 1.0f : e + 1.0f) * m;
             }
         }
 }
 
+/* The four loops of one activation: with or without a dropout mask, with or without the factor. */
+static inline __attribute__((always_inline)) void activation_cases(
+        int kind, float *restrict a, const float *restrict bias, float *restrict factor,
+        const int16_t *restrict bits, int16_t threshold, float scale, long rows, long cols) {
+    if (bits && factor)
+        activation_rows(kind, 1, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+    else if (bits)
+        activation_rows(kind, 1, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+    else if (factor)
+        activation_rows(kind, 0, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+    else
+        activation_rows(kind, 0, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+}
+
 /* h = act(a + bias) m, in place of a, and factor = m act'(a + bias), the backward pass's multiplier;
- * act is elu, tanh or relu (`kind`); bits == NULL: no dropout. Each case is its own vectorised loop. */
+ * act is elu, tanh or relu (`kind`); bits == NULL: no dropout; factor == NULL: the forward pass alone
+ * (the estimate's), which saves a store per unit. Each case is its own vectorised loop. */
 VECTOR_CLONES static void activation_dropout(int kind, float *restrict a, const float *restrict bias,
                                              float *restrict factor, const int16_t *restrict bits,
                                              int16_t threshold, float scale, long rows, long cols) {
-    if (kind == TANH && bits)
-        activation_rows(TANH, 1, a, bias, factor, bits, threshold, scale, rows, cols);
-    else if (kind == TANH)
-        activation_rows(TANH, 0, a, bias, factor, bits, threshold, scale, rows, cols);
-    else if (kind == RELU && bits)
-        activation_rows(RELU, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+    if (kind == TANH)
+        activation_cases(TANH, a, bias, factor, bits, threshold, scale, rows, cols);
     else if (kind == RELU)
-        activation_rows(RELU, 0, a, bias, factor, bits, threshold, scale, rows, cols);
-    else if (bits)
-        activation_rows(ELU, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_cases(RELU, a, bias, factor, bits, threshold, scale, rows, cols);
     else
-        activation_rows(ELU, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_cases(ELU, a, bias, factor, bits, threshold, scale, rows, cols);
 }
 
 /* For l = logits + bias: terms = target l - softplus(l), the Bernoulli log-likelihood of each pixel
@@ -172,6 +184,33 @@ VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const flo
             terms[i] = y * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(w));
             d_logits[i] = ((l >= 0.0f ? 1.0f : e) / w - y) * scale;
         }
+}
+
+/* The estimate's log-likelihood, with no gradient: out[r] = sum over pixels of x l - softplus(l), for
+ * l = logits + bias of row r and x the image of row r, row r / n of `images` (n draws of z per image, so
+ * that no expanded copy of the images is made). Each row is summed in LANES partial sums, a vector's
+ * worth, then those in order: one thread sums a row, in one order, however many threads there are. */
+#define LANES 16
+VECTOR_CLONES static void bernoulli_log_p(const float *restrict logits, const float *restrict bias,
+                                          const float *restrict images, float *restrict out, long n,
+                                          long first_row, long rows, long cols) {
+    for (long r = 0; r < rows; r++) {
+        const float *l_row = logits + r * cols, *x = images + ((first_row + r) / n) * cols;
+        float partial[LANES] = {0.0f}, total = 0.0f;
+        long c = 0;
+        for (; c + LANES <= cols; c += LANES)
+            for (long j = 0; j < LANES; j++) {
+                float l = l_row[c + j] + bias[c + j], e = exp_f(l > 0.0f ? -l : l);
+                partial[j] += x[c + j] * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(1.0f + e));
+            }
+        for (long j = 0; j < LANES; j++)
+            total += partial[j];
+        for (; c < cols; c++) {
+            float l = l_row[c] + bias[c], e = exp_f(l > 0.0f ? -l : l);
+            total += x[c] * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(1.0f + e));
+        }
+        out[r] = total;
+    }
 }
 
 /* The reparameterisation of a batch of rows: gaussian = [mu, s] (rows x 2 dim_z), std = softplus(s) + 1e-6,
@@ -236,7 +275,7 @@ static PyObject *py_activation(PyObject *args, int kind) {
     long n_bits = (rows * cols + 3) / 4;
     if (masked && !(bits = malloc((n_bits > 0 ? n_bits : 1) * sizeof(uint64_t))))
         return PyErr_NoMemory();
-    float *h = (float *)(uintptr_t)a, *f = (float *)(uintptr_t)factor;
+    float *h = (float *)(uintptr_t)a, *f = (float *)(uintptr_t)factor; /* factor 0: not written */
 #pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
     {
         long begin, end;
@@ -246,7 +285,7 @@ static PyObject *py_activation(PyObject *args, int kind) {
         }
 #pragma omp barrier
         my_share(rows, &begin, &end);
-        activation_dropout(kind, h + begin * cols, (const float *)(uintptr_t)bias, f + begin * cols,
+        activation_dropout(kind, h + begin * cols, (const float *)(uintptr_t)bias, f ? f + begin * cols : NULL,
                            bits ? (const int16_t *)bits + begin * cols : NULL, (int16_t)threshold, scale,
                            end - begin, cols);
     }
@@ -272,6 +311,22 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
         bernoulli_loss((const float *)(uintptr_t)logits + offset, (const float *)(uintptr_t)bias,
                        (const float *)(uintptr_t)target + offset, (float *)(uintptr_t)terms + offset,
                        (float *)(uintptr_t)d_logits + offset, scale, end - begin, cols);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_bernoulli_log_p(PyObject *self, PyObject *args) {
+    unsigned long long logits, bias, images, out;
+    long n, rows, cols;
+    if (!PyArg_ParseTuple(args, "KKKKlll", &logits, &bias, &images, &out, &n, &rows, &cols))
+        return NULL;
+#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
+    {
+        long begin, end;
+        my_share(rows, &begin, &end);
+        bernoulli_log_p((const float *)(uintptr_t)logits + begin * cols, (const float *)(uintptr_t)bias,
+                        (const float *)(uintptr_t)images, (float *)(uintptr_t)out + begin, n, begin, end - begin,
+                        cols);
     }
     Py_RETURN_NONE;
 }
@@ -319,6 +374,7 @@ static PyMethodDef methods[] = {
     {"relu_dropout", py_relu_dropout, METH_VARARGS, "relu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
      "bernoulli_loss(logits, bias, target, terms, d_logits, scale, rows, cols)"},
+    {"bernoulli_log_p", py_bernoulli_log_p, METH_VARARGS, "bernoulli_log_p(logits, bias, images, out, n, rows, cols)"},
     {"gaussian_sample", py_gaussian_sample, METH_VARARGS, "gaussian_sample(gaussian, eps, z, std, kl, rows, dim_z)"},
     {"gaussian_backward", py_gaussian_backward, METH_VARARGS,
      "gaussian_backward(gaussian, eps, std, d_z, d_gaussian, inv_batch, rows, dim_z)"},

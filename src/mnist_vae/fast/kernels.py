@@ -70,59 +70,66 @@ if _kernels is not None:
 # ---------------------------------------------------------------- the step's elementwise work
 
 
-def elu_dropout(a, bias, key, p):
-    """h = elu(a + bias) m, written into a, and m elu'(a + bias), the backward pass's factor;
-    m is the dropout mask of dropout_bits(a.numel(), key=key) (key None: no dropout), 0 or 1/(1-p)."""
-    done = _activation_in_c("elu_dropout", a, bias, key, p)
+def elu_dropout(a, bias, key, p, backward=True):
+    """h = elu(a + bias) m, written into a, and m elu'(a + bias), the backward pass's factor (None where
+    `backward` is False: the forward pass alone); m is the dropout mask of dropout_bits(a.numel(),
+    key=key) (key None: no dropout), 0 or 1/(1-p)."""
+    done = _activation_in_c("elu_dropout", a, bias, key, p, backward)
     if done:
         return done
     e = F.elu(a.add_(bias))
-    factor = e.clamp(max=0).add_(1)  # elu'(x) = min(elu(x), 0) + 1
+    factor = e.clamp(max=0).add_(1) if backward else None  # elu'(x) = min(elu(x), 0) + 1
     if key is not None:
         m = dropout_mask(a.shape, p, a.device, key)
-        e.mul_(m), factor.mul_(m)
+        e.mul_(m)
+        if backward:
+            factor.mul_(m)
     return a.copy_(e), factor
 
 
-def tanh_dropout(a, bias, key, p):
-    """h = tanh(a + bias) m, written into a, as tanh_ computes it, and m (1 - tanh²)."""
-    done = _activation_in_c("tanh_dropout", a, bias, key, p)
+def tanh_dropout(a, bias, key, p, backward=True):
+    """h = tanh(a + bias) m, written into a, as tanh_ computes it, and m (1 - tanh²) where `backward`."""
+    done = _activation_in_c("tanh_dropout", a, bias, key, p, backward)
     if done:
         return done
     t = tanh_(a.add_(bias))
-    factor = torch.addcmul(torch.ones_like(t), t, t, value=-1)
+    factor = torch.addcmul(torch.ones_like(t), t, t, value=-1) if backward else None
     if key is not None:
         m = dropout_mask(a.shape, p, a.device, key)
-        t.mul_(m), factor.mul_(m)
+        t.mul_(m)
+        if backward:
+            factor.mul_(m)
     return t, factor
 
 
-def relu_dropout(a, bias, key, p):
-    """h = relu(a + bias) m, written into a, and m where a + bias > 0, else 0."""
-    done = _activation_in_c("relu_dropout", a, bias, key, p)
+def relu_dropout(a, bias, key, p, backward=True):
+    """h = relu(a + bias) m, written into a, and m where a + bias > 0, else 0, where `backward`."""
+    done = _activation_in_c("relu_dropout", a, bias, key, p, backward)
     if done:
         return done
     x = a.add_(bias)
-    factor = torch.gt(x, 0, out=torch.empty_like(x))
+    factor = torch.gt(x, 0, out=torch.empty_like(x)) if backward else None
     x.relu_()
     if key is not None:
         m = dropout_mask(a.shape, p, a.device, key)
-        x.mul_(m), factor.mul_(m)
+        x.mul_(m)
+        if backward:
+            factor.mul_(m)
     return x, factor
 
 
-# The activations the fused step computes, by name: (h, factor) = function(a, bias, key, p).
+# The activations the fused step computes, by name: (h, factor) = function(a, bias, key, p, backward=True).
 ACTIVATION_DROPOUT = {"elu": elu_dropout, "tanh": tanh_dropout, "relu": relu_dropout}
 
 
-def _activation_in_c(name, a, bias, key, p):
-    """(h, factor) from the C loop `name`, which draws the mask's bits itself, or None where the
-    tensors do not suit it."""
+def _activation_in_c(name, a, bias, key, p, backward):
+    """(h, factor) from the C loop `name`, which draws the mask's bits itself (factor None where not
+    `backward`: the loop then does not write it), or None where the tensors do not suit it."""
     if not _use_c(a, bias):
         return None
-    factor = torch.empty_like(a)
-    getattr(_kernels, name)(a.data_ptr(), bias.data_ptr(), factor.data_ptr(), key is not None, key or 0,
-                            keep_threshold(p), 1 / (1 - p), *a.shape)
+    factor = torch.empty_like(a) if backward else None
+    getattr(_kernels, name)(a.data_ptr(), bias.data_ptr(), factor.data_ptr() if backward else 0, key is not None,
+                            key or 0, keep_threshold(p), 1 / (1 - p), *a.shape)
     return a, factor
 
 
@@ -142,6 +149,19 @@ def bernoulli_loss(logits, bias, target, scale, by_row=False):
     logits = logits + bias
     rows = (target * logits - F.softplus(logits)).sum(dim=1)
     return (rows if by_row else rows.sum()), torch.sigmoid(logits).sub_(target).mul_(scale)
+
+
+def bernoulli_log_p(logits, bias, images, n):
+    """log p(image | l) of each row of l = logits + bias, the sum over pixels of x l - softplus(l), where
+    row r's image x is row r // n of `images` (n draws of z per image); the estimate's forward pass alone.
+    In C each row is summed in one order however many threads there are."""
+    if _use_c(logits, bias, images):
+        out = torch.empty(logits.shape[0], device=logits.device)
+        _kernels.bernoulli_log_p(logits.data_ptr(), bias.data_ptr(), images.data_ptr(), out.data_ptr(), n,
+                                 *logits.shape)
+        return out
+    logits = (logits + bias).view(images.shape[0], n, images.shape[1])
+    return (images[:, None] * logits - F.softplus(logits)).sum(dim=2).view(-1)
 
 
 def gaussian_sample(gaussian, eps):
