@@ -140,7 +140,7 @@ def matrix_products(request, monkeypatch, two_threads):
     Adam, the estimate) gives the same bits on any count; or left alone, where this CPU's routine gives
     the same bits on one thread as on two for the default model (MKL does not for every shape on every
     CPU, and a run then keeps its count: test_a_run_whose_products_round_otherwise_keeps_its_count)."""
-    if request.param.startswith("products on one thread"):
+    if request.param == "products on one thread":
         for owner, name in ((torch, "mm"), (torch, "addmm"), (torch.nn.functional, "linear"),
                             (products, "_onednn")):
             monkeypatch.setattr(owner, name, _on_one_thread(getattr(owner, name)))

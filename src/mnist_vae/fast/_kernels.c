@@ -113,8 +113,8 @@ static inline float log1p_0_to_1(float e) {
 enum { ELU = 0, TANH = 1, RELU = 2 };
 
 /* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. `kind`, `masked`
- * and `store` (whether the factor is written) are constants after inlining, so that each case is its own loop: a load of bits[i] that might be skipped
- * cannot be vectorised without AVX-512's masked loads. */
+ * and `store` (whether the factor is written) are constants after inlining, so that each case is its own
+ * loop: a load of bits[i] that might be skipped cannot be vectorised without AVX-512's masked loads. */
 static inline __attribute__((always_inline)) void activation_rows(
         int kind, int masked, int store, float *restrict a, const float *restrict bias, float *restrict factor,
         const int16_t *restrict bits, int16_t threshold, float scale, long rows, long cols) {
@@ -168,6 +168,12 @@ VECTOR_CLONES static void activation_dropout(int kind, float *restrict a, const 
         activation_cases(ELU, a, bias, factor, bits, threshold, scale, rows, cols);
 }
 
+/* The Bernoulli log-likelihood of one pixel y under logit l, y l - softplus(l), with e = e^-|l|:
+ * softplus(l) = max(l, 0) + log(1 + e). */
+static inline float bernoulli_term(float l, float y, float e) {
+    return y * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(1.0f + e));
+}
+
 /* For l = logits + bias: terms = target l - softplus(l), the Bernoulli log-likelihood of each pixel
  * (summed by the caller, in pairs, more exactly than a running float sum), and
  * d_logits = (sigmoid(l) - target) scale, the gradient of -log p. */
@@ -180,8 +186,7 @@ VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const flo
             float l = logits[i] + bias[c], y = target[i];
             float e = exp_f(l > 0.0f ? -l : l); /* e^-|l| in (0, 1] */
             float w = 1.0f + e;
-            /* softplus(l) = max(l, 0) + log(1 + e^-|l|); sigmoid(l) = 1/w or e/w */
-            terms[i] = y * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(w));
+            terms[i] = bernoulli_term(l, y, e);  /* sigmoid(l) = 1/w or e/w */
             d_logits[i] = ((l >= 0.0f ? 1.0f : e) / w - y) * scale;
         }
 }
@@ -200,14 +205,14 @@ VECTOR_CLONES static void bernoulli_log_p(const float *restrict logits, const fl
         long c = 0;
         for (; c + LANES <= cols; c += LANES)
             for (long j = 0; j < LANES; j++) {
-                float l = l_row[c + j] + bias[c + j], e = exp_f(l > 0.0f ? -l : l);
-                partial[j] += x[c + j] * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(1.0f + e));
+                float l = l_row[c + j] + bias[c + j];
+                partial[j] += bernoulli_term(l, x[c + j], exp_f(l > 0.0f ? -l : l));
             }
         for (long j = 0; j < LANES; j++)
             total += partial[j];
         for (; c < cols; c++) {
-            float l = l_row[c] + bias[c], e = exp_f(l > 0.0f ? -l : l);
-            total += x[c] * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(1.0f + e));
+            float l = l_row[c] + bias[c];
+            total += bernoulli_term(l, x[c], exp_f(l > 0.0f ? -l : l));
         }
         out[r] = total;
     }
