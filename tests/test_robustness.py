@@ -1,4 +1,4 @@
-"""Issue #11, as a new user meets it: two runs in one folder, writes that fail (a full tmpfs, a read-only
+"""What a new user meets: two runs in one folder, writes that fail (a full tmpfs, a read-only
 folder, a name too long), impossible settings, damaged datasets and checkpoints (property-based, with
 hypothesis), users' images as drawing apps make them, runs that can always be continued or replaced,
 Ctrl-C at the end of a run, and small things. Every failure is one line, and nothing on disk is lost.
@@ -137,7 +137,7 @@ def test_commands_that_write_into_a_run_in_use_are_refused(run_copy, digit, tmp_
 
 
 def test_two_trainings_started_into_one_folder(tmp_path, data):
-    """The issue's example: `mnist-vae --output r --num_epochs 2 & sleep 0.3; mnist-vae --output r --dim_z 2`."""
+    """Two runs into one folder: `mnist-vae --output r --num_epochs 2 & sleep 0.3; mnist-vae --output r --dim_z 2`."""
     out = tmp_path / "r"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     common = [sys.executable, str(ROOT / "main.py"), "--n_hidden", "32", "--batch_size", "32", "--PRR_n_img_x", "4",

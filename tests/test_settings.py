@@ -1,4 +1,4 @@
-"""The settings behind the literature's models (issue #16): the MLP's depth and activation, Adam's epsilon,
+"""The settings behind the literature's models: the MLP's depth and activation, Adam's epsilon,
 the learning-rate schedules with warm-up, and the time budget; each through the model seam and the step that
 fits it, each surviving --resume bit for bit, and checkpoints from before them loading as the old program's model."""
 
