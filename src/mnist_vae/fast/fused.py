@@ -145,6 +145,10 @@ class FusedTrainStep:
         # Each MLP as [(index in self.layers, activation, dropout p)], its last layer's activation None.
         encoder, decoder = mlp_layers(model.encoder), mlp_layers(model.decoder)
         self.layers = [linear for linear, _, _ in encoder + decoder]
+        # The parameters, looked up once: Adam and checkpoints change them in place, and nn.Module's
+        # attribute lookup costs more than the arithmetic of a small layer's bias.
+        self.weights = [layer.weight for layer in self.layers]
+        self.biases = [layer.bias for layer in self.layers]
         self.encoder = [(i, activation, p) for i, (_, activation, p) in enumerate(encoder)]
         self.decoder = [(len(encoder) + i, activation, p) for i, (_, activation, p) in enumerate(decoder)]
         # torch.mm, or oneDNN where the rule says; bfloat16 copies of the operands with --precision bf16
@@ -267,8 +271,7 @@ class FusedTrainStep:
         return torch.stack([neg_elbo, -reconstruction, kl, loss])  # as model.VAE.loss
 
     def _parameters(self, index):
-        layer = self.layers[index]
-        return layer.weight, layer.bias
+        return self.weights[index], self.biases[index]
 
     def _hidden_layers(self, mlp, v):
         """The hidden layers of `mlp` on v: the input of each of its layers (the last's is the hidden
@@ -293,7 +296,7 @@ class FusedTrainStep:
     def _linear_backward(self, index, d_out, inputs, need_input_grad=True):
         """The gradients of layer `index`, y = inputs W' + b, and with adam_by_layer its Adam update
         (after W's last use in this step); return d(inputs)."""
-        weight = self.layers[index].weight
+        weight = self.weights[index]
         grad_weight, grad_bias = self.grads[index]
         into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
         grad_weight = self.products.weight_grad(d_out, inputs, out=into)
@@ -330,20 +333,22 @@ class FusedTrainStep:
             for p, view in zip(parameters, self.steps):
                 state[p]["step"] = view
             self.counts = counts
+            # Each layer's tensors as _fused_adam_ takes them, gathered once for every step that follows.
+            self.adam_tensors = [
+                ([w, b], [state[w]["exp_avg"], state[b]["exp_avg"]], [state[w]["exp_avg_sq"], state[b]["exp_avg_sq"]],
+                 [state[w]["step"], state[b]["step"]]) for w, b in zip(self.weights, self.biases)]
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        self.adam_options = dict(amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         self.counts.add_(1)
 
     def _adam(self, index, grad_weight, grad_bias):
         """torch.optim.Adam(fused=True).step() for the weight and bias of one layer, without its
-        per-call Python bookkeeping."""
-        group = self.optimizer.param_groups[0]
-        layer = self.layers[index]
-        states = [self.optimizer.state[layer.weight], self.optimizer.state[layer.bias]]
-        beta1, beta2 = group["betas"]
-        torch._fused_adam_(
-            [layer.weight, layer.bias], [grad_weight, grad_bias], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
-            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-            maximize=False)
+        per-call Python bookkeeping (the options are read once a step, by _count_adam_step)."""
+        parameters, exp_avgs, exp_avg_sqs, steps = self.adam_tensors[index]
+        torch._fused_adam_(parameters, [grad_weight, grad_bias], exp_avgs, exp_avg_sqs, [], steps,
+                           **self.adam_options)
 
 
 def _continuous_bernoulli_log_norm_grad(logits):

@@ -51,8 +51,12 @@ def description():
 
 
 def _use_c(*tensors):
-    return available() and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
-                               for t in tensors)
+    if not available():
+        return False
+    for t in tensors:  # a loop, not all(...): this runs a dozen times a step
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
 
 
 def _splitmix64(key, n):
