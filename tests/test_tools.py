@@ -94,7 +94,8 @@ def test_reproduce_again_reuses_finished_runs(reproduced):
 
 def test_bench_quick_measures_and_writes_json(tmp_path):
     path = tmp_path / "bench.json"
-    result = run_command("bench", "--quick", "--json", path, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    result = run_command("bench", "--quick", "--k", "1000", "5000", "--json", path,
+                         env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     results = json.loads(path.read_text())
     (row,) = results["training"]
@@ -110,13 +111,14 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert row["ratio"] == pytest.approx(row["epochs_s"][0] / row["floors_s"][0])
     assert row["images_per_s"] == pytest.approx(3000 / row["epoch_s"])
     evaluation = results["evaluation"]
-    assert evaluation["test_images"] == 500 and evaluation["iw_k"] == 10
-    assert evaluation["iw_ratio"] == pytest.approx(evaluation["iw_seconds"] / evaluation["iw_floor_s"])
+    (estimate,) = evaluation["log_likelihood"]  # --k 1000 5000 in quick mode: k = 10 once
+    assert evaluation["test_images"] == 500 and estimate["k"] == 10
+    assert estimate["ratio"] == pytest.approx(estimate["seconds"] / estimate["floor_s"])
     assert 50 < results["peak_rss_mb"] < 4000 and 0 < results["startup_help_s"] < 10
     # The printed table carries the same numbers.
     assert re.search(rf"defaults +fused +4 +128 +{row['epoch_s']:.2f} +{row['floor_s']:.2f} +{row['ratio']:.2f}",
                      result.stdout), result.stdout
-    assert f"floor {evaluation['iw_floor_s']:.1f} s" in result.stdout
+    assert f"k=10, 500 test images: {estimate['seconds']:.1f} s, floor {estimate['floor_s']:.1f} s" in result.stdout
     assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
     # Every routine is timed, the floors use the fastest, and the table says which the step uses.
     by_name = {r["routine"]: r for r in results["routines"]}

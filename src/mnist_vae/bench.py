@@ -62,8 +62,9 @@ def main(prog, args):
     parser = Parser(prog=f"{prog} bench", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=integer(1, 1000), default=5,
                         help="timed epochs per setting, each after its own floor, after one warm-up pair (5)")
-    parser.add_argument("--k", type=integer(0), default=1000,
-                        help="importance samples for the log-likelihood timing; 0 skips it (1000)")
+    parser.add_argument("--k", type=integer(0), nargs="+", default=[1000], metavar="K",
+                        help="importance samples for the log-likelihood timing, one timing for each K given "
+                             "(--k 1000 5000); 0 skips it (1000)")
     parser.add_argument("--json", metavar="PATH", type=text, help="also write the results as JSON here")
     parser.add_argument("--device", default="cpu", type=choice("auto", "cpu", "cuda", "mps"),
                         help="where to measure (default cpu)")
@@ -76,10 +77,10 @@ def main(prog, args):
     device = resolve_device(args.device)
     base = Config(device=str(device))
     settings = SETTINGS
-    epochs, k = args.epochs, args.k
+    epochs, ks = args.epochs, [k for k in dict.fromkeys(args.k) if k > 0]
     if args.quick:
         base = replace(base, n_train=3000, n_test=500)
-        settings, epochs, k = {"defaults": {}}, 1, min(k, 10)
+        settings, epochs, ks = {"defaults": {}}, 1, sorted({min(k, 10) for k in ks})
 
     results = {"machine": {**machine(), "device": str(device), "lscpu": products.cpu()}, "training": []}
     print(f"bench: on {products.describe_cpu(results['machine']['lscpu'])}", file=sys.stderr)
@@ -112,7 +113,7 @@ def main(prog, args):
                                          unloaded_s=results["training"][0]["epoch_s"])
         run_dir = f"{tmp}/defaults"
         print("bench: evaluation ...", file=sys.stderr)
-        results["evaluation"] = bench_evaluation(run_dir, device, k, matmul["fp32"])
+        results["evaluation"] = bench_evaluation(run_dir, device, ks, matmul["fp32"])
         print("bench: memory of a default training run ...", file=sys.stderr)
         results["peak_rss_mb"] = peak_rss_of_training_run(base, f"{tmp}/memory")
     results["startup_help_s"] = startup_seconds()
@@ -307,8 +308,9 @@ def _synchronize(device):
         torch.mps.synchronize()
 
 
-def bench_evaluation(run_dir, device, k, matmul=None):
-
+def bench_evaluation(run_dir, device, ks, matmul=None):
+    """Test -ELBO in images per second, and for each k in `ks` the importance-weighted log-likelihood's
+    seconds over the test images against its floor (the decoder's products for every draw of z)."""
 
     config, _, tensors = checkpoint.load(run_dir)
     model = checkpoint.build_model(config, tensors).to(device)
@@ -320,16 +322,18 @@ def bench_evaluation(run_dir, device, k, matmul=None):
         evaluate(model, test)
         _synchronize(device)
         times.append(time.perf_counter() - started)
-    result = {"test_images": len(test), "elbo_images_per_s": len(test) / statistics.median(times)}
-    if k > 0:
+    result = {"test_images": len(test), "elbo_images_per_s": len(test) / statistics.median(times),
+              "log_likelihood": []}
+    decoder = [(m.in_features, m.out_features) for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    for k in ks:
+        print(f"bench: evaluation, the log-likelihood at k={k} ...", file=sys.stderr)
         started = time.perf_counter()
         nll, stderr = log_likelihood_estimate(model, test, k, progress=False)
         _synchronize(device)
         seconds = time.perf_counter() - started
-        decoder = [(m.in_features, m.out_features) for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
         floor = iw_floor_seconds(len(test) * k, decoder, device, matmul=matmul)
-        result.update(iw_k=k, iw_seconds=seconds, iw_floor_s=floor, iw_ratio=seconds / floor, iw_nll=nll,
-                      iw_nll_stderr=stderr)
+        result["log_likelihood"].append({"k": k, "seconds": seconds, "floor_s": floor, "ratio": seconds / floor,
+                                         "nll": nll, "nll_stderr": stderr})
     return result
 
 
@@ -411,10 +415,10 @@ def format_table(results):
                       f"{b['fixed_threads']}: {b['fixed_epoch_s']:.2f} s, {b['fixed_ratio']:.2f} x"]
     e = results["evaluation"]
     lines += ["", f"evaluation: test -ELBO {e['elbo_images_per_s']:,.0f} images/s"]
-    if "iw_k" in e:
-        lines.append(f"evaluation: IW log-likelihood, k={e['iw_k']}, {e['test_images']} test images: "
-                     f"{e['iw_seconds']:.1f} s, floor {e['iw_floor_s']:.1f} s, ratio {e['iw_ratio']:.2f} "
-                     f"(NLL {e['iw_nll']:.2f} ± {e['iw_nll_stderr']:.2f} of the 1-epoch model)")
+    for row in e["log_likelihood"]:
+        lines.append(f"evaluation: IW log-likelihood, k={row['k']}, {e['test_images']} test images: "
+                     f"{row['seconds']:.1f} s, floor {row['floor_s']:.1f} s, ratio {row['ratio']:.2f} "
+                     f"(NLL {row['nll']:.2f} ± {row['nll_stderr']:.2f} of the 1-epoch model)")
     lines += [f"peak resident memory of a training run: {results['peak_rss_mb']:.0f} MB",
               f"start-up, mnist-vae --help: {results['startup_help_s']:.2f} s"]
     return "\n".join(lines)
