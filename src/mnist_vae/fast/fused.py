@@ -149,6 +149,7 @@ class FusedTrainStep:
         # attribute lookup costs more than the arithmetic of a small layer's bias.
         self.weights = [layer.weight for layer in self.layers]
         self.biases = [layer.bias for layer in self.layers]
+        self.weight_operands = [None] * len(self.layers)  # this step's, as the products take them
         self.encoder = [(i, activation, p) for i, (_, activation, p) in enumerate(encoder)]
         self.decoder = [(len(encoder) + i, activation, p) for i, (_, activation, p) in enumerate(decoder)]
         # torch.mm, or oneDNN where the rule says; bfloat16 copies of the operands with --precision bf16
@@ -199,10 +200,14 @@ class FusedTrainStep:
             # Forward, keeping what the backward pass needs: each layer's input and each hidden
             # layer's factor f = m act'(a) that turns d(loss)/dh into d(loss)/da. Biases are added in the
             # kernels.
-            encoder_inputs, encoder_factors = self._hidden_layers(self.encoder, x)
-            W, b = self._parameters(self.encoder[-1][0])
-            h = encoder_inputs[-1]
-            gaussian = self.products.linear(h, W).add_(b) if self.products.onednn else torch.addmm(b, h, W.t())
+            encoder_inputs, encoder_factors, h = self._hidden_layers(self.encoder, x)
+            index = self.encoder[-1][0]
+            W, b = self.weights[index], self.biases[index]
+            W_operand = self._weight_operand(index)
+            if self.products.onednn:
+                gaussian = self.products.linear(encoder_inputs[-1], W_operand).add_(b)
+            else:  # in float32, also with --precision bf16
+                gaussian = torch.addmm(b, h, W.t())
             if not iwae:
                 eps = torch.randn(batch, dim_z, device=x.device)
                 z, std, kl = kernels.gaussian_sample(gaussian, eps)
@@ -214,9 +219,10 @@ class FusedTrainStep:
                 kl = (0.5 * (mu.square() + std.square() - 1) - std.log()).sum()
             if y is not None:
                 z = torch.cat([z, y if k == 1 else y.repeat(k, 1)], dim=1)
-            decoder_inputs, decoder_factors = self._hidden_layers(self.decoder, z)
-            W, b = self._parameters(self.decoder[-1][0])
-            logits = self.products.linear(decoder_inputs[-1], W)
+            decoder_inputs, decoder_factors, _ = self._hidden_layers(self.decoder, z)
+            index = self.decoder[-1][0]
+            b = self.biases[index]
+            logits = self.products.linear(decoder_inputs[-1], self._weight_operand(index))
 
             # log p = target logits - softplus(logits), as model.log_likelihood; and
             # d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part.
@@ -270,19 +276,25 @@ class FusedTrainStep:
             self.optimizer.step()
         return torch.stack([neg_elbo, -reconstruction, kl, loss])  # as model.VAE.loss
 
-    def _parameters(self, index):
-        return self.weights[index], self.biases[index]
+    def _weight_operand(self, index):
+        """Layer `index`'s weight as the products take it, kept for its input gradient in the backward pass,
+        before Adam changes the weight."""
+        self.weight_operands[index] = self.products.operand(self.weights[index])
+        return self.weight_operands[index]
 
     def _hidden_layers(self, mlp, v):
-        """The hidden layers of `mlp` on v: the input of each of its layers (the last's is the hidden
-        layers' output), and each hidden layer's factor."""
-        inputs, factors = [v], []
+        """The hidden layers of `mlp` on v: the input of each of its layers as the products take it (the
+        last's is the hidden layers' output), each hidden layer's factor, and their output itself.
+
+        With --precision bf16 an operand is a bfloat16 copy, made once for the forward product and
+        the weight gradient's, as the weights' are made once for the forward and the input gradient's."""
+        inputs, factors = [self.products.operand(v)], []
         for index, activation, p in mlp[:-1]:
-            W, b = self._parameters(index)
-            v, factor = kernels.ACTIVATION_DROPOUT[activation](self.products.linear(v, W), b, self._key(p), p)
-            inputs.append(v)
+            a = self.products.linear(inputs[-1], self._weight_operand(index))
+            v, factor = kernels.ACTIVATION_DROPOUT[activation](a, self.biases[index], self._key(p), p)
+            inputs.append(self.products.operand(v))
             factors.append(factor)
-        return inputs, factors
+        return inputs, factors, v
 
     def _backward(self, mlp, d_out, inputs, factors, need_input_grad=True):
         """Back through `mlp` from d(loss)/d(its output): every layer's gradients (and Adam's update);
@@ -296,12 +308,12 @@ class FusedTrainStep:
     def _linear_backward(self, index, d_out, inputs, need_input_grad=True):
         """The gradients of layer `index`, y = inputs W' + b, and with adam_by_layer its Adam update
         (after W's last use in this step); return d(inputs)."""
-        weight = self.weights[index]
         grad_weight, grad_bias = self.grads[index]
         into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
-        grad_weight = self.products.weight_grad(d_out, inputs, out=into)
+        d_operand = self.products.operand(d_out)
+        grad_weight = self.products.weight_grad(d_operand, inputs, out=into)
         torch.sum(d_out, dim=0, out=grad_bias)
-        d_inputs = self.products.input_grad(d_out, weight) if need_input_grad else None
+        d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
         if self.adam_by_layer:
             self._adam(index, grad_weight, grad_bias)
         return d_inputs

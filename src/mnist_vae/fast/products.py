@@ -145,6 +145,11 @@ class Products:
         self.name = "torch.mm, bfloat16" if self.bf16 else name or routine(device)
         self.onednn = self.name == "oneDNN"
 
+    def operand(self, t):
+        """t as the products take it: a bfloat16 copy with precision bf16 (the methods below take one
+        as it is, so that an operand used by two products is converted once), else t itself."""
+        return t.bfloat16() if self.bf16 else t
+
     def linear(self, x, weight):
         if self.bf16:
             return torch.mm(x.bfloat16(), weight.bfloat16().t()).float()
