@@ -120,6 +120,8 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
                      result.stdout), result.stdout
     assert f"k=10, 500 test images: {estimate['seconds']:.1f} s, floor {estimate['floor_s']:.1f} s" in result.stdout
     assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
+    assert row["products_and_adam_ratio"] == pytest.approx((row["floor_s"] + row["adam_s"]) / row["floor_s"])
+    assert re.search(rf" {row['products_and_adam_ratio']:.2f}\n\(floor s: ", result.stdout), result.stdout
     # Every routine is timed, the floors use the fastest, and the table says which the step uses.
     by_name = {r["routine"]: r for r in results["routines"]}
     assert {"torch.mm", "NumPy"} <= set(by_name) and results["step_routine"] in by_name

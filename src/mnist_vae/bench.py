@@ -141,12 +141,15 @@ def bench_training(config, device, epochs, matmul=None):
     ratio = statistics.median(e / f for e, f in pairs[1:])
     epoch = statistics.median(epochs_s)
     n_steps = math.ceil(n_train / config.batch_size)
+    fixed = fixed_costs_seconds(config, device, n_train)
     return {"dim_z": config.dim_z, "batch_size": config.batch_size, "layers": layers, "step": row["step"],
             "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
             # what a step costs beyond its products: the fixed costs that small batches pay more often
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f in pairs[1:]),
             "floor_s": statistics.median(floors_s), "floors_s": floors_s, "ratio": ratio,
-            "images_per_s": n_train / epoch, **fixed_costs_seconds(config, device, n_train)}
+            "images_per_s": n_train / epoch, **fixed,
+            # the ratio of an epoch in which nothing but the products and Adam's updates took time
+            "products_and_adam_ratio": (statistics.median(floors_s) + fixed["adam_s"]) / statistics.median(floors_s)}
 
 
 # The competing process of the busy-CPU row: a busy loop that ends by itself even if the bench is killed.
@@ -392,14 +395,16 @@ def format_table(results):
               f"; the training step uses {used} ({products.RULE}"
               + ("" if fastest in products.ROUTINES else f"; {fastest} is not one it can use") + ")"), "",
               f"{'training':<16} {'step':<8} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
-             f"{'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12}"]
+             f"{'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12} {'+adam':>6}"]
     for row in results["training"]:
         lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
-                     f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f} {row.get('over_floor_us_per_step', math.nan):>12.0f}")
+                     f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f} {row.get('over_floor_us_per_step', math.nan):>12.0f}"
+                     f" {row.get('products_and_adam_ratio', math.nan):>6.2f}")
     lines.append("(floor s: the products of each row's own model by the fastest routine for its precision;\n"
                  " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone;\n"
-                 " over us/step: (epoch - floor) / steps, what a step costs beyond its products)")
+                 " over us/step: (epoch - floor) / steps, what a step costs beyond its products;\n"
+                 " +adam: (floor + adam s) / floor, the ratio of an epoch of nothing but its products and Adam)")
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
         lines.append(f"bf16: epoch {by_setting['bf16']['epoch_s'] / by_setting['defaults']['epoch_s']:.2f} x the "
