@@ -141,15 +141,15 @@ def bench_training(config, device, epochs, matmul=None):
     ratio = statistics.median(e / f for e, f in pairs[1:])
     epoch = statistics.median(epochs_s)
     n_steps = math.ceil(n_train / config.batch_size)
-    fixed = fixed_costs_seconds(config, device, n_train)
+    floor_s, fixed = statistics.median(floors_s), fixed_costs_seconds(config, device, n_train)
     return {"dim_z": config.dim_z, "batch_size": config.batch_size, "layers": layers, "step": row["step"],
             "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
             # what a step costs beyond its products: the fixed costs that small batches pay more often
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f in pairs[1:]),
-            "floor_s": statistics.median(floors_s), "floors_s": floors_s, "ratio": ratio,
+            "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
             "images_per_s": n_train / epoch, **fixed,
             # the ratio of an epoch in which nothing but the products and Adam's updates took time
-            "products_and_adam_ratio": (statistics.median(floors_s) + fixed["adam_s"]) / statistics.median(floors_s)}
+            "products_and_adam_ratio": (floor_s + fixed["adam_s"]) / floor_s}
 
 
 # The competing process of the busy-CPU row: a busy loop that ends by itself even if the bench is killed.

@@ -251,7 +251,7 @@ class FusedTrainStep:
 
             # Backward.
             if self.adam_by_layer:
-                self._count_adam_step()
+                self._begin_adam_step()
             d_z = self._backward(self.decoder, d_logits, decoder_inputs, decoder_factors)
             if y is not None:
                 d_z = d_z[:, :dim_z].contiguous()
@@ -324,15 +324,16 @@ class FusedTrainStep:
         if not self.adam_by_layer:
             self.optimizer.step()
             return
-        self._count_adam_step()
+        self._begin_adam_step()
         for index in range(len(self.layers)):
             self._adam(index, *self.grads[index])
 
-    def _count_adam_step(self):
+    def _begin_adam_step(self):
         """Add 1 to every parameter's step count, first creating Adam's state as torch.optim.Adam would on
-        its first step. Adam's state holds the counts as 0-d views of one tensor (self.counts), so that one
-        add counts them all (torch's _foreach_add_ makes a call of each on the CPU); counts that are not,
-        as a checkpoint loads them, are put there first."""
+        its first step; read this step's options (the learning rate may change from step to step). Adam's
+        state holds the counts as 0-d views of one tensor (self.counts), so that one add counts them all
+        (torch's _foreach_add_ makes a call of each on the CPU); counts that are not, as a checkpoint loads
+        them, are put there first, and each layer's tensors are gathered again for _adam."""
         state = self.optimizer.state
         parameters = self.optimizer.param_groups[0]["params"]
         if not state:
@@ -357,7 +358,7 @@ class FusedTrainStep:
 
     def _adam(self, index, grad_weight, grad_bias):
         """torch.optim.Adam(fused=True).step() for the weight and bias of one layer, without its
-        per-call Python bookkeeping (the options are read once a step, by _count_adam_step)."""
+        per-call Python bookkeeping (its tensors and options come from _begin_adam_step)."""
         parameters, exp_avgs, exp_avg_sqs, steps = self.adam_tensors[index]
         torch._fused_adam_(parameters, [grad_weight, grad_bias], exp_avgs, exp_avg_sqs, [], steps,
                            **self.adam_options)
