@@ -121,15 +121,14 @@ def read_metrics(folder):
 
 
 @pytest.fixture(params=["C", "torch ops"])
-def implementation(request, monkeypatch):
+def implementation(request):
     """Run a test with the training step's elementwise work in kernels.py's C loops, then in its torch ops."""
-    if request.param == "C":
-        if kernels._kernels is None:
-            pytest.skip("the C extension was not built")
-        monkeypatch.delenv("MNIST_VAE_NO_KERNELS", raising=False)
-    else:
-        monkeypatch.setenv("MNIST_VAE_NO_KERNELS", "1")
-    return request.param
+    if request.param == "C" and kernels._kernels is None:
+        pytest.skip("the C extension was not built")
+    before = kernels.available()
+    kernels.use(request.param == "C")
+    yield request.param
+    kernels.use(before)
 
 
 @pytest.fixture(params=["torch.mm", "oneDNN"])

@@ -62,7 +62,7 @@ def test_dropout_bits_follow_torch_seed_and_differ_between_calls(implementation)
 def test_c_and_torch_ops_draw_the_same_dropout_bits(monkeypatch):
     torch.manual_seed(5)
     c_bits = layers.dropout_bits(128003)
-    monkeypatch.setenv("MNIST_VAE_NO_KERNELS", "1")
+    monkeypatch.setattr(kernels, "_enabled", False)
     torch.manual_seed(5)
     assert torch.equal(layers.dropout_bits(128003), c_bits)
 
@@ -210,3 +210,43 @@ def test_gaussian_sample_kl_and_backward(implementation, dim_z):
     (gradient,) = torch.autograd.grad((z64 * d_z.double()).sum() + kl64 / 129, g64)
     d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, 1 / 129)
     torch.testing.assert_close(d_gaussian.double(), gradient, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kl_of_each_std_alone_is_within_float32_rounding(implementation):
+    """The KL's log std (a polynomial in C) for single draws with std from 1e-6 to 1e4, where a sum over many
+    would hide one bad value; the KL of one std is 0.5 (std² - 1) - log std (mu = 0)."""
+    for s in torch.cat([torch.linspace(-14, 10, 97), torch.tensor([-0.5413, 0.5413, 1e4])]):  # softplus(±0.5413) ≈ 1
+        gaussian = torch.tensor([[0.0, s.item()]])
+        _, std, kl = kernels.gaussian_sample(gaussian, torch.zeros(1, 1))
+        std64 = F.softplus(torch.tensor(s.item(), dtype=torch.float64)) + 1e-6
+        expected = 0.5 * (std64 ** 2 - 1) - torch.log(std64)
+        # the float32 rounding of std64 itself, and of the terms' difference, a few ulps of the larger term
+        tolerance = 4e-7 * max(1.0, 0.5 * std64.item() ** 2, abs(torch.log(std64).item()))
+        assert abs(kl.item() - expected.item()) <= tolerance, (s.item(), kl.item(), expected.item())
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (20, 200), (128, 500), (640, 37)])
+def test_the_backward_pass_through_a_hidden_layer_and_its_bias(implementation, shape):
+    """factor_bias_grad: d times the factor, in place, and its sum over the rows, the bias's gradient; and the
+    sum alone for the last layer (no factor). The same bits on one thread as on two."""
+    torch.manual_seed(4)
+    d, factor = torch.randn(shape), torch.rand(shape) * 2
+    reference = d.double() * factor.double()
+    grad_bias = torch.empty(shape[1])
+    out = kernels.factor_bias_grad(d, factor, grad_bias)
+    assert out.data_ptr() == d.data_ptr()
+    torch.testing.assert_close(d.double(), reference, rtol=1e-7, atol=0)
+    torch.testing.assert_close(grad_bias.double(), reference.sum(dim=0), rtol=1e-5, atol=1e-5)
+    last = torch.empty(shape[1])
+    kernels.factor_bias_grad(d, None, last)
+    torch.testing.assert_close(last.double(), reference.sum(dim=0), rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.empty(shape[1])
+        kernels.factor_bias_grad(d.clone(), factor, one)
+    finally:
+        torch.set_num_threads(threads)
+    again = torch.empty(shape[1])
+    kernels.factor_bias_grad(d.clone(), factor, again)
+    assert torch.equal(one, again)

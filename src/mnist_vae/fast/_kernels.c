@@ -86,9 +86,9 @@ static inline float expm1_f(float x) { /* exact near 0, where e^x - 1 would canc
     return k == 0.0f ? m : (m + 1.0f) * pow2(k) - 1.0f;
 }
 
-static inline float log_1_to_2(float w) { /* log w for w in [1, 2] */
+static inline float log_scaled(float w, float n) { /* log(w 2^n) for w in [1, 2] and integral n */
     int big = w > 1.41421356f;
-    float x = (big ? 0.5f * w : w) - 1.0f, e = big ? 1.0f : 0.0f, z = x * x;
+    float x = (big ? 0.5f * w : w) - 1.0f, e = n + (big ? 1.0f : 0.0f), z = x * x;
     float y = 7.0376836292e-2f;
     y = y * x - 1.1514610310e-1f;
     y = y * x + 1.1676998740e-1f;
@@ -100,6 +100,15 @@ static inline float log_1_to_2(float w) { /* log w for w in [1, 2] */
     y = y * x + 3.3333331174e-1f;
     y = y * x * z + LN2_LO * e - 0.5f * z;
     return x + y + LN2_HI * e;
+}
+
+static inline float log_1_to_2(float w) { return log_scaled(w, 0.0f); } /* log w for w in [1, 2] */
+
+static inline float log_f(float v) { /* log v for a positive normal float v, as v = w 2^n with w in [1, 2) */
+    union { float f; int32_t i; } u = {v};
+    float n = (float)((u.i >> 23) - 127);
+    u.i = (u.i & 0x007fffff) | 0x3f800000;
+    return log_scaled(u.f, n);
 }
 
 /* log(1 + e) for e in [0, 1] to full relative precision, also where 1 + e rounds (Goldberg's correction);
@@ -174,28 +183,55 @@ static inline float bernoulli_term(float l, float y, float e) {
     return y * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(1.0f + e));
 }
 
-/* For l = logits + bias: terms = target l - softplus(l), the Bernoulli log-likelihood of each pixel
- * (summed by the caller, in pairs, more exactly than a running float sum), and
- * d_logits = (sigmoid(l) - target) scale, the gradient of -log p. */
+/* For l = logits + bias: rows_out[r] = sum over the pixels of row r of target l - softplus(l), its
+ * Bernoulli log-likelihood, and d_logits = (sigmoid(l) - target) scale, the gradient of -log p. Each row
+ * is summed in LANES partial sums, a vector's worth, then those in order: one thread
+ * sums a row, in one order, however many threads there are. */
+#define LANES 16
 VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const float *restrict bias,
-                                         const float *restrict target, float *restrict terms,
+                                         const float *restrict target, float *restrict rows_out,
                                          float *restrict d_logits, float scale, long rows, long cols) {
-    for (long r = 0; r < rows; r++)
-        for (long c = 0; c < cols; c++) {
-            long i = r * cols + c;
-            float l = logits[i] + bias[c], y = target[i];
-            float e = exp_f(l > 0.0f ? -l : l); /* e^-|l| in (0, 1] */
-            float w = 1.0f + e;
-            terms[i] = bernoulli_term(l, y, e);  /* sigmoid(l) = 1/w or e/w */
-            d_logits[i] = ((l >= 0.0f ? 1.0f : e) / w - y) * scale;
+    for (long r = 0; r < rows; r++) {
+        const float *l_row = logits + r * cols, *y = target + r * cols;
+        float *d = d_logits + r * cols, partial[LANES] = {0.0f}, total = 0.0f;
+        long c = 0;
+        for (; c + LANES <= cols; c += LANES)
+            for (long j = 0; j < LANES; j++) {
+                float l = l_row[c + j] + bias[c + j];
+                float e = exp_f(l > 0.0f ? -l : l); /* e^-|l| in (0, 1]; sigmoid(l) = 1/w or e/w */
+                partial[j] += bernoulli_term(l, y[c + j], e);
+                d[c + j] = ((l >= 0.0f ? 1.0f : e) / (1.0f + e) - y[c + j]) * scale;
+            }
+        for (long j = 0; j < LANES; j++)
+            total += partial[j];
+        for (; c < cols; c++) {
+            float l = l_row[c] + bias[c], e = exp_f(l > 0.0f ? -l : l);
+            total += bernoulli_term(l, y[c], e);
+            d[c] = ((l >= 0.0f ? 1.0f : e) / (1.0f + e) - y[c]) * scale;
         }
+        rows_out[r] = total;
+    }
+}
+
+/* The backward pass through a hidden layer's activation and bias: d *= factor, in place (d(loss)/dh to
+ * d(loss)/da), and grad_bias = d summed over the rows, each column in row order. */
+VECTOR_CLONES static void factor_bias_grad(float *restrict d, const float *restrict factor,
+                                           float *restrict grad_bias, long rows, long cols) {
+    for (long c = 0; c < cols; c++)
+        grad_bias[c] = 0.0f;
+    for (long r = 0; r < rows; r++) {
+        float *row = d + r * cols;
+        const float *f = factor + r * cols;
+        for (long c = 0; c < cols; c++) {
+            row[c] *= f[c];
+            grad_bias[c] += row[c];
+        }
+    }
 }
 
 /* The estimate's log-likelihood, with no gradient: out[r] = sum over pixels of x l - softplus(l), for
  * l = logits + bias of row r and x the image of row r, row r / n of `images` (n draws of z per image, so
- * that no expanded copy of the images is made). Each row is summed in LANES partial sums, a vector's
- * worth, then those in order: one thread sums a row, in one order, however many threads there are. */
-#define LANES 16
+ * that no expanded copy of the images is made), each row summed as bernoulli_loss sums it. */
 VECTOR_CLONES static void bernoulli_log_p(const float *restrict logits, const float *restrict bias,
                                           const float *restrict images, float *restrict out, long n,
                                           long first_row, long rows, long cols) {
@@ -232,7 +268,7 @@ VECTOR_CLONES static void gaussian_sample(const float *restrict gaussian, const 
             float std = (s[j] > 0.0f ? s[j] : 0.0f) + log1p_0_to_1(e) + 1e-6f;
             z[i] = mu[j] + std * eps[i];
             std_out[i] = std;
-            total += 0.5f * (mu[j] * mu[j] + std * std - 1.0f) - logf(std);
+            total += 0.5f * (mu[j] * mu[j] + std * std - 1.0f) - log_f(std); /* std >= 1e-6: normal */
         }
         kl[r] = total;
     }
@@ -303,10 +339,10 @@ static PyObject *py_tanh_dropout(PyObject *self, PyObject *args) { return py_act
 static PyObject *py_relu_dropout(PyObject *self, PyObject *args) { return py_activation(args, RELU); }
 
 static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
-    unsigned long long logits, bias, target, terms, d_logits;
+    unsigned long long logits, bias, target, rows_out, d_logits;
     float scale;
     long rows, cols;
-    if (!PyArg_ParseTuple(args, "KKKKKfll", &logits, &bias, &target, &terms, &d_logits, &scale, &rows, &cols))
+    if (!PyArg_ParseTuple(args, "KKKKKfll", &logits, &bias, &target, &rows_out, &d_logits, &scale, &rows, &cols))
         return NULL;
 #pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
     {
@@ -314,9 +350,22 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
         my_share(rows, &begin, &end);
         offset = begin * cols;
         bernoulli_loss((const float *)(uintptr_t)logits + offset, (const float *)(uintptr_t)bias,
-                       (const float *)(uintptr_t)target + offset, (float *)(uintptr_t)terms + offset,
+                       (const float *)(uintptr_t)target + offset, (float *)(uintptr_t)rows_out + begin,
                        (float *)(uintptr_t)d_logits + offset, scale, end - begin, cols);
     }
+    Py_RETURN_NONE;
+}
+
+/* One thread: the columns of a row are split across cache lines wherever a row's length is not a multiple
+ * of 16 floats, and two threads writing one line (false sharing) made this loop 6 times slower on 2 threads
+ * than on one; summing each thread's rows apart would make the sum's bits depend on the thread count. */
+static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
+    unsigned long long d, factor, grad_bias;
+    long rows, cols;
+    if (!PyArg_ParseTuple(args, "KKKll", &d, &factor, &grad_bias, &rows, &cols))
+        return NULL;
+    factor_bias_grad((float *)(uintptr_t)d, (const float *)(uintptr_t)factor, (float *)(uintptr_t)grad_bias, rows,
+                     cols);
     Py_RETURN_NONE;
 }
 
@@ -378,7 +427,8 @@ static PyMethodDef methods[] = {
     {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"relu_dropout", py_relu_dropout, METH_VARARGS, "relu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
-     "bernoulli_loss(logits, bias, target, terms, d_logits, scale, rows, cols)"},
+     "bernoulli_loss(logits, bias, target, rows_out, d_logits, scale, rows, cols)"},
+    {"factor_bias_grad", py_factor_bias_grad, METH_VARARGS, "factor_bias_grad(d, factor, grad_bias, rows, cols)"},
     {"bernoulli_log_p", py_bernoulli_log_p, METH_VARARGS, "bernoulli_log_p(logits, bias, images, out, n, rows, cols)"},
     {"gaussian_sample", py_gaussian_sample, METH_VARARGS, "gaussian_sample(gaussian, eps, z, std, kl, rows, dim_z)"},
     {"gaussian_backward", py_gaussian_backward, METH_VARARGS,

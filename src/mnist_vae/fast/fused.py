@@ -300,19 +300,19 @@ class FusedTrainStep:
         """Back through `mlp` from d(loss)/d(its output): every layer's gradients (and Adam's update);
         d(loss)/d(its input) where `need_input_grad`."""
         last = len(mlp) - 1
-        d = self._linear_backward(mlp[last][0], d_out, inputs[last], need_input_grad=need_input_grad or last > 0)
+        d = self._linear_backward(mlp[last][0], d_out, None, inputs[last], need_input_grad or last > 0)
         for j in reversed(range(last)):  # d(loss)/dh_j times the factor is d(loss)/da_j
-            d = self._linear_backward(mlp[j][0], d.mul_(factors[j]), inputs[j], need_input_grad or j > 0)
+            d = self._linear_backward(mlp[j][0], d, factors[j], inputs[j], need_input_grad or j > 0)
         return d
 
-    def _linear_backward(self, index, d_out, inputs, need_input_grad=True):
-        """The gradients of layer `index`, y = inputs W' + b, and with adam_by_layer its Adam update
-        (after W's last use in this step); return d(inputs)."""
+    def _linear_backward(self, index, d_out, factor, inputs, need_input_grad=True):
+        """The gradients of layer `index`, y = inputs W' + b, from d(loss)/dy times `factor` (None: d(loss)/dy
+        itself), and with adam_by_layer its Adam update (after W's last use in this step); return d(inputs)."""
         grad_weight, grad_bias = self.grads[index]
+        d_out = kernels.factor_bias_grad(d_out, factor, grad_bias)
         into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
         d_operand = self.products.operand(d_out)
         grad_weight = self.products.weight_grad(d_operand, inputs, out=into)
-        torch.sum(d_out, dim=0, out=grad_bias)
         d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
         if self.adam_by_layer:
             self._adam(index, grad_weight, grad_bias)

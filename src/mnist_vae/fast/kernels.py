@@ -2,8 +2,8 @@
 
 `_kernels.c` does each activation layer and the loss in one vectorised loop; the functions here
 call it for contiguous float32 CPU tensors and otherwise compute the same thing in torch ops
-(CUDA, MPS, or an install without a C compiler). Set MNIST_VAE_NO_KERNELS=1 to use torch ops
-everywhere, e.g. to compare the two.
+(CUDA, MPS, or an install without a C compiler). Set MNIST_VAE_NO_KERNELS=1 before starting to use
+torch ops everywhere, e.g. to compare the two; `use(False)` does it within a process.
 
 The dropout bits are layers.py's SplitMix64 bits; the C loops draw the same bits themselves, and
 this module hands layers.py the C version of the generator, so both paths give the same masks.
@@ -39,19 +39,29 @@ if _kernels is not None and _kernels.openmp and len(_openmp_runtimes()) > 1:
     _kernels.set_parallel(False)
 
 
+# Read once: the step asks for every tensor it hands over, and os.environ costs more than a small loop.
+_enabled = _kernels is not None and not os.environ.get("MNIST_VAE_NO_KERNELS")
+
+
 def available():
-    return _kernels is not None and not os.environ.get("MNIST_VAE_NO_KERNELS")
+    return _enabled
+
+
+def use(c_loops):
+    """Compute the step's elementwise work in the C loops (True, where they were built) or in torch ops (False)."""
+    global _enabled
+    _enabled = bool(c_loops) and _kernels is not None
 
 
 def description():
     """Which code does the step's elementwise work, for benchmark and results headers."""
-    if not available():
+    if not _enabled:
         return "torch ops"
     return "C, OpenMP" if _kernels.openmp else "C, one thread"
 
 
 def _use_c(*tensors):
-    if not available():
+    if not _enabled:
         return False
     for t in tensors:  # a loop, not all(...): this runs a dozen times a step
         if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
@@ -60,7 +70,7 @@ def _use_c(*tensors):
 
 
 def _splitmix64(key, n):
-    if not available():  # MNIST_VAE_NO_KERNELS set after import: the torch ops of layers.py
+    if not _enabled:  # use(False) after import: the torch ops of layers.py
         return None
     out = torch.empty(n, dtype=torch.int64)
     _kernels.splitmix64(out.data_ptr(), key, n)
@@ -142,17 +152,28 @@ def bernoulli_loss(logits, bias, target, scale, by_row=False):
     model.log_likelihood), and (sigmoid(l) - target) scale, the gradient of -log p times scale.
     The log-likelihood is summed over the rows too, or with `by_row` given for each row."""
     if _use_c(logits, bias, target):
-        terms, d_logits = torch.empty_like(logits), torch.empty_like(logits)
-        _kernels.bernoulli_loss(logits.data_ptr(), bias.data_ptr(), target.data_ptr(), terms.data_ptr(),
+        rows, d_logits = torch.empty(logits.shape[0], device=logits.device), torch.empty_like(logits)
+        _kernels.bernoulli_loss(logits.data_ptr(), bias.data_ptr(), target.data_ptr(), rows.data_ptr(),
                                 d_logits.data_ptr(), scale, *logits.shape)
-        # Row by row, then over the rows: each row's sum is one thread's, in one order, however many
-        # threads torch has; one sum over all pixels would split them by the thread count
-        # (threads.py changes it while training).
-        rows = terms.sum(dim=1)
+        # Each row is one thread's sum, in one order, however many threads torch has; one sum over all
+        # pixels would split them by the thread count (threads.py changes it while training).
         return (rows if by_row else rows.sum()), d_logits
     logits = logits + bias
     rows = (target * logits - F.softplus(logits)).sum(dim=1)
     return (rows if by_row else rows.sum()), torch.sigmoid(logits).sub_(target).mul_(scale)
+
+
+def factor_bias_grad(d, factor, grad_bias):
+    """The backward pass through a layer's activation and bias: d *= factor in place, where a factor is given
+    (None: the last layer, which has no activation), and d summed over the rows into grad_bias; return d.
+    In C one pass does both, each column summed in row order on one thread; torch's sum alone is faster."""
+    if factor is not None and _use_c(d, factor, grad_bias):
+        _kernels.factor_bias_grad(d.data_ptr(), factor.data_ptr(), grad_bias.data_ptr(), *d.shape)
+        return d
+    if factor is not None:
+        d.mul_(factor)
+    torch.sum(d, dim=0, out=grad_bias)
+    return d
 
 
 def bernoulli_log_p(logits, bias, images, n):
