@@ -250,3 +250,16 @@ def test_the_backward_pass_through_a_hidden_layer_and_its_bias(implementation, s
     again = torch.empty(shape[1])
     kernels.factor_bias_grad(d.clone(), factor, again)
     assert torch.equal(one, again)
+
+
+def test_the_loss_of_k_draws_reads_each_image_for_its_rows(implementation):
+    """bernoulli_loss with K B rows of logits and B targets: row k B + i is draw k of image i, the same as
+    with the targets repeated K times; rows that are not whole draws of every target are refused."""
+    logits, bias = inputs(3 * 43, 784)
+    torch.manual_seed(6)
+    target = (torch.rand(43, 784) > 0.5).float()
+    rows, d_logits = kernels.bernoulli_loss(logits, bias, target, 0.5, by_row=True)
+    rows_repeated, d_repeated = kernels.bernoulli_loss(logits, bias, target.repeat(3, 1), 0.5, by_row=True)
+    assert torch.equal(rows, rows_repeated) and torch.equal(d_logits, d_repeated)
+    with pytest.raises(ValueError, match="not draws"):
+        kernels.bernoulli_loss(logits[:100], bias, target, 0.5)

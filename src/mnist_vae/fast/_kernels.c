@@ -183,16 +183,18 @@ static inline float bernoulli_term(float l, float y, float e) {
     return y * l - ((l > 0.0f ? l : 0.0f) + log_1_to_2(1.0f + e));
 }
 
-/* For l = logits + bias: rows_out[r] = sum over the pixels of row r of target l - softplus(l), its
- * Bernoulli log-likelihood, and d_logits = (sigmoid(l) - target) scale, the gradient of -log p. Each row
+/* For l = logits + bias: rows_out[r] = sum over the pixels of row r of y l - softplus(l), its Bernoulli
+ * log-likelihood, where y is row r % target_rows of `target` (the importance-weighted bound's K draws per
+ * image are rows k B + i, for which no repeated copy of the images is made), and d_logits = (sigmoid(l) - target) scale, the gradient of -log p. Each row
  * is summed in LANES partial sums, a vector's worth, then those in order: one thread
  * sums a row, in one order, however many threads there are. */
 #define LANES 16
 VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const float *restrict bias,
                                          const float *restrict target, float *restrict rows_out,
-                                         float *restrict d_logits, float scale, long rows, long cols) {
+                                         float *restrict d_logits, float scale, long target_rows, long first_row,
+                                         long rows, long cols) {
     for (long r = 0; r < rows; r++) {
-        const float *l_row = logits + r * cols, *y = target + r * cols;
+        const float *l_row = logits + r * cols, *y = target + ((first_row + r) % target_rows) * cols;
         float *d = d_logits + r * cols, partial[LANES] = {0.0f}, total = 0.0f;
         long c = 0;
         for (; c + LANES <= cols; c += LANES)
@@ -341,8 +343,9 @@ static PyObject *py_relu_dropout(PyObject *self, PyObject *args) { return py_act
 static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
     unsigned long long logits, bias, target, rows_out, d_logits;
     float scale;
-    long rows, cols;
-    if (!PyArg_ParseTuple(args, "KKKKKfll", &logits, &bias, &target, &rows_out, &d_logits, &scale, &rows, &cols))
+    long target_rows, rows, cols;
+    if (!PyArg_ParseTuple(args, "KKKKKflll", &logits, &bias, &target, &rows_out, &d_logits, &scale, &target_rows, &rows,
+                          &cols))
         return NULL;
 #pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
     {
@@ -350,8 +353,8 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
         my_share(rows, &begin, &end);
         offset = begin * cols;
         bernoulli_loss((const float *)(uintptr_t)logits + offset, (const float *)(uintptr_t)bias,
-                       (const float *)(uintptr_t)target + offset, (float *)(uintptr_t)rows_out + begin,
-                       (float *)(uintptr_t)d_logits + offset, scale, end - begin, cols);
+                       (const float *)(uintptr_t)target, (float *)(uintptr_t)rows_out + begin,
+                       (float *)(uintptr_t)d_logits + offset, scale, target_rows, begin, end - begin, cols);
     }
     Py_RETURN_NONE;
 }
@@ -427,7 +430,7 @@ static PyMethodDef methods[] = {
     {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"relu_dropout", py_relu_dropout, METH_VARARGS, "relu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
-     "bernoulli_loss(logits, bias, target, rows_out, d_logits, scale, rows, cols)"},
+     "bernoulli_loss(logits, bias, target, rows_out, d_logits, scale, target_rows, rows, cols)"},
     {"factor_bias_grad", py_factor_bias_grad, METH_VARARGS, "factor_bias_grad(d, factor, grad_bias, rows, cols)"},
     {"bernoulli_log_p", py_bernoulli_log_p, METH_VARARGS, "bernoulli_log_p(logits, bias, images, out, n, rows, cols)"},
     {"gaussian_sample", py_gaussian_sample, METH_VARARGS, "gaussian_sample(gaussian, eps, z, std, kl, rows, dim_z)"},

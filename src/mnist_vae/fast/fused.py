@@ -225,9 +225,8 @@ class FusedTrainStep:
             logits = self.products.linear(decoder_inputs[-1], self._weight_operand(index))
 
             # log p = target logits - softplus(logits), as model.log_likelihood; and
-            # d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part.
-            if k > 1:
-                target = target.repeat(k, 1)
+            # d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part; row k B + i is
+            # draw k of image i.
             reconstruction, d_logits = kernels.bernoulli_loss(logits, b, target, 1 / batch, by_row=iwae)
             if self.model.likelihood == "continuous_bernoulli":
                 logits.add_(b)

@@ -148,16 +148,20 @@ def _activation_in_c(name, a, bias, key, p, backward):
 
 
 def bernoulli_loss(logits, bias, target, scale, by_row=False):
-    """For l = logits + bias: sum over pixels of target l - softplus(l) (log p(target | l), as
-    model.log_likelihood), and (sigmoid(l) - target) scale, the gradient of -log p times scale.
+    """For l = logits + bias: sum over pixels of y l - softplus(l) (log p(y | l), as model.log_likelihood),
+    and (sigmoid(l) - y) scale, the gradient of -log p times scale, where y, the target of row r, is row
+    r % len(target) of `target` (the importance-weighted bound's K draws of an image are rows k B + i).
     The log-likelihood is summed over the rows too, or with `by_row` given for each row."""
+    if logits.shape[0] % target.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits are not draws for each of {target.shape[0]} targets")
     if _use_c(logits, bias, target):
         rows, d_logits = torch.empty(logits.shape[0], device=logits.device), torch.empty_like(logits)
         _kernels.bernoulli_loss(logits.data_ptr(), bias.data_ptr(), target.data_ptr(), rows.data_ptr(),
-                                d_logits.data_ptr(), scale, *logits.shape)
+                                d_logits.data_ptr(), scale, target.shape[0], *logits.shape)
         # Each row is one thread's sum, in one order, however many threads torch has; one sum over all
         # pixels would split them by the thread count (threads.py changes it while training).
         return (rows if by_row else rows.sum()), d_logits
+    target = target.repeat(logits.shape[0] // target.shape[0], 1)
     logits = logits + bias
     rows = (target * logits - F.softplus(logits)).sum(dim=1)
     return (rows if by_row else rows.sum()), torch.sigmoid(logits).sub_(target).mul_(scale)
