@@ -114,6 +114,7 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     (estimate,) = evaluation["log_likelihood"]  # --k 1000 5000 in quick mode: k = 10 once
     assert evaluation["test_images"] == 500 and estimate["k"] == 10
     assert estimate["ratio"] == pytest.approx(estimate["seconds"] / estimate["floor_s"])
+    assert estimate["floor_s"] == pytest.approx(sum(estimate["floors_s"]) / 2) and min(estimate["floors_s"]) > 0
     assert 50 < results["peak_rss_mb"] < 4000 and 0 < results["startup_help_s"] < 10
     # The printed table carries the same numbers.
     assert re.search(rf"defaults +fused +4 +128 +{row['epoch_s']:.2f} +{row['floor_s']:.2f} +{row['ratio']:.2f}",

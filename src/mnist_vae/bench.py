@@ -10,8 +10,8 @@ float32 torch.mm, oneDNN, NumPy's BLAS: each is timed, and the table says which 
 training step uses; in bfloat16 torch.mm and oneDNN). Floors and epochs are measured in
 one process, in alternation, and the ratio is the median of each epoch over the floor
 measured just before it, so a busy moment of the machine moves both. The
-importance-weighted log-likelihood is measured the same way: its floor is the decoder's
-matrix products for every draw of z. The busy-CPU row times default epochs while a
+importance-weighted log-likelihood is measured against the decoder's matrix products for
+every draw of z, timed just before the estimate and just after it (the mean of the two). The busy-CPU row times default epochs while a
 competing process (a bounded busy loop) takes one core. Every output names the CPU as
 lscpu describes it (vendor, model name, family, model, vector extensions).
 """
@@ -330,13 +330,17 @@ def bench_evaluation(run_dir, device, ks, matmul=None):
     decoder = [(m.in_features, m.out_features) for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
     for k in ks:
         print(f"bench: evaluation, the log-likelihood at k={k} ...", file=sys.stderr)
+        # An estimate runs for minutes, over which the machine's speed drifts by some per cent: its floor
+        # is measured just before it and just after, and the ratio taken against their mean.
+        before = iw_floor_seconds(len(test) * k, decoder, device, matmul=matmul)
         started = time.perf_counter()
         nll, stderr = log_likelihood_estimate(model, test, k, progress=False)
         _synchronize(device)
         seconds = time.perf_counter() - started
-        floor = iw_floor_seconds(len(test) * k, decoder, device, matmul=matmul)
-        result["log_likelihood"].append({"k": k, "seconds": seconds, "floor_s": floor, "ratio": seconds / floor,
-                                         "nll": nll, "nll_stderr": stderr})
+        after = iw_floor_seconds(len(test) * k, decoder, device, matmul=matmul)
+        floor = (before + after) / 2
+        result["log_likelihood"].append({"k": k, "seconds": seconds, "floor_s": floor, "floors_s": [before, after],
+                                         "ratio": seconds / floor, "nll": nll, "nll_stderr": stderr})
     return result
 
 
@@ -422,7 +426,8 @@ def format_table(results):
     lines += ["", f"evaluation: test -ELBO {e['elbo_images_per_s']:,.0f} images/s"]
     for row in e["log_likelihood"]:
         lines.append(f"evaluation: IW log-likelihood, k={row['k']}, {e['test_images']} test images: "
-                     f"{row['seconds']:.1f} s, floor {row['floor_s']:.1f} s, ratio {row['ratio']:.2f} "
+                     f"{row['seconds']:.1f} s, floor {row['floor_s']:.1f} s (before {row['floors_s'][0]:.1f}, "
+                     f"after {row['floors_s'][1]:.1f}), ratio {row['ratio']:.2f} "
                      f"(NLL {row['nll']:.2f} ± {row['nll_stderr']:.2f} of the 1-epoch model)")
     lines += [f"peak resident memory of a training run: {results['peak_rss_mb']:.0f} MB",
               f"start-up, mnist-vae --help: {results['startup_help_s']:.2f} s"]
