@@ -11,8 +11,9 @@ training step uses; in bfloat16 torch.mm and oneDNN). Floors and epochs are meas
 one process, in alternation, and the ratio is the median of each epoch over the floor
 measured just before it, so a busy moment of the machine moves both. The
 importance-weighted log-likelihood is measured against the decoder's matrix products for
-every draw of z, timed just before the estimate and just after it (the mean of the two). The busy-CPU row times default epochs while a
-competing process (a bounded busy loop) takes one core. Every output names the CPU as
+every draw of z, timed just before the estimate and just after it (the mean of the two).
+The busy-CPU row times default epochs while a competing process (a bounded busy loop)
+takes one core. Every output names the CPU as
 lscpu describes it (vendor, model name, family, model, vector extensions).
 """
 
