@@ -291,6 +291,93 @@ VECTOR_CLONES static void gaussian_backward(const float *restrict gaussian, cons
         }
 }
 
+/* The importance-weighted bound's K draws per image: for each of `images` rows of gaussian = [mu, s],
+ * std = softplus(s) + 1e-6 and kl[i] = KL(N(mu, std^2) || N(0, 1)) as gaussian_sample computes them, and for
+ * draw d of image i, row r = d images + i: z = mu + std eps and log_ratio[r] = log p(z) - log q(z|x), the sum
+ * over dimensions of (eps^2 - z^2) / 2 + log std (the 2 pi terms cancel). */
+VECTOR_CLONES static void gaussian_draws(const float *restrict gaussian, const float *restrict eps,
+                                         float *restrict z, float *restrict std_out, float *restrict kl,
+                                         float *restrict log_ratio, long images, long k, long dim_z) {
+    for (long i = 0; i < images; i++) {
+        const float *mu = gaussian + i * 2 * dim_z, *s = mu + dim_z;
+        float *std = std_out + i * dim_z, total = 0.0f, log_std = 0.0f;
+        for (long j = 0; j < dim_z; j++) {
+            float e = exp_f(s[j] > 0.0f ? -s[j] : s[j]);
+            std[j] = (s[j] > 0.0f ? s[j] : 0.0f) + log1p_0_to_1(e) + 1e-6f;
+            float l = log_f(std[j]); /* std >= 1e-6: normal */
+            total += 0.5f * (mu[j] * mu[j] + std[j] * std[j] - 1.0f) - l;
+            log_std += l;
+        }
+        kl[i] = total;
+        for (long d = 0; d < k; d++) {
+            long r = d * images + i;
+            const float *e = eps + r * dim_z;
+            float *zr = z + r * dim_z, squares = 0.0f;
+            for (long j = 0; j < dim_z; j++) {
+                zr[j] = mu[j] + std[j] * e[j];
+                squares += e[j] * e[j] - zr[j] * zr[j];
+            }
+            log_ratio[r] = 0.5f * squares + log_std;
+        }
+    }
+}
+
+/* For each image i, from the log-likelihood of its K draws (rows r = d images + i) and their log_ratio:
+ * l_d = log_px + kl_weight log_ratio, the normalised importance weights v_d = softmax over d of l_d, and
+ * log_mean_w[i] = log (1/K) sum_d exp(l_d), with the largest l_d taken out before the exponentials. */
+VECTOR_CLONES static void importance_weights(const float *restrict log_px, const float *restrict log_ratio,
+                                             float kl_weight, float log_k, float *restrict weights,
+                                             float *restrict log_mean_w, long images, long k) {
+    for (long i = 0; i < images; i++) {
+        float most = -INFINITY, total = 0.0f;
+        for (long d = 0; d < k; d++) {
+            long r = d * images + i;
+            weights[r] = log_px[r] + kl_weight * log_ratio[r];
+            most = weights[r] > most ? weights[r] : most;
+        }
+        for (long d = 0; d < k; d++) {
+            long r = d * images + i;
+            weights[r] = exp_f(weights[r] - most);
+            total += weights[r];
+        }
+        for (long d = 0; d < k; d++)
+            weights[d * images + i] /= total;
+        log_mean_w[i] = most + log_f(total) - log_k; /* total >= 1: the largest term is 1 */
+    }
+}
+
+/* The bound's gradient with respect to gaussian = [mu, s] of each image, from d_z (the decoder's, rows
+ * d images + i), the draws z (rows of z_cols columns, the first dim_z of which are z: a conditional model
+ * appends the label) and the weights v, as fused.py's docstring derives it, with w = kl_weight and
+ * scale = 1/B. Standard: g = d_z + w v z scale, d mu = sum_d g, d std = sum_d g eps - w scale / std.
+ * DReG: g = (1 - w + w v) (d_z + w v (z - eps / std) scale), d mu = sum_d g, d std = sum_d g eps.
+ * Then d s = d std sigmoid(s). */
+VECTOR_CLONES static void importance_gaussian_backward(
+        const float *restrict gaussian, const float *restrict eps, const float *restrict std,
+        const float *restrict z, long z_cols, const float *restrict d_z, const float *restrict weights,
+        float kl_weight, float scale, int dreg, float *restrict d_gaussian, long images, long k, long dim_z) {
+    for (long i = 0; i < images; i++) {
+        float *d_mu = d_gaussian + i * 2 * dim_z, *d_std = d_mu + dim_z;
+        const float *sd = std + i * dim_z, *s = gaussian + i * 2 * dim_z + dim_z;
+        for (long j = 0; j < dim_z; j++)
+            d_mu[j] = d_std[j] = 0.0f;
+        for (long d = 0; d < k; d++) {
+            long r = d * images + i;
+            float v = weights[r] * kl_weight * scale, keep = 1.0f - kl_weight + kl_weight * weights[r];
+            const float *e = eps + r * dim_z, *zr = z + r * z_cols, *g = d_z + r * dim_z;
+            for (long j = 0; j < dim_z; j++) {
+                float gj = dreg ? keep * (g[j] + v * (zr[j] - e[j] / sd[j])) : g[j] + v * zr[j];
+                d_mu[j] += gj;
+                d_std[j] += gj * e[j];
+            }
+        }
+        for (long j = 0; j < dim_z; j++) {
+            float e = exp_f(s[j] > 0.0f ? -s[j] : s[j]), sigmoid = (s[j] >= 0.0f ? 1.0f : e) / (1.0f + e);
+            d_std[j] = (dreg ? d_std[j] : d_std[j] - kl_weight * scale / sd[j]) * sigmoid;
+        }
+    }
+}
+
 #define GOLDEN_GAMMA 0x9e3779b97f4a7c15ULL /* SplitMix64's step between states */
 
 /* SplitMix64 (Steele, Lea & Flood 2014) from state `key`: out[i] is its (i+1)-th output. */
@@ -409,6 +496,43 @@ static PyObject *py_gaussian_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_gaussian_draws(PyObject *self, PyObject *args) {
+    unsigned long long gaussian, eps, z, std, kl, log_ratio;
+    long images, k, dim_z;
+    if (!PyArg_ParseTuple(args, "KKKKKKlll", &gaussian, &eps, &z, &std, &kl, &log_ratio, &images, &k, &dim_z))
+        return NULL;
+    gaussian_draws((const float *)(uintptr_t)gaussian, (const float *)(uintptr_t)eps, (float *)(uintptr_t)z,
+                   (float *)(uintptr_t)std, (float *)(uintptr_t)kl, (float *)(uintptr_t)log_ratio, images, k, dim_z);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_importance_weights(PyObject *self, PyObject *args) {
+    unsigned long long log_px, log_ratio, weights, log_mean_w;
+    float kl_weight, log_k;
+    long images, k;
+    if (!PyArg_ParseTuple(args, "KKffKKll", &log_px, &log_ratio, &kl_weight, &log_k, &weights, &log_mean_w, &images,
+                          &k))
+        return NULL;
+    importance_weights((const float *)(uintptr_t)log_px, (const float *)(uintptr_t)log_ratio, kl_weight, log_k,
+                       (float *)(uintptr_t)weights, (float *)(uintptr_t)log_mean_w, images, k);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_importance_gaussian_backward(PyObject *self, PyObject *args) {
+    unsigned long long gaussian, eps, std, z, d_z, weights, d_gaussian;
+    long z_cols, images, k, dim_z;
+    float kl_weight, scale;
+    int dreg;
+    if (!PyArg_ParseTuple(args, "KKKKlKKffpKlll", &gaussian, &eps, &std, &z, &z_cols, &d_z, &weights, &kl_weight,
+                          &scale, &dreg, &d_gaussian, &images, &k, &dim_z))
+        return NULL;
+    importance_gaussian_backward((const float *)(uintptr_t)gaussian, (const float *)(uintptr_t)eps,
+                                 (const float *)(uintptr_t)std, (const float *)(uintptr_t)z, z_cols,
+                                 (const float *)(uintptr_t)d_z, (const float *)(uintptr_t)weights, kl_weight, scale,
+                                 dreg, (float *)(uintptr_t)d_gaussian, images, k, dim_z);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_splitmix64(PyObject *self, PyObject *args) {
     unsigned long long out, key;
     long n;
@@ -436,6 +560,13 @@ static PyMethodDef methods[] = {
     {"gaussian_sample", py_gaussian_sample, METH_VARARGS, "gaussian_sample(gaussian, eps, z, std, kl, rows, dim_z)"},
     {"gaussian_backward", py_gaussian_backward, METH_VARARGS,
      "gaussian_backward(gaussian, eps, std, d_z, d_gaussian, inv_batch, rows, dim_z)"},
+    {"gaussian_draws", py_gaussian_draws, METH_VARARGS,
+     "gaussian_draws(gaussian, eps, z, std, kl, log_ratio, images, k, dim_z)"},
+    {"importance_weights", py_importance_weights, METH_VARARGS,
+     "importance_weights(log_px, log_ratio, kl_weight, log_k, weights, log_mean_w, images, k)"},
+    {"importance_gaussian_backward", py_importance_gaussian_backward, METH_VARARGS,
+     "importance_gaussian_backward(gaussian, eps, std, z, z_cols, d_z, weights, kl_weight, scale, dreg, d_gaussian, "
+     "images, k, dim_z)"},
     {"splitmix64", py_splitmix64, METH_VARARGS, "splitmix64(out, key, n)"},
     {NULL, NULL, 0, NULL},
 };

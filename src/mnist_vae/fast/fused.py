@@ -11,7 +11,8 @@ with or without dropout; the conditional VAE has the one-hot label as more input
 both first layers), under the ELBO with any weight on its KL (beta, KL warm-up) or the
 importance-weighted bound (its standard or DReG gradient), and either likelihood; every other
 model goes through the autograd step (step.py). The elementwise work of each layer (bias, activation, dropout, and
-the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built.
+the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built;
+so are the draws of z with the KL, the loss, the importance weights, and the gradient back to [mu, s].
 
 Notation, for a batch of B images; each hidden layer i of the encoder or the decoder is
   a_i = h_(i-1) W_i' + b_i     h_i = act_i(a_i) m_i     (m: dropout mask, 0 or 1/(1-p); act: elu, relu, tanh)
@@ -36,10 +37,7 @@ alone, log q(z_k|x) differentiated in z with its parameters held, each draw weig
   d z_k = (1 - w + w v_k) ((the decoder's) + w v_k (z_k - eps_k / std) / B)      d std = sum_k d z_k eps_k
 """
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import layers
@@ -212,11 +210,8 @@ class FusedTrainStep:
                 eps = torch.randn(batch, dim_z, device=x.device)
                 z, std, kl = kernels.gaussian_sample(gaussian, eps)
             else:  # K draws per image, row k B + i for image i, as model.VAE.loss lays them out
-                mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
-                std = F.softplus(pre_std) + 1e-6
-                eps = torch.randn(k, batch, dim_z, device=x.device)
-                z = (mu + std * eps).view(k * batch, dim_z)
-                kl = (0.5 * (mu.square() + std.square() - 1) - std.log()).sum()
+                eps = torch.randn(k * batch, dim_z, device=x.device)
+                z, std, kl, log_ratio = kernels.gaussian_draws(gaussian, eps, k)  # log_ratio: log p(z) - log q(z|x)
             if y is not None:
                 z = torch.cat([z, y if k == 1 else y.repeat(k, 1)], dim=1)
             decoder_inputs, decoder_factors, _ = self._hidden_layers(self.decoder, z)
@@ -237,15 +232,11 @@ class FusedTrainStep:
                 reconstruction, kl = reconstruction / batch, kl / batch
                 neg_elbo = kl - reconstruction
                 loss = neg_elbo if kl_weight == 1 else kl_weight * kl - reconstruction
-            else:
-                log_px = reconstruction.view(k, batch)
-                z_draws = z[:, :dim_z].view(k, batch, dim_z)
-                log_ratio = (0.5 * (eps.square() - z_draws.square()) + std.log()).sum(dim=2)  # log p(z) - log q(z|x)
-                log_w = log_px + kl_weight * log_ratio
-                weights = torch.softmax(log_w, dim=0)  # v_k, the normalised importance weights
-                loss = -(torch.logsumexp(log_w, dim=0) - math.log(k)).mean()
+            else:  # v_k, the normalised importance weights, and each image's bound
+                weights, log_mean_w = kernels.importance_weights(reconstruction, log_ratio, kl_weight, k)
+                loss = -log_mean_w.mean()
                 d_logits.mul_(weights.view(k * batch, 1))
-                reconstruction, kl = log_px.mean(), kl / batch
+                reconstruction, kl = reconstruction.mean(), kl / batch
                 neg_elbo = kl - reconstruction
 
             # Backward.
@@ -257,18 +248,9 @@ class FusedTrainStep:
             if not iwae:
                 d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, kl_weight / batch)
             else:
-                d_z = d_z.view(k, batch, dim_z)
-                if self.loss_options.get("gradient", "standard") == "dreg":
-                    # The encoder through z alone, log q's parameters held: d log w / dz gains
-                    # b (eps / std - z); each draw's gradient is weighted (1 - b + b v_k) more
-                    # (model.dreg_surrogate), and log q has no direct term in std.
-                    d_z.add_((z_draws - eps / std) * (weights[:, :, None] * (kl_weight / batch)))
-                    d_z.mul_((1 - kl_weight + kl_weight * weights)[:, :, None])
-                    d_std = (d_z * eps).sum(dim=0)
-                else:
-                    d_z.add_(z_draws * weights[:, :, None] * (kl_weight / batch))
-                    d_std = (d_z * eps).sum(dim=0).sub_(std.reciprocal() * (kl_weight / batch))
-                d_gaussian = torch.cat([d_z.sum(dim=0), d_std.mul_(torch.sigmoid(pre_std))], dim=1)
+                d_gaussian = kernels.importance_gaussian_backward(
+                    gaussian, eps, std, z, d_z, weights, kl_weight, 1 / batch,
+                    dreg=self.loss_options.get("gradient", "standard") == "dreg")
             self._backward(self.encoder, d_gaussian, encoder_inputs, encoder_factors, need_input_grad=False)
 
         if not self.adam_by_layer:

@@ -9,6 +9,7 @@ The dropout bits are layers.py's SplitMix64 bits; the C loops draw the same bits
 this module hands layers.py the C version of the generator, so both paths give the same masks.
 """
 
+import math
 import os
 
 import torch
@@ -220,3 +221,66 @@ def gaussian_backward(gaussian, eps, std, d_z, scale):
     mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
     d_std = d_z * eps + (std - 1 / std) * scale
     return torch.cat([d_z + mu * scale, d_std * torch.sigmoid(pre_std)], dim=1)
+
+
+# ---------------------------------------------------------------- the importance-weighted bound's
+
+
+def gaussian_draws(gaussian, eps, k):
+    """K draws per image for [mu, s] = gaussian (B rows) and eps (K B rows; row d B + i is draw d of image i):
+    z = mu + std eps, std = softplus(s) + 1e-6 (B rows), the sum over the batch of KL(N(mu, std²) || N(0, I)),
+    and log p(z) - log q(z|x) of each draw (K B)."""
+    images, dim_z = gaussian.shape[0], gaussian.shape[1] // 2
+    if _use_c(gaussian, eps):
+        z, std = torch.empty_like(eps), torch.empty(images, dim_z)
+        kl, log_ratio = torch.empty(images), torch.empty(eps.shape[0])
+        _kernels.gaussian_draws(gaussian.data_ptr(), eps.data_ptr(), z.data_ptr(), std.data_ptr(), kl.data_ptr(),
+                                log_ratio.data_ptr(), images, k, dim_z)
+        return z, std, kl.sum(), log_ratio
+    mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
+    std = F.softplus(pre_std) + 1e-6
+    draws = eps.view(k, images, dim_z)
+    z = mu + std * draws
+    kl = (0.5 * (mu.square() + std.square() - 1) - std.log()).sum()
+    log_ratio = (0.5 * (draws.square() - z.square()) + std.log()).sum(dim=2)
+    return z.view(k * images, dim_z), std, kl, log_ratio.view(-1)
+
+
+def importance_weights(log_px, log_ratio, kl_weight, k):
+    """From log p(x|z) and log p(z) - log q(z|x) of K draws per image (rows d B + i): the normalised importance
+    weights v = softmax over the draws of l = log_px + kl_weight log_ratio (K B), and log (1/K) sum_d exp(l_d)
+    of each image (B), the bound."""
+    images = log_px.shape[0] // k
+    if _use_c(log_px, log_ratio):
+        weights, log_mean_w = torch.empty_like(log_px), torch.empty(images)
+        _kernels.importance_weights(log_px.data_ptr(), log_ratio.data_ptr(), kl_weight, math.log(k),
+                                    weights.data_ptr(), log_mean_w.data_ptr(), images, k)
+        return weights, log_mean_w
+    log_w = (log_px + kl_weight * log_ratio).view(k, images)
+    return torch.softmax(log_w, dim=0).view(-1), torch.logsumexp(log_w, dim=0) - math.log(k)
+
+
+def importance_gaussian_backward(gaussian, eps, std, z, d_z, weights, kl_weight, scale, dreg):
+    """d(loss)/d[mu, s] of the importance-weighted bound from d(loss)/dz of its K draws (d_z, K B rows), the
+    draws z (their first dim_z columns), their normalised weights, and `scale` (1/B), for its standard or
+    (`dreg`) its DReG gradient, as fused.py's docstring derives them."""
+    images, dim_z = std.shape
+    k = eps.shape[0] // images
+    if _use_c(gaussian, eps, std, d_z, weights) and z.is_contiguous() and z.dtype is torch.float32:
+        d_gaussian = torch.empty_like(gaussian)
+        _kernels.importance_gaussian_backward(gaussian.data_ptr(), eps.data_ptr(), std.data_ptr(), z.data_ptr(),
+                                              z.shape[1], d_z.data_ptr(), weights.data_ptr(), kl_weight, scale, dreg,
+                                              d_gaussian.data_ptr(), images, k, dim_z)
+        return d_gaussian
+    eps, z, d_z = (t.reshape(k, images, -1)[:, :, :dim_z] for t in (eps, z, d_z))
+    v = weights.view(k, images, 1)
+    if dreg:
+        # The encoder through z alone, log q's parameters held: d log w / dz gains w (eps / std - z); each
+        # draw's gradient is weighted (1 - w + w v) more (model.dreg_surrogate), and log q has no direct
+        # term in std.
+        d_z = (d_z + (z - eps / std) * (v * (kl_weight * scale))) * (1 - kl_weight + kl_weight * v)
+        d_std = (d_z * eps).sum(dim=0)
+    else:
+        d_z = d_z + z * v * (kl_weight * scale)
+        d_std = (d_z * eps).sum(dim=0) - std.reciprocal() * (kl_weight * scale)
+    return torch.cat([d_z.sum(dim=0), d_std * torch.sigmoid(gaussian[:, dim_z:])], dim=1)
