@@ -335,9 +335,9 @@ VECTOR_CLONES static void importance_weights(const float *restrict log_px, const
             weights[r] = log_px[r] + kl_weight * log_ratio[r];
             most = weights[r] > most ? weights[r] : most;
         }
-        for (long d = 0; d < k; d++) {
+        for (long d = 0; d < k; d++) { /* exp_f stops at e^-87: a weight below is 0, as float32's e^x is */
             long r = d * images + i;
-            weights[r] = exp_f(weights[r] - most);
+            weights[r] = weights[r] - most < -87.0f ? 0.0f : exp_f(weights[r] - most);
             total += weights[r];
         }
         for (long d = 0; d < k; d++)
