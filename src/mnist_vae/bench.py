@@ -191,6 +191,9 @@ def fixed_costs_seconds(config, device, n_train):
     k = config.k_train if config.objective == "iwae" else 1
     masks = [config.batch_size * (1 if index < len(step.encoder) else k) * step.layers[index].out_features
              for index, _, p in step.encoder + step.decoder if p > 0]
+    for grad_weight, grad_bias in step.grads:  # gradients of a step's size: never-written memory may hold denormals
+        grad_weight.normal_(0, 1e-3)
+        grad_bias.normal_(0, 1e-3)
     step.adam_step()  # creates Adam's state
     _synchronize(device)
     started = time.perf_counter()
