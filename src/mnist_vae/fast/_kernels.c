@@ -111,6 +111,11 @@ static inline float log_f(float v) { /* log v for a positive normal float v, as 
     return log_scaled(u.f, n);
 }
 
+static inline float sigmoid_f(float x) { /* 1/(1 + e^-x), from e^-|x| in (0, 1], which cannot overflow */
+    float e = exp_f(x > 0.0f ? -x : x);
+    return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
 /* log(1 + e) for e in [0, 1] to full relative precision, also where 1 + e rounds (Goldberg's correction);
  * the loss does without it, as there an absolute error of half an ulp of 1 is as good as exact. */
 static inline float log1p_0_to_1(float e) {
@@ -185,9 +190,9 @@ static inline float bernoulli_term(float l, float y, float e) {
 
 /* For l = logits + bias: rows_out[r] = sum over the pixels of row r of y l - softplus(l), its Bernoulli
  * log-likelihood, where y is row r % target_rows of `target` (the importance-weighted bound's K draws per
- * image are rows k B + i, for which no repeated copy of the images is made), and d_logits = (sigmoid(l) - target) scale, the gradient of -log p. Each row
- * is summed in LANES partial sums, a vector's worth, then those in order: one thread
- * sums a row, in one order, however many threads there are. */
+ * image are rows k B + i, for which no repeated copy of the images is made), and
+ * d_logits = (sigmoid(l) - y) scale, the gradient of -log p. Each row is summed in LANES partial sums, a
+ * vector's worth, then those in order: one thread sums a row, in one order, however many threads there are. */
 #define LANES 16
 VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const float *restrict bias,
                                          const float *restrict target, float *restrict rows_out,
@@ -256,26 +261,6 @@ VECTOR_CLONES static void bernoulli_log_p(const float *restrict logits, const fl
     }
 }
 
-/* The reparameterisation of a batch of rows: gaussian = [mu, s] (rows x 2 dim_z), std = softplus(s) + 1e-6,
- * z = mu + std eps, and kl[r] = KL(N(mu, std^2) || N(0, 1)) of each row. */
-VECTOR_CLONES static void gaussian_sample(const float *restrict gaussian, const float *restrict eps,
-                                          float *restrict z, float *restrict std_out, float *restrict kl,
-                                          long rows, long dim_z) {
-    for (long r = 0; r < rows; r++) {
-        const float *mu = gaussian + r * 2 * dim_z, *s = mu + dim_z;
-        float total = 0.0f;
-        for (long j = 0; j < dim_z; j++) {
-            long i = r * dim_z + j;
-            float e = exp_f(s[j] > 0.0f ? -s[j] : s[j]);
-            float std = (s[j] > 0.0f ? s[j] : 0.0f) + log1p_0_to_1(e) + 1e-6f;
-            z[i] = mu[j] + std * eps[i];
-            std_out[i] = std;
-            total += 0.5f * (mu[j] * mu[j] + std * std - 1.0f) - log_f(std); /* std >= 1e-6: normal */
-        }
-        kl[r] = total;
-    }
-}
-
 /* The gradient of the batch mean of -ELBO with respect to gaussian = [mu, s], from d_z: */
 /* d mu = d_z + mu / B, d s = (d_z eps + (std - 1/std) / B) sigmoid(s). */
 VECTOR_CLONES static void gaussian_backward(const float *restrict gaussian, const float *restrict eps,
@@ -284,17 +269,17 @@ VECTOR_CLONES static void gaussian_backward(const float *restrict gaussian, cons
     for (long r = 0; r < rows; r++)
         for (long j = 0; j < dim_z; j++) {
             long i = r * dim_z + j, m = r * 2 * dim_z + j;
-            float s = gaussian[m + dim_z], e = exp_f(s > 0.0f ? -s : s);
-            float sigmoid = (s >= 0.0f ? 1.0f : e) / (1.0f + e);
             d_gaussian[m] = d_z[i] + gaussian[m] * inv_batch;
-            d_gaussian[m + dim_z] = (d_z[i] * eps[i] + (std[i] - 1.0f / std[i]) * inv_batch) * sigmoid;
+            d_gaussian[m + dim_z] = (d_z[i] * eps[i] + (std[i] - 1.0f / std[i]) * inv_batch) *
+                                    sigmoid_f(gaussian[m + dim_z]);
         }
 }
 
-/* The importance-weighted bound's K draws per image: for each of `images` rows of gaussian = [mu, s],
- * std = softplus(s) + 1e-6 and kl[i] = KL(N(mu, std^2) || N(0, 1)) as gaussian_sample computes them, and for
- * draw d of image i, row r = d images + i: z = mu + std eps and log_ratio[r] = log p(z) - log q(z|x), the sum
- * over dimensions of (eps^2 - z^2) / 2 + log std (the 2 pi terms cancel). */
+/* The reparameterisation, with k draws per image (the ELBO's one, the importance-weighted bound's K): for
+ * each of `images` rows of gaussian = [mu, s], std = softplus(s) + 1e-6 and kl[i] = KL(N(mu, std^2) || N(0, 1)),
+ * and for draw d of image i, row r = d images + i: z = mu + std eps and, where log_ratio is given,
+ * log_ratio[r] = log p(z) - log q(z|x), the sum over dimensions of (eps^2 - z^2) / 2 + log std (the 2 pi
+ * terms cancel). */
 VECTOR_CLONES static void gaussian_draws(const float *restrict gaussian, const float *restrict eps,
                                          float *restrict z, float *restrict std_out, float *restrict kl,
                                          float *restrict log_ratio, long images, long k, long dim_z) {
@@ -317,7 +302,8 @@ VECTOR_CLONES static void gaussian_draws(const float *restrict gaussian, const f
                 zr[j] = mu[j] + std[j] * e[j];
                 squares += e[j] * e[j] - zr[j] * zr[j];
             }
-            log_ratio[r] = 0.5f * squares + log_std;
+            if (log_ratio)
+                log_ratio[r] = 0.5f * squares + log_std;
         }
     }
 }
@@ -371,10 +357,8 @@ VECTOR_CLONES static void importance_gaussian_backward(
                 d_std[j] += gj * e[j];
             }
         }
-        for (long j = 0; j < dim_z; j++) {
-            float e = exp_f(s[j] > 0.0f ? -s[j] : s[j]), sigmoid = (s[j] >= 0.0f ? 1.0f : e) / (1.0f + e);
-            d_std[j] = (dreg ? d_std[j] : d_std[j] - kl_weight * scale / sd[j]) * sigmoid;
-        }
+        for (long j = 0; j < dim_z; j++)
+            d_std[j] = (dreg ? d_std[j] : d_std[j] - kl_weight * scale / sd[j]) * sigmoid_f(s[j]);
     }
 }
 
@@ -475,16 +459,6 @@ static PyObject *py_bernoulli_log_p(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_gaussian_sample(PyObject *self, PyObject *args) {
-    unsigned long long gaussian, eps, z, std, kl;
-    long rows, dim_z;
-    if (!PyArg_ParseTuple(args, "KKKKKll", &gaussian, &eps, &z, &std, &kl, &rows, &dim_z))
-        return NULL;
-    gaussian_sample((const float *)(uintptr_t)gaussian, (const float *)(uintptr_t)eps, (float *)(uintptr_t)z,
-                    (float *)(uintptr_t)std, (float *)(uintptr_t)kl, rows, dim_z);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_gaussian_backward(PyObject *self, PyObject *args) {
     unsigned long long gaussian, eps, std, d_z, d_gaussian;
     float inv_batch;
@@ -557,7 +531,6 @@ static PyMethodDef methods[] = {
      "bernoulli_loss(logits, bias, target, rows_out, d_logits, scale, target_rows, rows, cols)"},
     {"factor_bias_grad", py_factor_bias_grad, METH_VARARGS, "factor_bias_grad(d, factor, grad_bias, rows, cols)"},
     {"bernoulli_log_p", py_bernoulli_log_p, METH_VARARGS, "bernoulli_log_p(logits, bias, images, out, n, rows, cols)"},
-    {"gaussian_sample", py_gaussian_sample, METH_VARARGS, "gaussian_sample(gaussian, eps, z, std, kl, rows, dim_z)"},
     {"gaussian_backward", py_gaussian_backward, METH_VARARGS,
      "gaussian_backward(gaussian, eps, std, d_z, d_gaussian, inv_batch, rows, dim_z)"},
     {"gaussian_draws", py_gaussian_draws, METH_VARARGS,

@@ -200,8 +200,8 @@ def gaussian_sample(gaussian, eps):
     rows, dim_z = eps.shape
     if _use_c(gaussian, eps):
         z, std, kl = torch.empty_like(eps), torch.empty_like(eps), torch.empty(rows)
-        _kernels.gaussian_sample(gaussian.data_ptr(), eps.data_ptr(), z.data_ptr(), std.data_ptr(), kl.data_ptr(),
-                                 rows, dim_z)
+        _kernels.gaussian_draws(gaussian.data_ptr(), eps.data_ptr(), z.data_ptr(), std.data_ptr(), kl.data_ptr(), 0,
+                                rows, 1, dim_z)  # one draw; no log-ratio
         return z, std, kl.sum()
     mu, pre_std = gaussian[:, :dim_z], gaussian[:, dim_z:]
     std = F.softplus(pre_std) + 1e-6
@@ -266,7 +266,7 @@ def importance_gaussian_backward(gaussian, eps, std, z, d_z, weights, kl_weight,
     (`dreg`) its DReG gradient, as fused.py's docstring derives them."""
     images, dim_z = std.shape
     k = eps.shape[0] // images
-    if _use_c(gaussian, eps, std, d_z, weights) and z.is_contiguous() and z.dtype is torch.float32:
+    if _use_c(gaussian, eps, std, z, d_z, weights):
         d_gaussian = torch.empty_like(gaussian)
         _kernels.importance_gaussian_backward(gaussian.data_ptr(), eps.data_ptr(), std.data_ptr(), z.data_ptr(),
                                               z.shape[1], d_z.data_ptr(), weights.data_ptr(), kl_weight, scale, dreg,
