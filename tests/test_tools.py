@@ -122,7 +122,8 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert f"k=10, 500 test images: {estimate['seconds']:.1f} s, floor {estimate['floor_s']:.1f} s" in result.stdout
     assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
     assert row["products_and_adam_ratio"] == pytest.approx((row["floor_s"] + row["adam_s"]) / row["floor_s"])
-    assert re.search(rf" {row['products_and_adam_ratio']:.2f}\n\(floor s: ", result.stdout), result.stdout
+    assert re.search(rf" {row['products_and_adam_ratio']:.2f}  {re.escape(row['floor_routine'])}\n\(floor s: ",
+                     result.stdout), result.stdout
     # Every routine is timed, the floors use the fastest, and the table says which the step uses.
     by_name = {r["routine"]: r for r in results["routines"]}
     assert {"torch.mm", "NumPy"} <= set(by_name) and results["step_routine"] in by_name
@@ -130,7 +131,10 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     for r in by_name.values():
         assert r["gflop_per_s"] > 0 and r["peak_gflop_per_s"] > 0
         assert re.search(rf"{re.escape(r['routine'])} +{r['floor_s']:.2f} +{r['gflop_per_s']:.0f}", result.stdout)
-    assert f"fastest: {results['fastest_routine']}" in result.stdout
+    assert f"fastest on a default epoch: {results['fastest_routine']}" in result.stdout
+    # The row's floor is by the routine fastest on its own products, each timed there (the table's last column).
+    assert set(row["routine_floors_s"]) == set(by_name) and min(row["routine_floors_s"].values()) > 0
+    assert row["floor_routine"] == min(row["routine_floors_s"], key=row["routine_floors_s"].get)
     # The busy-CPU row: epochs with a competing process, against the unloaded epoch of the defaults row.
     busy = results["busy"]
     assert busy["unloaded_s"] == row["epoch_s"] and busy["epoch_s"] > 0 and busy["fixed_epoch_s"] > 0

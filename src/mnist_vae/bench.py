@@ -5,9 +5,9 @@ forward product of each of the model's layers (read from the model the row train
 its depth, width, label columns, and the decoder on k draws of z per image for IWAE),
 the weight-gradient product of each, and the input-gradient product of all but the
 first (the images need no gradient); same shapes, batch sizes, dtype, device and threads
-as training, each product by the fastest routine this process has for that dtype (in
-float32 torch.mm, oneDNN, NumPy's BLAS: each is timed, and the table says which the
-training step uses; in bfloat16 torch.mm and oneDNN). Floors and epochs are measured in
+as training, by the routine this process has for that dtype that is fastest on the row's
+own products (in float32 torch.mm, oneDNN, NumPy's BLAS; in bfloat16 torch.mm and oneDNN:
+each is timed for each row, and the table says which won and which the training step uses). Floors and epochs are measured in
 one process, in alternation, and the ratio is the median of each epoch over the floor
 measured just before it, so a busy moment of the machine moves both. The
 importance-weighted log-likelihood is measured against the decoder's matrix products for
@@ -93,6 +93,7 @@ def main(prog, args):
     best = min(results["routines"], key=lambda row: row["floor_s"])["routine"]
     results["fastest_routine"], results["step_routine"] = best, products.routine(device)
     matmul = {"fp32": routines(device)[best]}
+    candidates = {"fp32": routines(device)}
     try:  # mixed precision's row, where the hardware multiplies bfloat16; else why not
         products.check_precision("bf16", device)
     except ValueError as e:
@@ -105,11 +106,12 @@ def main(prog, args):
             best_bf16 = min(results["bf16_routines"], key=lambda row: row["floor_s"])["routine"]
             results["fastest_bf16_routine"] = best_bf16
             matmul["bf16"] = routines(device, "bf16")[best_bf16]
+            candidates["bf16"] = routines(device, "bf16")
     with tempfile.TemporaryDirectory() as tmp:
         for name, changes in settings.items():
             config = replace(base, output=f"{tmp}/{name.replace(' ', '_')}", **changes)
             print(f"bench: training, {name} ...", file=sys.stderr)
-            row = bench_training(config, device, epochs, matmul[config.precision])
+            row = bench_training(config, device, epochs, candidates[config.precision])
             results["training"].append({"setting": name, **row})
         if device.type == "cpu":
             print("bench: training on a busy CPU ...", file=sys.stderr)
@@ -128,13 +130,16 @@ def main(prog, args):
     return 0
 
 
-def bench_training(config, device, epochs, matmul=None):
-    """Training seconds per epoch and the floor (the products of the model `config` builds, by `matmul`,
-    the fastest routine for config.precision), measured in alternation: a floor, then an epoch of
-    train() itself (the real loop), `epochs` times after one warm-up pair; medians and their ratio."""
+def bench_training(config, device, epochs, matmuls):
+    """Training seconds per epoch and the floor (the products of the model `config` builds by the fastest
+    of `matmuls`, routines of `routines` for config.precision, found for this model's own shapes: a small
+    batch may favour another routine than the defaults), measured in alternation: a floor, then an epoch
+    of train() itself (the real loop), `epochs` times after one warm-up pair; medians and their ratio."""
 
     n_train = config.n_train or 60000
     layers = product_shapes(config)
+    routine, routine_floors = fastest_routine(n_train, config, layers, device, matmuls)
+    matmul = matmuls[routine]
     pairs = []
     for _ in range(epochs + 1):
         floor = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
@@ -151,9 +156,24 @@ def bench_training(config, device, epochs, matmul=None):
             # what a step costs beyond its products: the fixed costs that small batches pay more often
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f in pairs[1:]),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
+            "floor_routine": routine, "routine_floors_s": routine_floors,
             "images_per_s": n_train / epoch, **fixed,
             # the ratio of an epoch in which nothing but the products and Adam's updates took time
             "products_and_adam_ratio": (floor_s + fixed["adam_s"]) / floor_s}
+
+
+def fastest_routine(n_train, config, layers, device, matmuls, rounds=2):
+    """The name of the routine of `matmuls` with the least epoch floor for `layers`, and each one's floor
+    (the least of `rounds` timings, taken in alternation)."""
+    if len(matmuls) == 1:
+        return next(iter(matmuls)), {}
+    floors = {name: [] for name in matmuls}
+    for _ in range(rounds):
+        for name, matmul in matmuls.items():
+            floors[name] += floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
+                                                dtype=config.precision)
+    least = {name: min(seconds) for name, seconds in floors.items()}
+    return min(least, key=least.get), least
 
 
 # The competing process of the busy-CPU row: a busy loop that ends by itself even if the bench is killed.
@@ -402,17 +422,18 @@ def format_table(results):
                      f"{row['peak_gflop_per_s']:>13.0f}{mark}")
     fastest, used = results["fastest_routine"], results["step_routine"]
     lines += ["(floor s: a default epoch's products alone by each float32 routine; peak: one 2048^3 product)",
-              f"fastest: {fastest}; the floors below use it" + ("" if fastest == used else
+              f"fastest on a default epoch: {fastest}" + ("" if fastest == used else
               f"; the training step uses {used} ({products.RULE}"
               + ("" if fastest in products.ROUTINES else f"; {fastest} is not one it can use") + ")"), "",
               f"{'training':<16} {'step':<8} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
-             f"{'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12} {'+adam':>6}"]
+             f"{'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12} {'+adam':>6}  floor by"]
     for row in results["training"]:
         lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f} {row.get('over_floor_us_per_step', math.nan):>12.0f}"
-                     f" {row.get('products_and_adam_ratio', math.nan):>6.2f}")
-    lines.append("(floor s: the products of each row's own model by the fastest routine for its precision;\n"
+                     f" {row.get('products_and_adam_ratio', math.nan):>6.2f}  {row.get('floor_routine', '')}")
+    lines.append("(floor s: the products of each row's own model by the routine fastest on them for its precision\n"
+                 " (floor by), each routine timed on them twice;\n"
                  " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone;\n"
                  " over us/step: (epoch - floor) / steps, what a step costs beyond its products;\n"
                  " +adam: (floor + adam s) / floor, the ratio of an epoch of nothing but its products and Adam)")
@@ -420,8 +441,8 @@ def format_table(results):
     if "bf16" in by_setting:
         lines.append(f"bf16: epoch {by_setting['bf16']['epoch_s'] / by_setting['defaults']['epoch_s']:.2f} x the "
                      f"float32 defaults'; its floor is its own bfloat16 products by "
-                     f"{results['fastest_bf16_routine']}, the fastest of "
-                     + ", ".join(f"{r['routine']} {r['floor_s']:.2f} s" for r in results["bf16_routines"]))
+                     f"{by_setting['bf16']['floor_routine']}, the fastest of "
+                     + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in by_setting["bf16"]["routine_floors_s"].items()))
     elif "bf16_not_measured" in results:
         lines.append(f"bf16: not measured: {results['bf16_not_measured']}")
     if "busy" in results:
