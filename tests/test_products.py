@@ -20,6 +20,9 @@ def test_the_rule_picks_onednn_on_amd_with_avx512_only(tmp_path, monkeypatch):
     monkeypatch.setattr(products, "_amd_with_avx512", lambda: True)
     expected = "oneDNN" if products.onednn_available(torch.device("cpu")) else "torch.mm"
     assert products.rule(torch.device("cpu")) == expected
+    assert products.rule(torch.device("cpu"), products.SMALL_STEP) == expected
+    # a step too small for oneDNN's cost per call: torch.mm, as for Burda et al.'s model at batch 20
+    assert products.rule(torch.device("cpu"), products.SMALL_STEP - 1) == "torch.mm"
     assert products.rule(torch.device("meta")) == "torch.mm"  # not a CPU: never oneDNN
     monkeypatch.setattr(products, "_amd_with_avx512", lambda: False)
     assert products.rule(torch.device("cpu")) == "torch.mm"
@@ -71,3 +74,22 @@ def test_the_cpu_is_described_as_lscpu_does(tmp_path):
         "model 17; none of AVX2, AVX512F, AVX512_BF16, AMX_BF16)")
     elsewhere = products.cpu(str(tmp_path / "no-such-file"))
     assert elsewhere["vendor"] is None and elsewhere["model_name"] and products.describe_cpu(elsewhere)
+
+
+def test_the_training_step_tells_the_rule_the_size_of_its_products(monkeypatch):
+    """make_step's fused step counts its forward pass's multiply-adds from the model, the batch and the draws
+    of z: the defaults take oneDNN where the rule gives it, Burda et al.'s model at batch 20 torch.mm, and its
+    IWAE at batch 20 (the decoder on 5 draws per image) oneDNN again."""
+    from dataclasses import replace
+
+    from mnist_vae.config import Config
+    from mnist_vae.loop import make_model
+    from mnist_vae.step import make_step
+
+    monkeypatch.setattr(products, "_amd_with_avx512", lambda: True)
+    large = "oneDNN" if products.onednn_available(torch.device("cpu")) else "torch.mm"
+    burda = dict(dim_z=50, n_hidden=200, activation="tanh", dropout=0.0, batch_size=20)
+    for changes, expected in (({}, large), (burda, "torch.mm"), (dict(burda, objective="iwae", k_train=5), large)):
+        config = replace(Config(), **changes)
+        model, optimizer = make_model(config, torch.device("cpu"))
+        assert make_step(model, optimizer, config).products.name == expected, changes

@@ -91,7 +91,7 @@ def main(prog, args):
     print("bench: matrix-product routines ...", file=sys.stderr)
     results["routines"] = bench_routines(base, device, rounds=1 if args.quick else 3)
     best = min(results["routines"], key=lambda row: row["floor_s"])["routine"]
-    results["fastest_routine"], results["step_routine"] = best, products.routine(device)
+    results["fastest_routine"], results["step_routine"] = best, products.routine(device, step_multiply_adds(base))
     matmul = {"fp32": routines(device)[best]}
     candidates = {"fp32": routines(device)}
     try:  # mixed precision's row, where the hardware multiplies bfloat16; else why not
@@ -157,6 +157,8 @@ def bench_training(config, device, epochs, matmuls):
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f in pairs[1:]),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
             "floor_routine": routine, "routine_floors_s": routine_floors,
+            # the routine the fused step takes for this model and batch (the autograd step's are torch's own)
+            "step_routine": products.routine(device, step_multiply_adds(config)) if row["step"] == "fused" else None,
             "images_per_s": n_train / epoch, **fixed,
             # the ratio of an epoch in which nothing but the products and Adam's updates took time
             "products_and_adam_ratio": (floor_s + fixed["adam_s"]) / floor_s}
@@ -253,6 +255,12 @@ def product_shapes(config):
         model = build(config)
     return [(m.in_features, m.out_features, rows) for part, rows in ((model.encoder, 1), (model.decoder, k))
             for m in part.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def step_multiply_adds(config):
+    """The multiply-adds of the forward pass of one training step of the model `config` builds, as the product
+    routine's rule reads them."""
+    return config.batch_size * sum(n_in * n_out * rows for n_in, n_out, rows in product_shapes(config))
 
 
 def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=None, dtype="fp32"):
@@ -431,7 +439,9 @@ def format_table(results):
         lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f} {row.get('over_floor_us_per_step', math.nan):>12.0f}"
-                     f" {row.get('products_and_adam_ratio', math.nan):>6.2f}  {row.get('floor_routine', '')}")
+                     f" {row.get('products_and_adam_ratio', math.nan):>6.2f}  {row.get('floor_routine', '')}"
+                     + (f" (the step's: {row['step_routine']})" if row.get("step_routine") not in (None, row.get("floor_routine"))
+                        else ""))
     lines.append("(floor s: the products of each row's own model by the routine fastest on them for its precision\n"
                  " (floor by), each routine timed on them twice;\n"
                  " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone;\n"

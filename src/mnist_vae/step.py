@@ -52,7 +52,7 @@ def make_step(model, optimizer, config):
     if config.step == "fused" and reason is not None:
         raise UserError(f"--step fused cannot train this run: {reason}; use --step auto or autograd")
     if config.step != "autograd" and reason is None:
-        return fused.FusedTrainStep(model, optimizer, config.precision, **loss_options)
+        return fused.FusedTrainStep(model, optimizer, config.precision, batch_size=config.batch_size, **loss_options)
     return AutogradTrainStep(model, optimizer, config.precision, **loss_options)
 
 

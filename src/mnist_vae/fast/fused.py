@@ -135,9 +135,10 @@ class FusedTrainStep:
     """Calls of this object take one optimizer step on a batch (images, targets, labels); they return
     the batch means of [-ELBO, reconstruction -log p(x|z), KL, loss] as one tensor, as model.VAE.loss,
     without synchronising. `loss_options` are model.VAE.loss's (kl_weight, objective, k, gradient), and
-    kl_weight may change between calls (KL warm-up). Use it only where `supports(model, config)`."""
+    kl_weight may change between calls (KL warm-up). `batch_size`, the training batch's, lets the
+    product routine's rule see the size of the step's products. Use it only where `supports(model, config)`."""
 
-    def __init__(self, model, optimizer, precision="fp32", **loss_options):
+    def __init__(self, model, optimizer, precision="fp32", batch_size=None, **loss_options):
         self.model, self.optimizer = model, optimizer
         self.loss_options = {"kl_weight": 1.0, "objective": "elbo", "k": 1, **loss_options}
         # Each MLP as [(index in self.layers, activation, dropout p)], its last layer's activation None.
@@ -150,8 +151,13 @@ class FusedTrainStep:
         self.weight_operands = [None] * len(self.layers)  # this step's, as the products take them
         self.encoder = [(i, activation, p) for i, (_, activation, p) in enumerate(encoder)]
         self.decoder = [(len(encoder) + i, activation, p) for i, (_, activation, p) in enumerate(decoder)]
-        # torch.mm, or oneDNN where the rule says; bfloat16 copies of the operands with --precision bf16
-        self.products = Products(self.layers[0].weight.device, precision)
+        # torch.mm, or oneDNN where the rule says for this size of step (batch_size None: any size); bfloat16
+        # copies of the operands with --precision bf16
+        k = self.loss_options["k"] if self.loss_options["objective"] == "iwae" else 1
+        multiply_adds = None if batch_size is None else batch_size * sum(
+            layer.in_features * layer.out_features * (1 if index < len(encoder) else k)
+            for index, layer in enumerate(self.layers))
+        self.products = Products(self.layers[0].weight.device, precision, multiply_adds=multiply_adds)
         self.n_classes = model.n_classes if model.conditional else 0
         group = optimizer.param_groups[0]
         self.adam_by_layer = bool(group.get("fused") and hasattr(torch, "_fused_adam_") and not group["amsgrad"]

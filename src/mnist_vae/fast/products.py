@@ -6,8 +6,8 @@ through torch.ops.mkldnn._linear_pointwise) did this model's products about twic
 fast, while on an AMD EPYC with AVX2 only the two are within a few per cent of each
 other (docs/speed.md, from `mnist-vae bench`). The choice is a rule, not a
 timing taken at start-up, so that one seed on one machine always gives the same bits:
-oneDNN on an AMD CPU with AVX-512, torch.mm everywhere else (other CPUs, CUDA, MPS, a
-torch without oneDNN). `mnist-vae bench` times every routine and says whether the
+oneDNN on an AMD CPU with AVX-512 for all but the smallest steps (SMALL_STEP), torch.mm
+everywhere else (other CPUs, CUDA, MPS, a torch without oneDNN). `mnist-vae bench` times every routine and says whether the
 rule picked the fastest one on the machine it runs on. `use(name)` overrides it (the
 tests train through both).
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 ROUTINES = ("torch.mm", "oneDNN")
-RULE = "the rule: oneDNN on an AMD CPU with AVX-512, torch.mm elsewhere"
+RULE = "the rule: oneDNN on an AMD CPU with AVX-512 but for the smallest steps, torch.mm elsewhere"
 _override = None
 
 
@@ -109,18 +109,26 @@ def check_precision(precision, device):
                          f"slower than float32; use --precision fp32")
 
 
-def rule(device):
-    """The routine the rule picks for `device`."""
-    if onednn_available(device) and _amd_with_avx512():
+# Below this many multiply-adds in the forward pass of a step, oneDNN's cost per call outweighs its faster
+# arithmetic, and MKL is the faster on an AMD CPU with AVX-512 too: in mnist-vae bench's floors, Burda et
+# al.'s model at batch 20 (8.5 million) against their IWAE at batch 20 (25 million; docs/speed.md).
+SMALL_STEP = 20_000_000
+
+
+def rule(device, multiply_adds=None):
+    """The routine the rule picks for `device`, for a step whose forward pass takes `multiply_adds` (None:
+    products of any size, as the estimate's chunks of draws are)."""
+    if onednn_available(device) and _amd_with_avx512() and (multiply_adds is None or multiply_adds >= SMALL_STEP):
         return "oneDNN"
     return "torch.mm"
 
 
-def routine(device):
-    """The routine the training step uses on `device`: `use`'s choice where it is available, else the rule's."""
+def routine(device, multiply_adds=None):
+    """The routine the training step uses on `device` (for `multiply_adds`, as `rule`): `use`'s choice where it
+    is available, else the rule's."""
     if _override is not None and (_override == "torch.mm" or onednn_available(device)):
         return _override
-    return rule(device)
+    return rule(device, multiply_adds)
 
 
 def use(name):
@@ -140,9 +148,9 @@ class Products:
     """The three products of a layer through one routine, fixed when the step is built; with
     precision "bf16", torch.mm on bfloat16 copies of the operands, giving float32."""
 
-    def __init__(self, device, precision="fp32", name=None):
+    def __init__(self, device, precision="fp32", name=None, multiply_adds=None):
         self.bf16 = precision == "bf16"
-        self.name = "torch.mm, bfloat16" if self.bf16 else name or routine(device)
+        self.name = "torch.mm, bfloat16" if self.bf16 else name or routine(device, multiply_adds)
         self.onednn = self.name == "oneDNN"
 
     def operand(self, t):
