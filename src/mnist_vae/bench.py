@@ -157,8 +157,10 @@ def bench_training(config, device, epochs, matmuls):
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f in pairs[1:]),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
             "floor_routine": routine, "routine_floors_s": routine_floors,
-            # the routine the fused step takes for this model and batch (the autograd step's are torch's own)
-            "step_routine": products.routine(device, step_multiply_adds(config)) if row["step"] == "fused" else None,
+            # the routine the fused step takes for this model and batch: in bfloat16 always torch.mm (the autograd
+            # step's are torch's own)
+            "step_routine": None if row["step"] != "fused" else "torch.mm" if config.precision == "bf16"
+            else products.routine(device, step_multiply_adds(config)),
             "images_per_s": n_train / epoch, **fixed,
             # the ratio of an epoch in which nothing but the products and Adam's updates took time
             "products_and_adam_ratio": (floor_s + fixed["adam_s"]) / floor_s}
