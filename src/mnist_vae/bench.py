@@ -43,6 +43,7 @@ from .layers import dropout_bits
 from .loop import make_model, train
 from .machine import resolve_device
 from .model import build
+from .step import make_step
 
 SETTINGS = {
     "defaults": {},
@@ -91,9 +92,8 @@ def main(prog, args):
     print("bench: matrix-product routines ...", file=sys.stderr)
     results["routines"] = bench_routines(base, device, rounds=1 if args.quick else 3)
     best = min(results["routines"], key=lambda row: row["floor_s"])["routine"]
-    results["fastest_routine"], results["step_routine"] = best, products.routine(device, step_multiply_adds(base))
-    matmul = {"fp32": routines(device)[best]}
-    candidates = {"fp32": routines(device)}
+    results["fastest_routine"], results["step_routine"] = best, step_routine(base, device)
+    candidates = {"fp32": routines(device)}  # each row's floor by the one fastest on its own products
     try:  # mixed precision's row, where the hardware multiplies bfloat16; else why not
         products.check_precision("bf16", device)
     except ValueError as e:
@@ -101,11 +101,6 @@ def main(prog, args):
     else:
         if not args.quick:  # against the floor of its own products: bfloat16, by the fastest routine that has them
             settings = {**settings, "bf16": {"precision": "bf16"}}
-            print("bench: bfloat16 matrix-product routines ...", file=sys.stderr)
-            results["bf16_routines"] = bench_routines(base, device, rounds=3, dtype="bf16")
-            best_bf16 = min(results["bf16_routines"], key=lambda row: row["floor_s"])["routine"]
-            results["fastest_bf16_routine"] = best_bf16
-            matmul["bf16"] = routines(device, "bf16")[best_bf16]
             candidates["bf16"] = routines(device, "bf16")
     with tempfile.TemporaryDirectory() as tmp:
         for name, changes in settings.items():
@@ -119,7 +114,7 @@ def main(prog, args):
                                          unloaded_s=results["training"][0]["epoch_s"])
         run_dir = f"{tmp}/defaults"
         print("bench: evaluation ...", file=sys.stderr)
-        results["evaluation"] = bench_evaluation(run_dir, device, ks, matmul["fp32"])
+        results["evaluation"] = bench_evaluation(run_dir, device, ks, candidates["fp32"][best])
         print("bench: memory of a default training run ...", file=sys.stderr)
         results["peak_rss_mb"] = peak_rss_of_training_run(base, f"{tmp}/memory")
     results["startup_help_s"] = startup_seconds()
@@ -157,10 +152,7 @@ def bench_training(config, device, epochs, matmuls):
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f in pairs[1:]),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
             "floor_routine": routine, "routine_floors_s": routine_floors,
-            # the routine the fused step takes for this model and batch: in bfloat16 always torch.mm (the autograd
-            # step's are torch's own)
-            "step_routine": None if row["step"] != "fused" else "torch.mm" if config.precision == "bf16"
-            else products.routine(device, step_multiply_adds(config)),
+            "step_routine": step_routine(config, device),
             "images_per_s": n_train / epoch, **fixed,
             # the ratio of an epoch in which nothing but the products and Adam's updates took time
             "products_and_adam_ratio": (floor_s + fixed["adam_s"]) / floor_s}
@@ -171,13 +163,30 @@ def fastest_routine(n_train, config, layers, device, matmuls, rounds=2):
     (the least of `rounds` timings, taken in alternation)."""
     if len(matmuls) == 1:
         return next(iter(matmuls)), {}
+    floors = routine_floors(n_train, config.batch_size, layers, device, matmuls, rounds, config.precision)
+    least = {name: min(seconds) for name, seconds in floors.items()}
+    return min(least, key=least.get), least
+
+
+def routine_floors(n_train, batch_size, layers, device, matmuls, rounds, dtype="fp32"):
+    """{name: [seconds]}: `rounds` epoch floors for `layers` by each routine of `matmuls`, taken in alternation."""
     floors = {name: [] for name in matmuls}
     for _ in range(rounds):
         for name, matmul in matmuls.items():
-            floors[name] += floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
-                                                dtype=config.precision)
-    least = {name: min(seconds) for name, seconds in floors.items()}
-    return min(least, key=least.get), least
+            floors[name] += floor_epoch_seconds(n_train, batch_size, layers, device, repeats=1, matmul=matmul,
+                                                dtype=dtype)
+    return floors
+
+
+def step_routine(config, device):
+    """The product routine of the step train() builds for `config`, named as the floors name theirs (its
+    bfloat16 products are torch.mm's); None where that is the autograd step, whose products are torch's."""
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; the bench's draws stay as they were
+        model, optimizer = make_model(config, device)
+    step = make_step(model, optimizer, config)
+    if not isinstance(step, FusedTrainStep):
+        return None
+    return "torch.mm" if step.products.bf16 else step.products.name
 
 
 # The competing process of the busy-CPU row: a busy loop that ends by itself even if the bench is killed.
@@ -259,12 +268,6 @@ def product_shapes(config):
             for m in part.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def step_multiply_adds(config):
-    """The multiply-adds of the forward pass of one training step of the model `config` builds, as the product
-    routine's rule reads them."""
-    return config.batch_size * sum(n_in * n_out * rows for n_in, n_out, rows in product_shapes(config))
-
-
 def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=None, dtype="fp32"):
     """Seconds of one epoch's matrix products alone, `repeats` times, by `matmul` (a routine of
     `routines` for `dtype`; torch.mm by default), for the layers `layers` (product_shapes), on operands
@@ -309,24 +312,18 @@ def epoch_gflop(n_train, layers):
                              for index, (n_in, n_out, rows) in enumerate(layers)) / 1e9
 
 
-def bench_routines(config, device, rounds=3, dtype="fp32"):
-    """Each routine's floor of an epoch of the model `config` builds, in `dtype` (its median over
-    `rounds`, taken in alternation) and its peak: GFLOP/s of one 2048 x 2048 by 2048 x 2048 product,
-    the best of three."""
+def bench_routines(config, device, rounds=3):
+    """Each float32 routine's floor of an epoch of the model `config` builds (its median over `rounds`, taken
+    in alternation) and its peak: GFLOP/s of one 2048 x 2048 by 2048 x 2048 product, the best of three."""
 
     n_train = config.n_train or 60000
     layers = product_shapes(config)
-    found = routines(device, dtype)
-    floors = {name: [] for name in found}
-    for _ in range(rounds):
-        for name, matmul in found.items():
-            floors[name] += floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1,
-                                                matmul=matmul, dtype=dtype)
+    found = routines(device)
+    floors = routine_floors(n_train, config.batch_size, layers, device, found, rounds)
     gflop = epoch_gflop(n_train, layers)
     rows = []
     for name, matmul in found.items():
-        a, b, out = (torch.randn(2048, 2048, device=device, dtype=torch.bfloat16 if dtype == "bf16" else None)
-                     for _ in range(3))
+        a, b, out = (torch.randn(2048, 2048, device=device) for _ in range(3))
         matmul(a, b, out)
         peak = []
         for _ in range(3):
