@@ -28,5 +28,5 @@ class BuildExt(build_ext):
 
 
 setup(ext_modules=[Extension("mnist_vae.fast._kernels", ["src/mnist_vae/fast/_kernels.c"], optional=True,
-                             extra_compile_args=["-O3", *OPENMP], extra_link_args=OPENMP)],
+                             extra_compile_args=["-O3", "-fno-math-errno", *OPENMP], extra_link_args=OPENMP)],
       cmdclass={"build_ext": BuildExt})

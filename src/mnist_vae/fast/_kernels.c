@@ -374,6 +374,30 @@ VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long 
     }
 }
 
+/* Adam's update of n parameters as torch._fused_adam_ computes it on the CPU (torch.optim.Adam(fused=True)):
+ * the operations of torch's vector loop in its order, with its fused multiply-adds and no others, and sqrt
+ * and division correctly rounded, so that on a vector of parameters the two agree to the bit (torch's
+ * scalar loop over the last few elements of a tensor rounds otherwise, by an ulp). The scalars are torch's,
+ * computed in double by the caller and rounded to float as torch rounds them. The first moment is torch's
+ * lerp toward the gradient by c1 = 1 - beta1, from the nearer end. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+VECTOR_CLONES static void adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+                               long n, float c1, float beta2, float c2, float bc2_sqrt, float eps,
+                               float neg_step_size, float weight_decay) {
+    int small = fabsf(c1) < 0.5f;
+    float coefficient = small ? c1 : c1 - 1.0f;
+    for (long i = 0; i < n; i++) {
+        float grad = weight_decay != 0.0f ? fmaf(p[i], weight_decay, g[i]) : g[i];
+        float mi = fmaf(coefficient, grad - m[i], small ? m[i] : grad);
+        float vi = fmaf(c2 * grad, grad, v[i] * beta2);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] + neg_step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+#pragma GCC pop_options
+
 /* ---- Python bindings: addresses come as integers from Tensor.data_ptr(). */
 
 /* With `masked`, the mask's bits are SplitMix64's outputs from `key`, as layers.dropout_bits draws them,
@@ -516,6 +540,32 @@ static PyObject *py_splitmix64(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Adam on the parameters of one layer, its weight and its bias: (param, grad, exp_avg, exp_avg_sq, n) of each. */
+static PyObject *py_adam(PyObject *self, PyObject *args) {
+    unsigned long long t[2][4];
+    long n[2];
+    float c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay;
+    if (!PyArg_ParseTuple(args, "KKKKlKKKKlfffffff", &t[0][0], &t[0][1], &t[0][2], &t[0][3], &n[0], &t[1][0],
+                          &t[1][1], &t[1][2], &t[1][3], &n[1], &c1, &beta2, &c2, &bc2_sqrt, &eps, &neg_step_size,
+                          &weight_decay))
+        return NULL;
+    for (int j = 0; j < 2; j++) {
+        float *P = (float *)(uintptr_t)t[j][0], *M = (float *)(uintptr_t)t[j][2], *V = (float *)(uintptr_t)t[j][3];
+        const float *G = (const float *)(uintptr_t)t[j][1];
+        long size = n[j];
+#pragma omp parallel if (parallel && size >= PARALLEL_MIN)
+        {
+            long begin, end;
+            my_share((size + 15) / 16, &begin, &end); /* whole cache lines to each thread */
+            begin *= 16;
+            end = end * 16 < size ? end * 16 : size;
+            adam(P + begin, G + begin, M + begin, V + begin, end - begin, c1, beta2, c2, bc2_sqrt, eps,
+                 neg_step_size, weight_decay);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "p", &parallel))
         return NULL;
@@ -540,6 +590,9 @@ static PyMethodDef methods[] = {
     {"importance_gaussian_backward", py_importance_gaussian_backward, METH_VARARGS,
      "importance_gaussian_backward(gaussian, eps, std, z, z_cols, d_z, weights, kl_weight, scale, dreg, d_gaussian, "
      "images, k, dim_z)"},
+    {"adam", py_adam, METH_VARARGS,
+     "adam(weight, grad, exp_avg, exp_avg_sq, n, bias, grad, exp_avg, exp_avg_sq, n, 1 - beta1, beta2, 1 - beta2, "
+     "sqrt(bias_correction2), eps, -lr / bias_correction1, weight_decay)"},
     {"splitmix64", py_splitmix64, METH_VARARGS, "splitmix64(out, key, n)"},
     {NULL, NULL, 0, NULL},
 };

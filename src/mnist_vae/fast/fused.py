@@ -333,19 +333,34 @@ class FusedTrainStep:
             for p, view in zip(parameters, self.steps):
                 state[p]["step"] = view
             self.counts = counts
-            # Each layer's tensors as _fused_adam_ takes them, gathered once for every step that follows.
+            # Each layer's tensors as _fused_adam_ takes them, and as kernels.adam does, gathered once for every
+            # step that follows.
             self.adam_tensors = [
                 ([w, b], [state[w]["exp_avg"], state[b]["exp_avg"]], [state[w]["exp_avg_sq"], state[b]["exp_avg_sq"]],
                  [state[w]["step"], state[b]["step"]]) for w, b in zip(self.weights, self.biases)]
+            self.adam_layers = [(w, state[w]["exp_avg"], state[w]["exp_avg_sq"], b, state[b]["exp_avg"],
+                                 state[b]["exp_avg_sq"]) for w, b in zip(self.weights, self.biases)]
+            # kernels.adam takes one step count for all: the count every parameter has, as Adam's own steps
+            # and checkpoints leave them.
+            self.adam_c_ready = bool((counts == counts[0]).all()) and all(
+                kernels.adam_suits(*layer) for layer in self.adam_layers)
+            self.count = float(counts[0])
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         self.adam_options = dict(amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
                                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        self.adam_scalars = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        self.adam_in_c = self.adam_c_ready and not any(torch.is_tensor(x) for x in self.adam_scalars)
         self.counts.add_(1)
+        self.count += 1
 
     def _adam(self, index, grad_weight, grad_bias):
         """torch.optim.Adam(fused=True).step() for the weight and bias of one layer, without its
-        per-call Python bookkeeping (its tensors and options come from _begin_adam_step)."""
+        per-call Python bookkeeping (its tensors and options come from _begin_adam_step); in the C loop
+        (kernels.adam) where it was built."""
+        if self.adam_in_c and kernels.adam(self.adam_layers[index], grad_weight, grad_bias, self.count,
+                                           *self.adam_scalars):
+            return
         parameters, exp_avgs, exp_avg_sqs, steps = self.adam_tensors[index]
         torch._fused_adam_(parameters, [grad_weight, grad_bias], exp_avgs, exp_avg_sqs, [], steps,
                            **self.adam_options)

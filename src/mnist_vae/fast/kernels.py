@@ -223,6 +223,38 @@ def gaussian_backward(gaussian, eps, std, d_z, scale):
     return torch.cat([d_z + mu * scale, d_std * torch.sigmoid(pre_std)], dim=1)
 
 
+# ---------------------------------------------------------------- Adam's update
+
+
+def adam_suits(*tensors):
+    """Whether `adam` computes in C on these parameters and Adam's moments of them (the step checks them
+    once, as they live from step to step, and each step's gradients as they come)."""
+    return _use_c(*tensors)
+
+
+def adam(layer, grad_weight, grad_bias, step, lr, beta1, beta2, eps, weight_decay):
+    """One step of torch.optim.Adam (no amsgrad, no maximize) on a layer's weight and bias, in place, as
+    torch._fused_adam_ computes it: `layer` is (weight, exp_avg, exp_avg_sq, bias, exp_avg, exp_avg_sq),
+    for which adam_suits holds, and `step` the count this step makes (1 the first time). False where the
+    gradients do not suit the C loop, which updated nothing then.
+
+    One C loop updates both tensors with the arithmetic of torch's vectorised loop, in the same order and
+    with the same roundings of the scalars, so that the two agree to the bit but for the few elements
+    at the end of a tensor that torch's loop does without vectors. Why not torch's own: called once a
+    layer, it is the larger part of a small step's fixed cost, and the C loop does the same work in
+    about half the time (docs/speed.md)."""
+    if not _use_c(grad_weight, grad_bias):
+        return False
+    weight, exp_avg_w, exp_avg_sq_w, bias, exp_avg_b, exp_avg_sq_b = layer
+    # in double, as torch computes them from the step count and the options, then rounded to float by the C call
+    bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+    _kernels.adam(weight.data_ptr(), grad_weight.data_ptr(), exp_avg_w.data_ptr(), exp_avg_sq_w.data_ptr(),
+                  weight.numel(), bias.data_ptr(), grad_bias.data_ptr(), exp_avg_b.data_ptr(),
+                  exp_avg_sq_b.data_ptr(), bias.numel(), 1 - beta1, beta2, 1 - beta2, math.sqrt(bias_correction2),
+                  eps, -(lr / bias_correction1), weight_decay)
+    return True
+
+
 # ---------------------------------------------------------------- the importance-weighted bound's
 
 
