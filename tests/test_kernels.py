@@ -376,3 +376,75 @@ def test_adam_leaves_gradients_it_cannot_read_to_torch(monkeypatch):
     monkeypatch.setattr(kernels, "_enabled", False)
     assert not kernels.adam(layer, torch.ones(4, 16), torch.ones(4, 16), 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0)
     assert all(torch.equal(a, b) for a, b in zip(layer, before))
+
+
+def _in_c_and_in_torch_ops(compute):
+    """compute() with the C loops, then with the torch ops."""
+    before = kernels.available()
+    try:
+        kernels.use(True)
+        c = compute()
+        kernels.use(False)
+        return c, compute()
+    finally:
+        kernels.use(before)
+
+
+@needs_c
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("activation", ["elu", "tanh", "relu"])
+def test_a_bfloat16_layer_in_c_gives_the_bits_of_the_float32_one_rounded(activation, p):
+    """--precision bf16: the C loop reads the product in bfloat16 and writes h in bfloat16 (and float32 where
+    asked); each is what the float32 layer gives on the same input, h rounded as .bfloat16() rounds."""
+    a, bias = inputs()
+    a16 = a.bfloat16()
+    key = layers.dropout_key() if p > 0 else None
+    (h16, factor, h), (h16_ops, factor_ops, h_ops) = _in_c_and_in_torch_ops(
+        lambda: kernels.activation_bf16(activation, a16, bias, key, p, keep_float=True))
+    assert h16.dtype == torch.bfloat16 and factor.dtype == h.dtype == torch.float32
+    assert torch.equal(h16, h.bfloat16()) and torch.equal(h16, h16_ops)
+    # the same loop as float32 training's on a16's values: its bits there, the torch ops' within their rounding
+    reference, reference_factor = kernels.ACTIVATION_DROPOUT[activation](a16.float(), bias, key, p)
+    assert torch.equal(h, reference) and torch.equal(factor, reference_factor)
+    torch.testing.assert_close(h, h_ops, rtol=2e-6, atol=3e-7 / (1 - p))
+    torch.testing.assert_close(factor, factor_ops, rtol=2e-6, atol=4e-7 / (1 - p))
+    assert kernels.activation_bf16(activation, a16, bias, key, p)[2] is None  # no float32 copy unless asked
+
+
+@needs_c
+@pytest.mark.parametrize("with_factor", [True, False])
+def test_the_bfloat16_backward_through_a_layer_and_its_bias(with_factor):
+    """d(loss)/da in bfloat16 from a bfloat16 d(loss)/dh times the factor, or from the loss's float32 gradient
+    alone, rounded as .bfloat16() rounds, and the bias gradient from its float32 values."""
+    torch.manual_seed(2)
+    d = torch.randn(130, 501) * torch.logspace(-30, 30, 501)  # tiny and huge values: the rounding's every case
+    factor = torch.rand(130, 501) if with_factor else None
+    d_in = d.bfloat16() if with_factor else d
+    grads = torch.empty(501), torch.empty(501)
+    out, out_ops = _in_c_and_in_torch_ops(
+        lambda: kernels.factor_bias_grad_bf16(d_in, factor, grads[0] if kernels.available() else grads[1]))
+    exact = d_in.double() * (factor.double() if with_factor else 1)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.float().bfloat16()) and torch.equal(out, out_ops)
+    scale = exact.abs().sum(dim=0)  # float32 sums of 130 terms, within a few ulps of their magnitude
+    assert torch.all((grads[0].double() - exact.sum(dim=0)).abs() <= 1e-6 * scale)
+    assert torch.all((grads[0].double() - grads[1].double()).abs() <= 1e-6 * scale)
+
+
+@needs_c
+def test_adam_on_a_bfloat16_gradient_writes_the_bfloat16_weight():
+    """--precision bf16: the weight's gradient read in bfloat16 gives float32 Adam's bits on its float32 value,
+    and the bfloat16 copy of the weight is the updated weight rounded as .bfloat16() rounds."""
+    generator = torch.Generator().manual_seed(4)
+    (bf16,), (fp32,) = _adam_pair([(300, 200)], generator)
+    bias = [tuple(torch.zeros(7) for _ in range(3)) for _ in range(2)]
+    copy = torch.empty(300, 200, dtype=torch.bfloat16)
+    for count in range(1, 6):
+        grad = (torch.randn(300, 200, generator=generator) * 10.0 ** -count).bfloat16()
+        grad_bias = torch.randn(7, generator=generator)
+        options = (1e-3, 0.9, 0.999, 1e-8, 0.0)
+        assert kernels.adam((*bf16, *bias[0]), grad, grad_bias, float(count), *options, weight_copy=copy)
+        assert kernels.adam((*fp32, *bias[1]), grad.float(), grad_bias, float(count), *options)
+        assert all(torch.equal(a, b) for a, b in zip(bf16 + bias[0], fp32 + bias[1]))
+        assert torch.equal(copy, bf16[0].bfloat16())
+    # a float32 gradient where a bfloat16 one is expected is left to torch
+    assert not kernels.adam((*bf16, *bias[0]), grad.float(), grad_bias, 6.0, *options, weight_copy=copy)

@@ -67,3 +67,13 @@ def test_bf16_instructions_are_read_from_the_cpu_flags(monkeypatch):
         monkeypatch.setattr(products, "_cpu_flags", lambda: frozenset())
         products.check_precision("bf16", torch.device("cpu"))
     products.check_precision("fp32", torch.device("cpu"))  # float32 is always there
+
+
+def test_the_bf16_step_sees_weights_changed_outside_it(mnist_x):
+    """The step keeps each weight's bfloat16 copy from step to step (Adam's C loop writes it as it updates the
+    weight); a weight changed otherwise, as a checkpoint loads it, is copied again before its next product."""
+    model, _, step, _ = _train(mnist_x[:128 * 3], precision="bf16")
+    assert step.products.bf16
+    assert all(torch.equal(step._weight_operand(i), w.bfloat16()) for i, w in enumerate(step.weights))
+    model.load_state_dict({name: value + 0.01 for name, value in model.state_dict().items()})
+    assert all(torch.equal(step._weight_operand(i), w.bfloat16()) for i, w in enumerate(step.weights))

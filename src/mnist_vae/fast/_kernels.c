@@ -123,63 +123,94 @@ static inline float log1p_0_to_1(float e) {
     return w == 1.0f ? e : log_1_to_2(w) * (e / (w - 1.0f));
 }
 
+/* bfloat16, the products' operands with --precision bf16: the upper half of a float32, rounded to the nearest,
+ * ties to even, as torch's conversion rounds (NaN to torch's NaN), so that a loop writing bfloat16 gives the
+ * bits that .bfloat16() of its float32 result gives. */
+static inline float bf16_float(uint16_t h) {
+    union { uint32_t i; float f; } u;
+    u.i = (uint32_t)h << 16;
+    return u.f;
+}
+
+static inline uint16_t float_bf16(float f) {
+    union { float f; uint32_t i; } u = {f};
+    uint32_t rounded = (u.i + 0x7fffu + ((u.i >> 16) & 1u)) >> 16;
+    return (u.i & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)rounded;
+}
+
 /* The activations of activation_rows, by the number the Python side passes. */
 enum { ELU = 0, TANH = 1, RELU = 2 };
 
-/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. `kind`, `masked`
- * and `store` (whether the factor is written) are constants after inlining, so that each case is its own
- * loop: a load of bits[i] that might be skipped cannot be vectorised without AVX-512's masked loads. */
+/* The dropout test of kernels.py: a unit is kept when its 16-bit uniform is >= threshold. `kind`, `masked`,
+ * `store` (whether the factor is written) and `bf16` are constants after inlining, so that each case is its own
+ * loop: a load of bits[i] that might be skipped cannot be vectorised without AVX-512's masked loads. With
+ * `bf16` the layer reads its input a16 and writes h in bfloat16 (h16), and in float32 too where `a` is given. */
 static inline __attribute__((always_inline)) void activation_rows(
-        int kind, int masked, int store, float *restrict a, const float *restrict bias, float *restrict factor,
-        const int16_t *restrict bits, int16_t threshold, float scale, long rows, long cols) {
+        int kind, int masked, int store, int bf16, float *restrict a, const uint16_t *restrict a16,
+        uint16_t *restrict h16, const float *restrict bias, float *restrict factor, const int16_t *restrict bits,
+        int16_t threshold, float scale, long rows, long cols) {
     for (long r = 0; r < rows; r++)
         for (long c = 0; c < cols; c++) {
             long i = r * cols + c;
-            float x = a[i] + bias[c], m = masked ? (bits[i] >= threshold ? scale : 0.0f) : scale;
+            float x = (bf16 ? bf16_float(a16[i]) : a[i]) + bias[c], h, f;
+            float m = masked ? (bits[i] >= threshold ? scale : 0.0f) : scale;
             if (kind == TANH) { /* 2 sigmoid(2x) - 1, as model.tanh_; factor = m (1 - tanh^2) */
                 float t = 2.0f / (1.0f + exp_f(-2.0f * x)) - 1.0f;
-                a[i] = t * m;
-                if (store)
-                    factor[i] = m * (1.0f - t * t);
+                h = t * m;
+                f = m * (1.0f - t * t);
             } else if (kind == RELU) { /* max(x, 0); factor = m where x > 0, else 0 */
-                a[i] = (x > 0.0f ? x : 0.0f) * m;
-                if (store)
-                    factor[i] = x > 0.0f ? m : 0.0f;
+                h = (x > 0.0f ? x : 0.0f) * m;
+                f = x > 0.0f ? m : 0.0f;
             } else { /* elu; factor = m elu'(x) */
                 float e = x > 0.0f ? x : expm1_f(x);
-                a[i] = e * m;
-                if (store)
-                    factor[i] = (x > 0.0f ? 1.0f : e + 1.0f) * m;
+                h = e * m;
+                f = (x > 0.0f ? 1.0f : e + 1.0f) * m;
             }
+            if (bf16) {
+                h16[i] = float_bf16(h);
+                if (a)
+                    a[i] = h;
+            } else {
+                a[i] = h;
+            }
+            if (store)
+                factor[i] = f;
         }
 }
 
-/* The four loops of one activation: with or without a dropout mask, with or without the factor. */
+/* The loops of one activation: with or without a dropout mask, with or without the factor, and in
+ * bfloat16 (a16 given, training only: with the factor). */
 static inline __attribute__((always_inline)) void activation_cases(
-        int kind, float *restrict a, const float *restrict bias, float *restrict factor,
-        const int16_t *restrict bits, int16_t threshold, float scale, long rows, long cols) {
-    if (bits && factor)
-        activation_rows(kind, 1, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+        int kind, float *restrict a, const uint16_t *restrict a16, uint16_t *restrict h16, const float *restrict bias,
+        float *restrict factor, const int16_t *restrict bits, int16_t threshold, float scale, long rows, long cols) {
+    if (a16 && bits)
+        activation_rows(kind, 1, 1, 1, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
+    else if (a16)
+        activation_rows(kind, 0, 1, 1, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
+    else if (bits && factor)
+        activation_rows(kind, 1, 1, 0, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
     else if (bits)
-        activation_rows(kind, 1, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_rows(kind, 1, 0, 0, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
     else if (factor)
-        activation_rows(kind, 0, 1, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_rows(kind, 0, 1, 0, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
     else
-        activation_rows(kind, 0, 0, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_rows(kind, 0, 0, 0, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
 }
 
 /* h = act(a + bias) m, in place of a, and factor = m act'(a + bias), the backward pass's multiplier;
  * act is elu, tanh or relu (`kind`); bits == NULL: no dropout; factor == NULL: the forward pass alone
- * (the estimate's), which saves a store per unit. Each case is its own vectorised loop. */
-VECTOR_CLONES static void activation_dropout(int kind, float *restrict a, const float *restrict bias,
+ * (the estimate's), which saves a store per unit. With a16 (bfloat16) the input is a16 and h goes to h16,
+ * and to a as well where a is not NULL. Each case is its own vectorised loop. */
+VECTOR_CLONES static void activation_dropout(int kind, float *restrict a, const uint16_t *restrict a16,
+                                             uint16_t *restrict h16, const float *restrict bias,
                                              float *restrict factor, const int16_t *restrict bits,
                                              int16_t threshold, float scale, long rows, long cols) {
     if (kind == TANH)
-        activation_cases(TANH, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_cases(TANH, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
     else if (kind == RELU)
-        activation_cases(RELU, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_cases(RELU, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
     else
-        activation_cases(ELU, a, bias, factor, bits, threshold, scale, rows, cols);
+        activation_cases(ELU, a, a16, h16, bias, factor, bits, threshold, scale, rows, cols);
 }
 
 /* The Bernoulli log-likelihood of one pixel y under logit l, y l - softplus(l), with e = e^-|l|:
@@ -234,6 +265,32 @@ VECTOR_CLONES static void factor_bias_grad(float *restrict d, const float *restr
             grad_bias[c] += row[c];
         }
     }
+}
+
+/* factor_bias_grad with --precision bf16: d(loss)/da = d16 factor (d16: the bfloat16 product d(loss)/dh) or
+ * d32 (float32: the loss's gradient, the last layer's, with no factor), summed over the rows into grad_bias as
+ * factor_bias_grad sums, and written in bfloat16 to out, the operand of the layer's two backward products. */
+static inline __attribute__((always_inline)) void factor_bias_grad_rows(
+        int bf16, const uint16_t *restrict d16, const float *restrict d32, const float *restrict factor,
+        float *restrict grad_bias, uint16_t *restrict out, long rows, long cols) {
+    for (long c = 0; c < cols; c++)
+        grad_bias[c] = 0.0f;
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < cols; c++) {
+            long i = r * cols + c;
+            float d = bf16 ? bf16_float(d16[i]) * factor[i] : d32[i];
+            grad_bias[c] += d;
+            out[i] = float_bf16(d);
+        }
+}
+
+VECTOR_CLONES static void factor_bias_grad_bf16(const uint16_t *restrict d16, const float *restrict d32,
+                                                const float *restrict factor, float *restrict grad_bias,
+                                                uint16_t *restrict out, long rows, long cols) {
+    if (d16)
+        factor_bias_grad_rows(1, d16, d32, factor, grad_bias, out, rows, cols);
+    else
+        factor_bias_grad_rows(0, d16, d32, factor, grad_bias, out, rows, cols);
 }
 
 /* The estimate's log-likelihood, with no gradient: out[r] = sum over pixels of x l - softplus(l), for
@@ -375,45 +432,66 @@ VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long 
 }
 
 /* Adam's update of n parameters as torch._fused_adam_ computes it on the CPU (torch.optim.Adam(fused=True)):
- * the operations of torch's vector loop in its order, with its fused multiply-adds and no others, and sqrt
- * and division correctly rounded, so that on a vector of parameters the two agree to the bit (torch's
- * scalar loop over the last few elements of a tensor rounds otherwise, by an ulp). The scalars are torch's,
- * computed in double by the caller and rounded to float as torch rounds them. The first moment is torch's
- * lerp toward the gradient by c1 = 1 - beta1, from the nearer end. */
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-VECTOR_CLONES static void adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
-                               long n, float c1, float beta2, float c2, float bc2_sqrt, float eps,
-                               float neg_step_size, float weight_decay) {
+ * the operations of torch's vector loop in its order, with its fused multiply-adds (no other product here
+ * feeds an addition, so the compiler has none to contract), and sqrt and division correctly rounded, so
+ * that on a vector of parameters the two agree to the bit (torch's scalar loop over the last few elements
+ * of a tensor rounds otherwise, by an ulp). The scalars are torch's, computed in double by the caller and
+ * rounded to float as torch rounds them. The first moment is torch's lerp toward the gradient by
+ * c1 = 1 - beta1, from the nearer end. */
+static inline __attribute__((always_inline)) void adam_loop(
+        int bf16, float *restrict p, const float *restrict g, const uint16_t *restrict g16, uint16_t *restrict p16,
+        float *restrict m, float *restrict v, long n, float c1, float beta2, float c2, float bc2_sqrt, float eps,
+        float neg_step_size, float weight_decay) {
     int small = fabsf(c1) < 0.5f;
     float coefficient = small ? c1 : c1 - 1.0f;
     for (long i = 0; i < n; i++) {
-        float grad = weight_decay != 0.0f ? fmaf(p[i], weight_decay, g[i]) : g[i];
+        float grad = bf16 ? bf16_float(g16[i]) : g[i];
+        grad = weight_decay != 0.0f ? fmaf(p[i], weight_decay, grad) : grad;
         float mi = fmaf(coefficient, grad - m[i], small ? m[i] : grad);
         float vi = fmaf(c2 * grad, grad, v[i] * beta2);
         m[i] = mi;
         v[i] = vi;
-        p[i] = p[i] + neg_step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        float pi = p[i] + neg_step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        p[i] = pi;
+        if (bf16)
+            p16[i] = float_bf16(pi);
     }
 }
-#pragma GCC pop_options
+
+/* With g16 (--precision bf16) the gradient is read in bfloat16, as its product gave it, and the updated
+ * parameters are also written in bfloat16 to p16, the operand of the next step's products: no pass of
+ * their own over either. */
+VECTOR_CLONES static void adam(float *restrict p, const float *restrict g, const uint16_t *restrict g16,
+                               uint16_t *restrict p16, float *restrict m, float *restrict v, long n, float c1,
+                               float beta2, float c2, float bc2_sqrt, float eps, float neg_step_size,
+                               float weight_decay) {
+    if (g16)
+        adam_loop(1, p, g, g16, p16, m, v, n, c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay);
+    else
+        adam_loop(0, p, g, g16, p16, m, v, n, c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay);
+}
 
 /* ---- Python bindings: addresses come as integers from Tensor.data_ptr(). */
 
 /* With `masked`, the mask's bits are SplitMix64's outputs from `key`, as layers.dropout_bits draws them,
  * written into a buffer here: one call instead of two, and no tensor for them in Python. */
 static PyObject *py_activation(PyObject *args, int kind) {
-    unsigned long long a, bias, factor, key;
+    unsigned long long a, a16, h16, bias, factor, key;
     int masked, threshold;
     float scale;
     long rows, cols;
-    if (!PyArg_ParseTuple(args, "KKKpKifll", &a, &bias, &factor, &masked, &key, &threshold, &scale, &rows, &cols))
+    if (!PyArg_ParseTuple(args, "KKKKKpKifll", &a, &a16, &h16, &bias, &factor, &masked, &key, &threshold, &scale,
+                          &rows, &cols))
         return NULL;
     uint64_t *bits = NULL;
     long n_bits = (rows * cols + 3) / 4;
     if (masked && !(bits = malloc((n_bits > 0 ? n_bits : 1) * sizeof(uint64_t))))
         return PyErr_NoMemory();
-    float *h = (float *)(uintptr_t)a, *f = (float *)(uintptr_t)factor; /* factor 0: not written */
+    /* factor 0: not written; a16 0: float32 in and out, in a; else bfloat16 in a16 and out in h16, and a 0 or
+     * where to write h in float32 too */
+    float *h = (float *)(uintptr_t)a, *f = (float *)(uintptr_t)factor;
+    const uint16_t *in16 = (const uint16_t *)(uintptr_t)a16;
+    uint16_t *out16 = (uint16_t *)(uintptr_t)h16;
 #pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
     {
         long begin, end;
@@ -423,9 +501,10 @@ static PyObject *py_activation(PyObject *args, int kind) {
         }
 #pragma omp barrier
         my_share(rows, &begin, &end);
-        activation_dropout(kind, h + begin * cols, (const float *)(uintptr_t)bias, f ? f + begin * cols : NULL,
-                           bits ? (const int16_t *)bits + begin * cols : NULL, (int16_t)threshold, scale,
-                           end - begin, cols);
+        activation_dropout(kind, h ? h + begin * cols : NULL, in16 ? in16 + begin * cols : NULL,
+                           out16 ? out16 + begin * cols : NULL, (const float *)(uintptr_t)bias,
+                           f ? f + begin * cols : NULL, bits ? (const int16_t *)bits + begin * cols : NULL,
+                           (int16_t)threshold, scale, end - begin, cols);
     }
     free(bits);
     Py_RETURN_NONE;
@@ -540,18 +619,22 @@ static PyObject *py_splitmix64(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Adam on the parameters of one layer, its weight and its bias: (param, grad, exp_avg, exp_avg_sq, n) of each. */
+/* Adam on the parameters of one layer, its weight and its bias: (param, grad, exp_avg, exp_avg_sq, n) of each;
+ * with a bfloat16 copy of the weight (copy not 0) its gradient is bfloat16 too. */
 static PyObject *py_adam(PyObject *self, PyObject *args) {
-    unsigned long long t[2][4];
+    unsigned long long t[2][4], copy;
     long n[2];
     float c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay;
-    if (!PyArg_ParseTuple(args, "KKKKlKKKKlfffffff", &t[0][0], &t[0][1], &t[0][2], &t[0][3], &n[0], &t[1][0],
-                          &t[1][1], &t[1][2], &t[1][3], &n[1], &c1, &beta2, &c2, &bc2_sqrt, &eps, &neg_step_size,
-                          &weight_decay))
+    if (!PyArg_ParseTuple(args, "KKKKlKKKKKlfffffff", &t[0][0], &t[0][1], &t[0][2], &t[0][3], &n[0], &copy,
+                          &t[1][0], &t[1][1], &t[1][2], &t[1][3], &n[1], &c1, &beta2, &c2, &bc2_sqrt, &eps,
+                          &neg_step_size, &weight_decay))
         return NULL;
     for (int j = 0; j < 2; j++) {
         float *P = (float *)(uintptr_t)t[j][0], *M = (float *)(uintptr_t)t[j][2], *V = (float *)(uintptr_t)t[j][3];
-        const float *G = (const float *)(uintptr_t)t[j][1];
+        int bf16 = j == 0 && copy;
+        const float *G = bf16 ? NULL : (const float *)(uintptr_t)t[j][1];
+        const uint16_t *G16 = bf16 ? (const uint16_t *)(uintptr_t)t[j][1] : NULL;
+        uint16_t *P16 = bf16 ? (uint16_t *)(uintptr_t)copy : NULL;
         long size = n[j];
 #pragma omp parallel if (parallel && size >= PARALLEL_MIN)
         {
@@ -559,10 +642,21 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
             my_share((size + 15) / 16, &begin, &end); /* whole cache lines to each thread */
             begin *= 16;
             end = end * 16 < size ? end * 16 : size;
-            adam(P + begin, G + begin, M + begin, V + begin, end - begin, c1, beta2, c2, bc2_sqrt, eps,
-                 neg_step_size, weight_decay);
+            adam(P + begin, G ? G + begin : NULL, G16 ? G16 + begin : NULL, P16 ? P16 + begin : NULL, M + begin,
+                 V + begin, end - begin, c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay);
         }
     }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_factor_bias_grad_bf16(PyObject *self, PyObject *args) {
+    unsigned long long d16, d32, factor, grad_bias, out;
+    long rows, cols;
+    if (!PyArg_ParseTuple(args, "KKKKKll", &d16, &d32, &factor, &grad_bias, &out, &rows, &cols))
+        return NULL;
+    factor_bias_grad_bf16((const uint16_t *)(uintptr_t)d16, (const float *)(uintptr_t)d32,
+                          (const float *)(uintptr_t)factor, (float *)(uintptr_t)grad_bias, (uint16_t *)(uintptr_t)out,
+                          rows, cols);
     Py_RETURN_NONE;
 }
 
@@ -574,12 +668,14 @@ static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"set_parallel", py_set_parallel, METH_VARARGS, "set_parallel(flag): whether big loops may use several threads"},
-    {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
-    {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
-    {"relu_dropout", py_relu_dropout, METH_VARARGS, "relu_dropout(a, bias, factor, masked, key, threshold, scale, rows, cols)"},
+    {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},
+    {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},
+    {"relu_dropout", py_relu_dropout, METH_VARARGS, "relu_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
      "bernoulli_loss(logits, bias, target, rows_out, d_logits, scale, target_rows, rows, cols)"},
     {"factor_bias_grad", py_factor_bias_grad, METH_VARARGS, "factor_bias_grad(d, factor, grad_bias, rows, cols)"},
+    {"factor_bias_grad_bf16", py_factor_bias_grad_bf16, METH_VARARGS,
+     "factor_bias_grad_bf16(d16, d32, factor, grad_bias, out, rows, cols)"},
     {"bernoulli_log_p", py_bernoulli_log_p, METH_VARARGS, "bernoulli_log_p(logits, bias, images, out, n, rows, cols)"},
     {"gaussian_backward", py_gaussian_backward, METH_VARARGS,
      "gaussian_backward(gaussian, eps, std, d_z, d_gaussian, inv_batch, rows, dim_z)"},
@@ -591,7 +687,8 @@ static PyMethodDef methods[] = {
      "importance_gaussian_backward(gaussian, eps, std, z, z_cols, d_z, weights, kl_weight, scale, dreg, d_gaussian, "
      "images, k, dim_z)"},
     {"adam", py_adam, METH_VARARGS,
-     "adam(weight, grad, exp_avg, exp_avg_sq, n, bias, grad, exp_avg, exp_avg_sq, n, 1 - beta1, beta2, 1 - beta2, "
+     "adam(weight, grad, exp_avg, exp_avg_sq, n, bfloat16 copy or 0, bias, grad, exp_avg, exp_avg_sq, n, 1 - beta1, "
+     "beta2, 1 - beta2, "
      "sqrt(bias_correction2), eps, -lr / bias_correction1, weight_decay)"},
     {"splitmix64", py_splitmix64, METH_VARARGS, "splitmix64(out, key, n)"},
     {NULL, NULL, 0, NULL},

@@ -149,6 +149,10 @@ class FusedTrainStep:
         self.weights = [layer.weight for layer in self.layers]
         self.biases = [layer.bias for layer in self.layers]
         self.weight_operands = [None] * len(self.layers)  # this step's, as the products take them
+        # With --precision bf16, each weight's bfloat16 copy, which Adam's C loop writes as it updates the weight,
+        # and the weight's version (torch's count of its in-place changes) it was made from: anything else that
+        # changes the weight (torch's Adam, a checkpoint) counts a version, and the copy is made again.
+        self.weight_copies, self.copy_versions = [None] * len(self.layers), [None] * len(self.layers)
         self.encoder = [(i, activation, p) for i, (_, activation, p) in enumerate(encoder)]
         self.decoder = [(len(encoder) + i, activation, p) for i, (_, activation, p) in enumerate(decoder)]
         # torch.mm, or oneDNN where the rule says for this size of step (batch_size None: any size); bfloat16
@@ -204,7 +208,7 @@ class FusedTrainStep:
             # Forward, keeping what the backward pass needs: each layer's input and each hidden
             # layer's factor f = m act'(a) that turns d(loss)/dh into d(loss)/da. Biases are added in the
             # kernels.
-            encoder_inputs, encoder_factors, h = self._hidden_layers(self.encoder, x)
+            encoder_inputs, encoder_factors, h = self._hidden_layers(self.encoder, x, keep_float=True)
             index = self.encoder[-1][0]
             W, b = self.weights[index], self.biases[index]
             W_operand = self._weight_operand(index)
@@ -223,7 +227,7 @@ class FusedTrainStep:
             decoder_inputs, decoder_factors, _ = self._hidden_layers(self.decoder, z)
             index = self.decoder[-1][0]
             b = self.biases[index]
-            logits = self.products.linear(decoder_inputs[-1], self._weight_operand(index))
+            logits = self.products.linear(decoder_inputs[-1], self._weight_operand(index)).float()
 
             # log p = target logits - softplus(logits), as model.log_likelihood; and
             # d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part; row k B + i is
@@ -248,7 +252,7 @@ class FusedTrainStep:
             # Backward.
             if self.adam_by_layer:
                 self._begin_adam_step()
-            d_z = self._backward(self.decoder, d_logits, decoder_inputs, decoder_factors)
+            d_z = self._backward(self.decoder, d_logits, decoder_inputs, decoder_factors).float()
             if y is not None:
                 d_z = d_z[:, :dim_z].contiguous()
             if not iwae:
@@ -265,21 +269,33 @@ class FusedTrainStep:
 
     def _weight_operand(self, index):
         """Layer `index`'s weight as the products take it, kept for its input gradient in the backward pass,
-        before Adam changes the weight."""
-        self.weight_operands[index] = self.products.operand(self.weights[index])
+        before Adam changes the weight (with bf16, Adam's C loop writes the next step's copy after that)."""
+        weight = self.weights[index]
+        if not self.products.bf16:
+            self.weight_operands[index] = weight
+        else:
+            if self.weight_copies[index] is None or self.copy_versions[index] != weight._version:
+                self.weight_copies[index], self.copy_versions[index] = weight.bfloat16(), weight._version
+            self.weight_operands[index] = self.weight_copies[index]
         return self.weight_operands[index]
 
-    def _hidden_layers(self, mlp, v):
+    def _hidden_layers(self, mlp, v, keep_float=False):
         """The hidden layers of `mlp` on v: the input of each of its layers as the products take it (the
         last's is the hidden layers' output), each hidden layer's factor, and their output itself.
 
-        With --precision bf16 an operand is a bfloat16 copy, made once for the forward product and
-        the weight gradient's, as the weights' are made once for the forward and the input gradient's."""
+        With --precision bf16 the activation loops read their products and write the next operand in
+        bfloat16, used by the forward product and the weight gradient's; the output in float32 too only where
+        `keep_float` (the encoder's, whose last layer multiplies in float32)."""
         inputs, factors = [self.products.operand(v)], []
-        for index, activation, p in mlp[:-1]:
+        for j, (index, activation, p) in enumerate(mlp[:-1]):
             a = self.products.linear(inputs[-1], self._weight_operand(index))
-            v, factor = kernels.ACTIVATION_DROPOUT[activation](a, self.biases[index], self._key(p), p)
-            inputs.append(self.products.operand(v))
+            if self.products.bf16:
+                h, factor, v = kernels.activation_bf16(activation, a, self.biases[index], self._key(p), p,
+                                                       keep_float=keep_float and j == len(mlp) - 2)
+            else:
+                v, factor = kernels.ACTIVATION_DROPOUT[activation](a, self.biases[index], self._key(p), p)
+                h = v
+            inputs.append(h)
             factors.append(factor)
         return inputs, factors, v
 
@@ -296,10 +312,14 @@ class FusedTrainStep:
         """The gradients of layer `index`, y = inputs W' + b, from d(loss)/dy times `factor` (None: d(loss)/dy
         itself), and with adam_by_layer its Adam update (after W's last use in this step); return d(inputs)."""
         grad_weight, grad_bias = self.grads[index]
-        d_out = kernels.factor_bias_grad(d_out, factor, grad_bias)
-        into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
-        d_operand = self.products.operand(d_out)
-        grad_weight = self.products.weight_grad(d_operand, inputs, out=into)
+        if self.products.bf16:  # d_out in bfloat16 from the product before, or float32 from the loss
+            d_operand = kernels.factor_bias_grad_bf16(d_out, factor, grad_bias)
+        else:
+            d_operand = kernels.factor_bias_grad(d_out, factor, grad_bias)
+        # Adam takes the weight gradient as its product gives it where it can: oneDNN's new tensor, or the
+        # bfloat16 one that Adam's C loop reads; into the shared buffer (or .grad) otherwise.
+        new = self.adam_by_layer and (self.products.bf16 or not self.weight_grads_into_buffer)
+        grad_weight = self.products.weight_grad(d_operand, inputs, out=None if new else grad_weight)
         d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
         if self.adam_by_layer:
             self._adam(index, grad_weight, grad_bias)
@@ -359,10 +379,10 @@ class FusedTrainStep:
         per-call Python bookkeeping (its tensors and options come from _begin_adam_step); in the C loop
         (kernels.adam) where it was built."""
         if self.adam_in_c and kernels.adam(self.adam_layers[index], grad_weight, grad_bias, self.count,
-                                           *self.adam_scalars):
+                                           *self.adam_scalars, weight_copy=self.weight_copies[index]):
             return
         parameters, exp_avgs, exp_avg_sqs, steps = self.adam_tensors[index]
-        torch._fused_adam_(parameters, [grad_weight, grad_bias], exp_avgs, exp_avg_sqs, [], steps,
+        torch._fused_adam_(parameters, [grad_weight.float(), grad_bias], exp_avgs, exp_avg_sqs, [], steps,
                            **self.adam_options)
 
 

@@ -1,8 +1,9 @@
 """The elementwise work of the fused training step, in C when the extension is built, else in torch ops.
 
-`_kernels.c` does each activation layer and the loss in one vectorised loop; the functions here
-call it for contiguous float32 CPU tensors and otherwise compute the same thing in torch ops
-(CUDA, MPS, or an install without a C compiler). Set MNIST_VAE_NO_KERNELS=1 before starting to use
+`_kernels.c` does each activation layer, the loss and Adam's update in one vectorised loop (with
+--precision bf16 reading and writing the products' bfloat16 operands themselves); the functions here
+call it for contiguous float32 (and bfloat16) CPU tensors and otherwise compute the same thing in torch
+ops (CUDA, MPS, or an install without a C compiler). Set MNIST_VAE_NO_KERNELS=1 before starting to use
 torch ops everywhere, e.g. to compare the two; `use(False)` does it within a process.
 
 The dropout bits are layers.py's SplitMix64 bits; the C loops draw the same bits themselves, and
@@ -143,8 +144,8 @@ def _activation_in_c(name, a, bias, key, p, backward):
     if not _use_c(a, bias):
         return None
     factor = torch.empty_like(a) if backward else None
-    getattr(_kernels, name)(a.data_ptr(), bias.data_ptr(), factor.data_ptr() if backward else 0, key is not None,
-                            key or 0, keep_threshold(p), 1 / (1 - p), *a.shape)
+    getattr(_kernels, name)(a.data_ptr(), 0, 0, bias.data_ptr(), factor.data_ptr() if backward else 0,
+                            key is not None, key or 0, keep_threshold(p), 1 / (1 - p), *a.shape)
     return a, factor
 
 
@@ -232,27 +233,75 @@ def adam_suits(*tensors):
     return _use_c(*tensors)
 
 
-def adam(layer, grad_weight, grad_bias, step, lr, beta1, beta2, eps, weight_decay):
+def adam(layer, grad_weight, grad_bias, step, lr, beta1, beta2, eps, weight_decay, weight_copy=None):
     """One step of torch.optim.Adam (no amsgrad, no maximize) on a layer's weight and bias, in place, as
     torch._fused_adam_ computes it: `layer` is (weight, exp_avg, exp_avg_sq, bias, exp_avg, exp_avg_sq),
-    for which adam_suits holds, and `step` the count this step makes (1 the first time). False where the
-    gradients do not suit the C loop, which updated nothing then.
+    for which adam_suits holds, and `step` the count this step makes (1 the first time). With `weight_copy`,
+    a bfloat16 tensor of the weight's shape (--precision bf16), the weight's gradient is bfloat16 too, and the
+    updated weight is also written there, rounded as .bfloat16() rounds. False where the gradients do not
+    suit the C loop, which updated nothing then.
 
     One C loop updates both tensors with the arithmetic of torch's vectorised loop, in the same order and
     with the same roundings of the scalars, so that the two agree to the bit but for the few elements
-    at the end of a tensor that torch's loop does without vectors. Why not torch's own: called once a
-    layer, it is the larger part of a small step's fixed cost, and the C loop does the same work in
-    about half the time (docs/speed.md)."""
-    if not _use_c(grad_weight, grad_bias):
+    at the end of a tensor that torch's loop does without vectors. Why not torch's own: it is the larger
+    part of a small step's fixed cost, and as its memory traffic bounds it, a loop that also reads the
+    bfloat16 gradient and writes the bfloat16 weight saves the two passes of their own that converting
+    them takes (docs/speed.md)."""
+    grad_dtype = torch.float32 if weight_copy is None else torch.bfloat16
+    if not (_enabled and grad_weight.dtype is grad_dtype and grad_weight.is_contiguous() and _use_c(grad_bias)
+            and (weight_copy is None or (weight_copy.dtype is torch.bfloat16 and weight_copy.is_contiguous()))):
         return False
     weight, exp_avg_w, exp_avg_sq_w, bias, exp_avg_b, exp_avg_sq_b = layer
     # in double, as torch computes them from the step count and the options, then rounded to float by the C call
     bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
     _kernels.adam(weight.data_ptr(), grad_weight.data_ptr(), exp_avg_w.data_ptr(), exp_avg_sq_w.data_ptr(),
-                  weight.numel(), bias.data_ptr(), grad_bias.data_ptr(), exp_avg_b.data_ptr(),
-                  exp_avg_sq_b.data_ptr(), bias.numel(), 1 - beta1, beta2, 1 - beta2, math.sqrt(bias_correction2),
-                  eps, -(lr / bias_correction1), weight_decay)
+                  weight.numel(), 0 if weight_copy is None else weight_copy.data_ptr(), bias.data_ptr(),
+                  grad_bias.data_ptr(), exp_avg_b.data_ptr(), exp_avg_sq_b.data_ptr(), bias.numel(), 1 - beta1, beta2,
+                  1 - beta2, math.sqrt(bias_correction2), eps, -(lr / bias_correction1), weight_decay)
     return True
+
+
+# ---------------------------------------------------------------- with --precision bf16
+
+
+def _bf16_c(*tensors):
+    if not _enabled:
+        return False
+    for t in tensors:
+        if t.dtype is not torch.bfloat16 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
+
+
+def activation_bf16(activation, a, bias, key, p, keep_float=False):
+    """A hidden layer with --precision bf16: from its product a in bfloat16, h = act(a + bias) m in bfloat16 (the
+    next product's operand), the factor as ACTIVATION_DROPOUT's, and h in float32 too where `keep_float`
+    (else None); each value what ACTIVATION_DROPOUT gives on a.float(), rounded as .bfloat16() rounds."""
+    if _bf16_c(a) and _use_c(bias):
+        h, factor = torch.empty_like(a), torch.empty(a.shape)
+        h_float = torch.empty(a.shape) if keep_float else None
+        getattr(_kernels, f"{activation}_dropout")(
+            h_float.data_ptr() if keep_float else 0, a.data_ptr(), h.data_ptr(), bias.data_ptr(), factor.data_ptr(),
+            key is not None, key or 0, keep_threshold(p), 1 / (1 - p), *a.shape)
+        return h, factor, h_float
+    h_float, factor = ACTIVATION_DROPOUT[activation](a.float(), bias, key, p)
+    return h_float.bfloat16(), factor, h_float if keep_float else None
+
+
+def factor_bias_grad_bf16(d, factor, grad_bias):
+    """factor_bias_grad with --precision bf16: d(loss)/da = d factor from d(loss)/dh in bfloat16 (d, as its product
+    gave it), or d itself in float32 where there is no factor (a last layer, d from the loss); its sum over
+    the rows into grad_bias, from float32 values; return d(loss)/da in bfloat16, the operand of the layer's
+    backward products."""
+    rows, cols = d.shape
+    if (_bf16_c(d) and _use_c(factor, grad_bias)) if factor is not None else _use_c(d, grad_bias):
+        out = torch.empty(d.shape, dtype=torch.bfloat16)
+        _kernels.factor_bias_grad_bf16(d.data_ptr() if factor is not None else 0,
+                                       d.data_ptr() if factor is None else 0,
+                                       factor.data_ptr() if factor is not None else 0, grad_bias.data_ptr(),
+                                       out.data_ptr(), rows, cols)
+        return out
+    return factor_bias_grad(d.float(), factor, grad_bias).bfloat16()
 
 
 # ---------------------------------------------------------------- the importance-weighted bound's

@@ -15,8 +15,8 @@ Each function computes one product of a linear layer y = x W' + b: `linear` (x W
 `weight_grad` (d_y' x, into `out`) and `input_grad` (d_y W).
 
 With --precision bf16 ("bf16-mixed", as PyTorch Lightning names it) the products take
-bfloat16 copies of their operands and give float32 results, while the weights, Adam,
-the loss, the KL and their gradients stay float32. It is offered only where the
+bfloat16 operands and give bfloat16 results, while the weights, Adam's moments, the loss,
+the KL and the elementwise work stay float32. It is offered only where the
 hardware multiplies bfloat16 (AVX512_BF16 or AMX on x86, or a CUDA GPU that has it):
 elsewhere torch emulates it, slower than float32.
 """
@@ -146,7 +146,8 @@ def _onednn(a, b_t):
 
 class Products:
     """The three products of a layer through one routine, fixed when the step is built; with
-    precision "bf16", torch.mm on bfloat16 copies of the operands, giving float32."""
+    precision "bf16", torch.mm on bfloat16 operands, giving bfloat16 (as the floor's products do: the
+    step's C loops read them and write the next operands in bfloat16, with no passes of their own)."""
 
     def __init__(self, device, precision="fp32", name=None, multiply_adds=None):
         self.bf16 = precision == "bf16"
@@ -154,26 +155,27 @@ class Products:
         self.onednn = self.name == "oneDNN"
 
     def operand(self, t):
-        """t as the products take it: a bfloat16 copy with precision bf16 (the methods below take one
+        """t as the products take it: in bfloat16 with precision bf16 (the methods below take one
         as it is, so that an operand used by two products is converted once), else t itself."""
         return t.bfloat16() if self.bf16 else t
 
     def linear(self, x, weight):
         if self.bf16:
-            return torch.mm(x.bfloat16(), weight.bfloat16().t()).float()
+            return torch.mm(x.bfloat16(), weight.bfloat16().t())
         return _onednn(x, weight) if self.onednn else torch.mm(x, weight.t())
 
     def weight_grad(self, d_y, x, out=None):
-        """d_y' x, into `out` where it is given, else a new tensor (oneDNN gives only new ones)."""
+        """d_y' x, into `out` where it is given, else a new tensor (oneDNN gives only new ones; with bf16 a
+        bfloat16 one)."""
         if self.bf16:
             product = torch.mm(d_y.t().bfloat16(), x.bfloat16())
         elif self.onednn:
             product = _onednn(d_y.t(), x.t())
         else:
             return torch.mm(d_y.t(), x, out=out)
-        return product.float() if out is None else out.copy_(product)
+        return product if out is None else out.copy_(product)
 
     def input_grad(self, d_y, weight):
         if self.bf16:
-            return torch.mm(d_y.bfloat16(), weight.bfloat16()).float()
+            return torch.mm(d_y.bfloat16(), weight.bfloat16())
         return _onednn(d_y, weight.t()) if self.onednn else torch.mm(d_y, weight)
