@@ -369,17 +369,19 @@ class FusedTrainStep:
         beta1, beta2 = group["betas"]
         self.adam_options = dict(amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
                                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-        self.adam_scalars = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-        self.adam_in_c = self.adam_c_ready and not any(torch.is_tensor(x) for x in self.adam_scalars)
         self.counts.add_(1)
         self.count += 1
+        options = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        self.adam_in_c = self.adam_c_ready and not any(torch.is_tensor(x) for x in options)
+        if self.adam_in_c:  # this step's scalars, computed once for all its layers
+            self.adam_scalars = kernels.adam_scalars(self.count, *options)
 
     def _adam(self, index, grad_weight, grad_bias):
         """torch.optim.Adam(fused=True).step() for the weight and bias of one layer, without its
         per-call Python bookkeeping (its tensors and options come from _begin_adam_step); in the C loop
         (kernels.adam) where it was built."""
-        if self.adam_in_c and kernels.adam(self.adam_layers[index], grad_weight, grad_bias, self.count,
-                                           *self.adam_scalars, weight_copy=self.weight_copies[index]):
+        if self.adam_in_c and kernels.adam(self.adam_layers[index], grad_weight, grad_bias, self.adam_scalars,
+                                           weight_copy=self.weight_copies[index]):
             return
         parameters, exp_avgs, exp_avg_sqs, steps = self.adam_tensors[index]
         torch._fused_adam_(parameters, [grad_weight.float(), grad_bias], exp_avgs, exp_avg_sqs, [], steps,

@@ -233,10 +233,17 @@ def adam_suits(*tensors):
     return _use_c(*tensors)
 
 
-def adam(layer, grad_weight, grad_bias, step, lr, beta1, beta2, eps, weight_decay, weight_copy=None):
+def adam_scalars(step, lr, beta1, beta2, eps, weight_decay):
+    """The scalars of `adam` for the step that makes the count `step` (1 the first time) with these options,
+    in double as torch computes them; the C call rounds them to float as torch does."""
+    bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+    return (1 - beta1, beta2, 1 - beta2, math.sqrt(bias_correction2), eps, -(lr / bias_correction1), weight_decay)
+
+
+def adam(layer, grad_weight, grad_bias, scalars, weight_copy=None):
     """One step of torch.optim.Adam (no amsgrad, no maximize) on a layer's weight and bias, in place, as
     torch._fused_adam_ computes it: `layer` is (weight, exp_avg, exp_avg_sq, bias, exp_avg, exp_avg_sq),
-    for which adam_suits holds, and `step` the count this step makes (1 the first time). With `weight_copy`,
+    for which adam_suits holds, and `scalars` those of adam_scalars for this step. With `weight_copy`,
     a bfloat16 tensor of the weight's shape (--precision bf16), the weight's gradient is bfloat16 too, and the
     updated weight is also written there, rounded as .bfloat16() rounds. False where the gradients do not
     suit the C loop, which updated nothing then.
@@ -252,12 +259,9 @@ def adam(layer, grad_weight, grad_bias, step, lr, beta1, beta2, eps, weight_deca
             and (weight_copy is None or (weight_copy.dtype is torch.bfloat16 and weight_copy.is_contiguous()))):
         return False
     weight, exp_avg_w, exp_avg_sq_w, bias, exp_avg_b, exp_avg_sq_b = layer
-    # in double, as torch computes them from the step count and the options, then rounded to float by the C call
-    bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
     _kernels.adam(weight.data_ptr(), grad_weight.data_ptr(), exp_avg_w.data_ptr(), exp_avg_sq_w.data_ptr(),
                   weight.numel(), 0 if weight_copy is None else weight_copy.data_ptr(), bias.data_ptr(),
-                  grad_bias.data_ptr(), exp_avg_b.data_ptr(), exp_avg_sq_b.data_ptr(), bias.numel(), 1 - beta1, beta2,
-                  1 - beta2, math.sqrt(bias_correction2), eps, -(lr / bias_correction1), weight_decay)
+                  grad_bias.data_ptr(), exp_avg_b.data_ptr(), exp_avg_sq_b.data_ptr(), bias.numel(), *scalars)
     return True
 
 
