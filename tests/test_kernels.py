@@ -449,3 +449,18 @@ def test_adam_on_a_bfloat16_gradient_writes_the_bfloat16_weight():
         assert torch.equal(copy, bf16[0].bfloat16())
     # a float32 gradient where a bfloat16 one is expected is left to torch
     assert not kernels.adam((*bf16, *bias[0]), grad.float(), grad_bias, scalars, weight_copy=copy)
+
+
+@needs_c
+@pytest.mark.parametrize("kl_weight", [1.0, 0.25])
+def test_the_elbo_terms_of_a_batch_in_one_call(kl_weight):
+    """[-ELBO, -log p(x|z), KL, loss] as batch means from each image's log p(x|z) and KL: the C loop and the torch
+    ops within float32 rounding of float64's, loss = kl_weight KL - log p(x|z)."""
+    torch.manual_seed(6)
+    log_px, kl = -100 - 50 * torch.rand(20), 25 * torch.rand(20)
+    c, ops = _in_c_and_in_torch_ops(lambda: kernels.elbo_terms(log_px, kl, kl_weight))
+    rec, divergence = log_px.double().mean(), kl.double().mean()
+    reference = torch.stack([divergence - rec, -rec, divergence, kl_weight * divergence - rec])
+    for terms in (c, ops):
+        assert terms.shape == (4,) and terms.dtype == torch.float32
+        torch.testing.assert_close(terms.double(), reference, rtol=1e-6, atol=1e-5)

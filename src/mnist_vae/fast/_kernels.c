@@ -660,6 +660,30 @@ static PyObject *py_factor_bias_grad_bf16(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The ELBO's terms of a batch from each image's log p(x|z) and KL, as kernels.elbo_terms says: [-ELBO,
+ * -log p(x|z), KL, kl_weight KL - log p(x|z)], batch means, each sum in row order; the arithmetic of the
+ * torch ops it replaces, in float32. */
+static PyObject *py_elbo_terms(PyObject *self, PyObject *args) {
+    unsigned long long log_px, kl, out;
+    long rows;
+    float kl_weight;
+    if (!PyArg_ParseTuple(args, "KKlfK", &log_px, &kl, &rows, &kl_weight, &out))
+        return NULL;
+    const float *l = (const float *)(uintptr_t)log_px, *k = (const float *)(uintptr_t)kl;
+    float *terms = (float *)(uintptr_t)out, reconstruction = 0.0f, divergence = 0.0f;
+    for (long r = 0; r < rows; r++) {
+        reconstruction += l[r];
+        divergence += k[r];
+    }
+    reconstruction /= (float)rows;
+    divergence /= (float)rows;
+    terms[0] = divergence - reconstruction;
+    terms[1] = -reconstruction;
+    terms[2] = divergence;
+    terms[3] = kl_weight == 1.0f ? divergence - reconstruction : kl_weight * divergence - reconstruction;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "p", &parallel))
         return NULL;
@@ -690,6 +714,7 @@ static PyMethodDef methods[] = {
      "adam(weight, grad, exp_avg, exp_avg_sq, n, bfloat16 copy or 0, bias, grad, exp_avg, exp_avg_sq, n, 1 - beta1, "
      "beta2, 1 - beta2, "
      "sqrt(bias_correction2), eps, -lr / bias_correction1, weight_decay)"},
+    {"elbo_terms", py_elbo_terms, METH_VARARGS, "elbo_terms(log_px, kl, rows, kl_weight, out)"},
     {"splitmix64", py_splitmix64, METH_VARARGS, "splitmix64(out, key, n)"},
     {NULL, NULL, 0, NULL},
 };

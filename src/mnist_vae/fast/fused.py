@@ -218,7 +218,7 @@ class FusedTrainStep:
                 gaussian = torch.addmm(b, h, W.t())
             if not iwae:
                 eps = torch.randn(batch, dim_z, device=x.device)
-                z, std, kl = kernels.gaussian_sample(gaussian, eps)
+                z, std, kl = kernels.gaussian_sample(gaussian, eps, by_row=True)  # each image's KL
             else:  # K draws per image, row k B + i for image i, as model.VAE.loss lays them out
                 eps = torch.randn(k * batch, dim_z, device=x.device)
                 z, std, kl, log_ratio = kernels.gaussian_draws(gaussian, eps, k)  # log_ratio: log p(z) - log q(z|x)
@@ -232,22 +232,20 @@ class FusedTrainStep:
             # log p = target logits - softplus(logits), as model.log_likelihood; and
             # d(loss)/d(logits) = (sigmoid(logits) - target) / B for the Bernoulli part; row k B + i is
             # draw k of image i.
-            reconstruction, d_logits = kernels.bernoulli_loss(logits, b, target, 1 / batch, by_row=iwae)
+            reconstruction, d_logits = kernels.bernoulli_loss(logits, b, target, 1 / batch, by_row=True)
             if self.model.likelihood == "continuous_bernoulli":
                 logits.add_(b)
                 log_norm = continuous_bernoulli_log_norm(logits)
-                reconstruction = reconstruction + (log_norm.sum(dim=1) if iwae else log_norm.sum())
+                reconstruction = reconstruction + log_norm.sum(dim=1)
                 d_logits.sub_(_continuous_bernoulli_log_norm_grad(logits).div_(batch))
-            if not iwae:
-                reconstruction, kl = reconstruction / batch, kl / batch
-                neg_elbo = kl - reconstruction
-                loss = neg_elbo if kl_weight == 1 else kl_weight * kl - reconstruction
+            if not iwae:  # reconstruction and kl: each image's
+                terms = kernels.elbo_terms(reconstruction, kl, kl_weight)
             else:  # v_k, the normalised importance weights, and each image's bound
                 weights, log_mean_w = kernels.importance_weights(reconstruction, log_ratio, kl_weight, k)
                 loss = -log_mean_w.mean()
                 d_logits.mul_(weights.view(k * batch, 1))
                 reconstruction, kl = reconstruction.mean(), kl / batch
-                neg_elbo = kl - reconstruction
+                terms = torch.stack([kl - reconstruction, -reconstruction, kl, loss])
 
             # Backward.
             if self.adam_by_layer:
@@ -265,7 +263,7 @@ class FusedTrainStep:
 
         if not self.adam_by_layer:
             self.optimizer.step()
-        return torch.stack([neg_elbo, -reconstruction, kl, loss])  # as model.VAE.loss
+        return terms  # [-ELBO, -log p(x|z), KL, loss], as model.VAE.loss
 
     def _weight_operand(self, index):
         """Layer `index`'s weight as the products take it, kept for its input gradient in the backward pass,
