@@ -358,8 +358,8 @@ def test_adam_in_c_is_torchs_fused_adam(shapes, weight_decay, beta1):
         options = dict(lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=weight_decay)
         torch._fused_adam_([t[0] for t in reference], grads, [t[1] for t in reference], [t[2] for t in reference],
                            [], steps, amsgrad=False, maximize=False, **options)
-        layer = (*c[0], *c[1])
-        assert kernels.adam(layer, grads[0], grads[1], kernels.adam_scalars(float(count), *options.values()))
+        assert kernels.adam([t[0] for t in c], grads, [t[1] for t in c], [t[2] for t in c],
+                            kernels.adam_scalars(float(count), *options.values()))
     for ours, theirs in zip(c, reference):
         for a, b in zip(ours, theirs):
             whole = a.numel() // 16 * 16
@@ -370,13 +370,13 @@ def test_adam_in_c_is_torchs_fused_adam(shapes, weight_decay, beta1):
 
 def test_adam_leaves_gradients_it_cannot_read_to_torch(monkeypatch):
     """Non-contiguous gradients, or the C loops switched off: nothing updated, False, and the step uses torch's."""
-    layer = tuple(torch.ones(4, 16) if i % 3 == 0 else torch.zeros(4, 16) for i in range(6))
-    before = [t.clone() for t in layer]
+    parameters, exp_avgs, exp_avg_sqs = ([torch.full((4, 16), value) for _ in range(2)] for value in (1.0, 0.0, 0.0))
+    before = [t.clone() for t in parameters + exp_avgs + exp_avg_sqs]
     scalars = kernels.adam_scalars(1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0)
-    assert not kernels.adam(layer, torch.ones(16, 4).t(), torch.ones(4, 16), scalars)
+    assert not kernels.adam(parameters, [torch.ones(16, 4).t(), torch.ones(4, 16)], exp_avgs, exp_avg_sqs, scalars)
     monkeypatch.setattr(kernels, "_enabled", False)
-    assert not kernels.adam(layer, torch.ones(4, 16), torch.ones(4, 16), scalars)
-    assert all(torch.equal(a, b) for a, b in zip(layer, before))
+    assert not kernels.adam(parameters, [torch.ones(4, 16), torch.ones(4, 16)], exp_avgs, exp_avg_sqs, scalars)
+    assert all(torch.equal(a, b) for a, b in zip(parameters + exp_avgs + exp_avg_sqs, before))
 
 
 def _in_c_and_in_torch_ops(compute):
@@ -443,12 +443,15 @@ def test_adam_on_a_bfloat16_gradient_writes_the_bfloat16_weight():
         grad = (torch.randn(300, 200, generator=generator) * 10.0 ** -count).bfloat16()
         grad_bias = torch.randn(7, generator=generator)
         scalars = kernels.adam_scalars(float(count), 1e-3, 0.9, 0.999, 1e-8, 0.0)
-        assert kernels.adam((*bf16, *bias[0]), grad, grad_bias, scalars, weight_copy=copy)
-        assert kernels.adam((*fp32, *bias[1]), grad.float(), grad_bias, scalars)
+        for (weight, exp_avg, exp_avg_sq), (b, b_avg, b_avg_sq), g, weight_copy in (
+                (bf16, bias[0], grad, copy), (fp32, bias[1], grad.float(), None)):
+            assert kernels.adam([weight, b], [g, grad_bias], [exp_avg, b_avg], [exp_avg_sq, b_avg_sq], scalars,
+                                weight_copy=weight_copy)
         assert all(torch.equal(a, b) for a, b in zip(bf16 + bias[0], fp32 + bias[1]))
         assert torch.equal(copy, bf16[0].bfloat16())
     # a float32 gradient where a bfloat16 one is expected is left to torch
-    assert not kernels.adam((*bf16, *bias[0]), grad.float(), grad_bias, scalars, weight_copy=copy)
+    assert not kernels.adam([bf16[0], bias[0][0]], [grad.float(), grad_bias], [bf16[1], bias[0][1]],
+                            [bf16[2], bias[0][2]], scalars, weight_copy=copy)
 
 
 @needs_c

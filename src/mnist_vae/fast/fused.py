@@ -178,7 +178,8 @@ class FusedTrainStep:
                           for layer in self.layers]
             # oneDNN gives its products as new tensors: their weight gradients go to Adam as they are,
             # where a copy into the buffer would move every weight's size once more a step.
-            self.weight_grads_into_buffer = not self.products.onednn
+            # So does the bfloat16 one, which Adam's C loop reads as it is.
+            self.weight_grads_into_buffer = not (self.products.onednn or self.products.bf16)
             self.counts, self.steps = None, None  # Adam's step counts: one tensor and its 0-d views
         else:  # optimizer.step() after the backward pass, from the parameters' .grad
             for layer in self.layers:
@@ -314,10 +315,8 @@ class FusedTrainStep:
             d_operand = kernels.factor_bias_grad_bf16(d_out, factor, grad_bias)
         else:
             d_operand = kernels.factor_bias_grad(d_out, factor, grad_bias)
-        # Adam takes the weight gradient as its product gives it where it can: oneDNN's new tensor, or the
-        # bfloat16 one that Adam's C loop reads; into the shared buffer (or .grad) otherwise.
-        new = self.adam_by_layer and (self.products.bf16 or not self.weight_grads_into_buffer)
-        grad_weight = self.products.weight_grad(d_operand, inputs, out=None if new else grad_weight)
+        into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
+        grad_weight = self.products.weight_grad(d_operand, inputs, out=into)
         d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
         if self.adam_by_layer:
             self._adam(index, grad_weight, grad_bias)
@@ -351,17 +350,16 @@ class FusedTrainStep:
             for p, view in zip(parameters, self.steps):
                 state[p]["step"] = view
             self.counts = counts
-            # Each layer's tensors as _fused_adam_ takes them, and as kernels.adam does, gathered once for every
-            # step that follows.
+            # Each layer's tensors as _fused_adam_ and kernels.adam take them, gathered once for every step that
+            # follows.
             self.adam_tensors = [
                 ([w, b], [state[w]["exp_avg"], state[b]["exp_avg"]], [state[w]["exp_avg_sq"], state[b]["exp_avg_sq"]],
                  [state[w]["step"], state[b]["step"]]) for w, b in zip(self.weights, self.biases)]
-            self.adam_layers = [(w, state[w]["exp_avg"], state[w]["exp_avg_sq"], b, state[b]["exp_avg"],
-                                 state[b]["exp_avg_sq"]) for w, b in zip(self.weights, self.biases)]
             # kernels.adam takes one step count for all: the count every parameter has, as Adam's own steps
             # and checkpoints leave them.
             self.adam_c_ready = bool((counts == counts[0]).all()) and all(
-                kernels.adam_suits(*layer) for layer in self.adam_layers)
+                kernels.adam_suits(*parameters, *exp_avgs, *exp_avg_sqs)
+                for parameters, exp_avgs, exp_avg_sqs, _ in self.adam_tensors)
             self.count = float(counts[0])
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
@@ -378,10 +376,10 @@ class FusedTrainStep:
         """torch.optim.Adam(fused=True).step() for the weight and bias of one layer, without its
         per-call Python bookkeeping (its tensors and options come from _begin_adam_step); in the C loop
         (kernels.adam) where it was built."""
-        if self.adam_in_c and kernels.adam(self.adam_layers[index], grad_weight, grad_bias, self.adam_scalars,
-                                           weight_copy=self.weight_copies[index]):
-            return
         parameters, exp_avgs, exp_avg_sqs, steps = self.adam_tensors[index]
+        if self.adam_in_c and kernels.adam(parameters, [grad_weight, grad_bias], exp_avgs, exp_avg_sqs,
+                                           self.adam_scalars, weight_copy=self.weight_copies[index]):
+            return
         torch._fused_adam_(parameters, [grad_weight.float(), grad_bias], exp_avgs, exp_avg_sqs, [], steps,
                            **self.adam_options)
 

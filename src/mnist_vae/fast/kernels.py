@@ -62,11 +62,11 @@ def description():
     return "C, OpenMP" if _kernels.openmp else "C, one thread"
 
 
-def _use_c(*tensors):
+def _use_c(*tensors, dtype=torch.float32):
     if not _enabled:
         return False
     for t in tensors:  # a loop, not all(...): this runs a dozen times a step
-        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+        if t.dtype is not dtype or not t.is_cpu or not t.is_contiguous():
             return False
     return True
 
@@ -257,10 +257,11 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay):
     return (1 - beta1, beta2, 1 - beta2, math.sqrt(bias_correction2), eps, -(lr / bias_correction1), weight_decay)
 
 
-def adam(layer, grad_weight, grad_bias, scalars, weight_copy=None):
+def adam(parameters, grads, exp_avgs, exp_avg_sqs, scalars, weight_copy=None):
     """One step of torch.optim.Adam (no amsgrad, no maximize) on a layer's weight and bias, in place, as
-    torch._fused_adam_ computes it: `layer` is (weight, exp_avg, exp_avg_sq, bias, exp_avg, exp_avg_sq),
-    for which adam_suits holds, and `scalars` those of adam_scalars for this step. With `weight_copy`,
+    torch._fused_adam_ computes it: each list is [weight's, bias's], as torch._fused_adam_ takes them, the
+    parameters and moments ones for which adam_suits holds, and `scalars` those of adam_scalars for this
+    step. With `weight_copy`,
     a bfloat16 tensor of the weight's shape (--precision bf16), the weight's gradient is bfloat16 too, and the
     updated weight is also written there, rounded as .bfloat16() rounds. False where the gradients do not
     suit the C loop, which updated nothing then.
@@ -271,11 +272,11 @@ def adam(layer, grad_weight, grad_bias, scalars, weight_copy=None):
     part of a small step's fixed cost, and as its memory traffic bounds it, a loop that also reads the
     bfloat16 gradient and writes the bfloat16 weight saves the two passes of their own that converting
     them takes (docs/speed.md)."""
-    grad_dtype = torch.float32 if weight_copy is None else torch.bfloat16
-    if not (_enabled and grad_weight.dtype is grad_dtype and grad_weight.is_contiguous() and _use_c(grad_bias)
-            and (weight_copy is None or (weight_copy.dtype is torch.bfloat16 and weight_copy.is_contiguous()))):
+    (weight, bias), (grad_weight, grad_bias), (exp_avg_w, exp_avg_b), (exp_avg_sq_w, exp_avg_sq_b) = (
+        parameters, grads, exp_avgs, exp_avg_sqs)
+    if not (_use_c(grad_bias) and (_use_c(grad_weight) if weight_copy is None else
+                                   _use_c(grad_weight, weight_copy, dtype=torch.bfloat16))):
         return False
-    weight, exp_avg_w, exp_avg_sq_w, bias, exp_avg_b, exp_avg_sq_b = layer
     _kernels.adam(weight.data_ptr(), grad_weight.data_ptr(), exp_avg_w.data_ptr(), exp_avg_sq_w.data_ptr(),
                   weight.numel(), 0 if weight_copy is None else weight_copy.data_ptr(), bias.data_ptr(),
                   grad_bias.data_ptr(), exp_avg_b.data_ptr(), exp_avg_sq_b.data_ptr(), bias.numel(), *scalars)
@@ -285,20 +286,11 @@ def adam(layer, grad_weight, grad_bias, scalars, weight_copy=None):
 # ---------------------------------------------------------------- with --precision bf16
 
 
-def _bf16_c(*tensors):
-    if not _enabled:
-        return False
-    for t in tensors:
-        if t.dtype is not torch.bfloat16 or not t.is_cpu or not t.is_contiguous():
-            return False
-    return True
-
-
 def activation_bf16(activation, a, bias, key, p, keep_float=False):
     """A hidden layer with --precision bf16: from its product a in bfloat16, h = act(a + bias) m in bfloat16 (the
     next product's operand), the factor as ACTIVATION_DROPOUT's, and h in float32 too where `keep_float`
     (else None); each value what ACTIVATION_DROPOUT gives on a.float(), rounded as .bfloat16() rounds."""
-    if _bf16_c(a) and _use_c(bias):
+    if _use_c(a, dtype=torch.bfloat16) and _use_c(bias):
         h, factor = torch.empty_like(a), torch.empty(a.shape)
         h_float = torch.empty(a.shape) if keep_float else None
         getattr(_kernels, f"{activation}_dropout")(
@@ -315,7 +307,7 @@ def factor_bias_grad_bf16(d, factor, grad_bias):
     the rows into grad_bias, from float32 values; return d(loss)/da in bfloat16, the operand of the layer's
     backward products."""
     rows, cols = d.shape
-    if (_bf16_c(d) and _use_c(factor, grad_bias)) if factor is not None else _use_c(d, grad_bias):
+    if (_use_c(d, dtype=torch.bfloat16) and _use_c(factor, grad_bias)) if factor is not None else _use_c(d, grad_bias):
         out = torch.empty(d.shape, dtype=torch.bfloat16)
         _kernels.factor_bias_grad_bf16(d.data_ptr() if factor is not None else 0,
                                        d.data_ptr() if factor is None else 0,

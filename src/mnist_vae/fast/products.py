@@ -7,8 +7,8 @@ fast, while on an AMD EPYC with AVX2 only the two are within a few per cent of e
 other (docs/speed.md, from `mnist-vae bench`). The choice is a rule, not a
 timing taken at start-up, so that one seed on one machine always gives the same bits:
 oneDNN on an AMD CPU with AVX-512 for all but the smallest steps (SMALL_STEP), torch.mm
-everywhere else (other CPUs, CUDA, MPS, a torch without oneDNN). `mnist-vae bench` times every routine and says whether the
-rule picked the fastest one on the machine it runs on. `use(name)` overrides it (the
+everywhere else (other CPUs, CUDA, MPS, a torch without oneDNN). `mnist-vae bench` times
+every routine and says whether the rule picked the fastest one on the machine it runs on. `use(name)` overrides it (the
 tests train through both).
 
 Each function computes one product of a linear layer y = x W' + b: `linear` (x W'),
