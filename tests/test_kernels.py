@@ -467,3 +467,21 @@ def test_the_elbo_terms_of_a_batch_in_one_call(kl_weight):
     for terms in (c, ops):
         assert terms.shape == (4,) and terms.dtype == torch.float32
         torch.testing.assert_close(terms.double(), reference, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_the_label_columns_of_a_conditional_models_input(implementation, draws):
+    """[v, one_hot(label)] for each row, row r of K draws per image taking image r % B's label; a label
+    outside the classes is refused, not written past the row."""
+    torch.manual_seed(7)
+    labels = torch.tensor([3, 0, 9, 9, 5])
+    v = torch.randn(draws * len(labels), 17)
+    got = kernels.with_labels(v, labels, 10)
+    assert got.shape == (draws * 5, 27) and got.dtype == torch.float32
+    assert torch.equal(got[:, :17], v)
+    for r in range(draws * 5):
+        expected = torch.zeros(10)
+        expected[labels[r % 5]] = 1
+        assert torch.equal(got[r, 17:], expected), r
+    with pytest.raises((ValueError, RuntimeError)):
+        kernels.with_labels(v, torch.tensor([3, 0, 10, 1, 2]), 10)

@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -684,6 +685,32 @@ static PyObject *py_elbo_terms(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* [v, one_hot(label)] row by row, as torch.cat([v, one_hot(labels, n_classes)], 1) gives it: the input of a
+ * conditional model's first layers. Row r takes label r % images, the layout of K draws per image. Labels out
+ * out of range raise ValueError, as one_hot's do. */
+static PyObject *py_with_labels(PyObject *self, PyObject *args) {
+    unsigned long long v, labels, out;
+    long rows, cols, images, n_classes;
+    if (!PyArg_ParseTuple(args, "KKKllll", &v, &labels, &out, &rows, &cols, &images, &n_classes))
+        return NULL;
+    const float *x = (const float *)(uintptr_t)v;
+    const int64_t *y = (const int64_t *)(uintptr_t)labels;
+    float *o = (float *)(uintptr_t)out;
+    for (long i = 0; i < images && i < rows; i++)
+        if (y[i] < 0 || y[i] >= n_classes) {
+            PyErr_Format(PyExc_ValueError, "a label is %lld, not one of the %ld classes 0 to %ld", (long long)y[i],
+                         n_classes, n_classes - 1);
+            return NULL;
+        }
+    for (long r = 0; r < rows; r++) {
+        float *row = o + r * (cols + n_classes);
+        memcpy(row, x + r * cols, (size_t)cols * sizeof(float));
+        memset(row + cols, 0, (size_t)n_classes * sizeof(float));
+        row[cols + y[r % images]] = 1.0f;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "p", &parallel))
         return NULL;
@@ -714,6 +741,7 @@ static PyMethodDef methods[] = {
      "adam(weight, grad, exp_avg, exp_avg_sq, n, bfloat16 copy or 0, bias, grad, exp_avg, exp_avg_sq, n, 1 - beta1, "
      "beta2, 1 - beta2, "
      "sqrt(bias_correction2), eps, -lr / bias_correction1, weight_decay)"},
+    {"with_labels", py_with_labels, METH_VARARGS, "with_labels(v, labels, out, rows, cols, images, n_classes)"},
     {"elbo_terms", py_elbo_terms, METH_VARARGS, "elbo_terms(log_px, kl, rows, kl_weight, out)"},
     {"splitmix64", py_splitmix64, METH_VARARGS, "splitmix64(out, key, n)"},
     {NULL, NULL, 0, NULL},

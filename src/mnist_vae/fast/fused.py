@@ -194,10 +194,8 @@ class FusedTrainStep:
 
     def __call__(self, x, target=None, labels=None):
         target = x if target is None else target
-        y = None
         if self.n_classes:
-            y = torch.nn.functional.one_hot(labels, self.n_classes).to(x.dtype)
-            x = torch.cat([x, y], dim=1)
+            x = kernels.with_labels(x, labels, self.n_classes)
         batch, dim_z = x.shape[0], self.model.dim_z
         kl_weight, objective = self.loss_options["kl_weight"], self.loss_options["objective"]
         if objective not in OBJECTIVES:
@@ -223,8 +221,8 @@ class FusedTrainStep:
             else:  # K draws per image, row k B + i for image i, as model.VAE.loss lays them out
                 eps = torch.randn(k * batch, dim_z, device=x.device)
                 z, std, kl, log_ratio = kernels.gaussian_draws(gaussian, eps, k)  # log_ratio: log p(z) - log q(z|x)
-            if y is not None:
-                z = torch.cat([z, y if k == 1 else y.repeat(k, 1)], dim=1)
+            if self.n_classes:
+                z = kernels.with_labels(z, labels, self.n_classes)
             decoder_inputs, decoder_factors, _ = self._hidden_layers(self.decoder, z)
             index = self.decoder[-1][0]
             b = self.biases[index]
@@ -252,7 +250,7 @@ class FusedTrainStep:
             if self.adam_by_layer:
                 self._begin_adam_step()
             d_z = self._backward(self.decoder, d_logits, decoder_inputs, decoder_factors).float()
-            if y is not None:
+            if self.n_classes:
                 d_z = d_z[:, :dim_z].contiguous()
             if not iwae:
                 d_gaussian = kernels.gaussian_backward(gaussian, eps, std, d_z, kl_weight / batch)

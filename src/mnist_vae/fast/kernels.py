@@ -227,6 +227,19 @@ def elbo_terms(log_px, kl, kl_weight):
     return torch.stack([kl - reconstruction, -reconstruction, kl, loss])
 
 
+def with_labels(v, labels, n_classes):
+    """[v, one_hot(labels)], the input of a conditional model's first layers; row r takes labels[r % len(labels)],
+    as the K draws per image of the importance-weighted bound are laid out. In C one pass, where torch's one_hot
+    (which reads the labels' range first) and cat took 70 microseconds of a default step."""
+    rows, cols = v.shape
+    if _use_c(v) and _use_c(labels, dtype=torch.int64):
+        out = torch.empty(rows, cols + n_classes)
+        _kernels.with_labels(v.data_ptr(), labels.data_ptr(), out.data_ptr(), rows, cols, labels.shape[0], n_classes)
+        return out
+    y = F.one_hot(labels, n_classes).to(v.dtype)
+    return torch.cat([v, y.repeat(rows // labels.shape[0], 1)], dim=1)
+
+
 def gaussian_backward(gaussian, eps, std, d_z, scale):
     """d(loss)/d[mu, s] from d(loss)/dz, where the loss adds KL times `scale` (1/B for a batch mean):
     d mu = d_z + mu scale, d s = (d_z eps + (std - 1/std) scale) sigmoid(s)."""
