@@ -253,6 +253,22 @@ def test_the_backward_pass_through_a_hidden_layer_and_its_bias(implementation, s
     assert torch.equal(one, again)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (20, 200), (17, 33), (128, 500), (130, 784)])
+@pytest.mark.parametrize("with_factor", [True, False])
+def test_the_backward_pass_also_writes_d_transposed(implementation, shape, with_factor):
+    """factor_bias_grad(transposed=True): the same d and bias gradient as without, and d' as a contiguous
+    tensor, with rows that are no multiple of the loop's blocks of sixteen."""
+    torch.manual_seed(5)
+    d, factor = torch.randn(shape), torch.rand(shape) * 2 if with_factor else None
+    plain_bias, bias = torch.empty(shape[1]), torch.empty(shape[1])
+    plain = kernels.factor_bias_grad(d.clone(), factor, plain_bias)
+    got, got_t = kernels.factor_bias_grad(d.clone(), factor, bias, transposed=True)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    torch.testing.assert_close(bias.double(), plain.double().sum(dim=0), rtol=1e-5, atol=1e-5)
+    assert got_t.shape == shape[::-1] and got_t.is_contiguous()
+    assert torch.equal(got_t, got.t())
+
+
 def test_the_loss_of_k_draws_reads_each_image_for_its_rows(implementation):
     """bernoulli_loss with K B rows of logits and B targets: row k B + i is draw k of image i, the same as
     with the targets repeated K times; rows that are not whole draws of every target are refused."""

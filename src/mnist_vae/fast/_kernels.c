@@ -252,26 +252,50 @@ VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const flo
     }
 }
 
-/* The backward pass through a hidden layer's activation and bias: d *= factor, in place (d(loss)/dh to
- * d(loss)/da), and grad_bias = d summed over the rows, each column in row order. */
-VECTOR_CLONES static void factor_bias_grad(float *restrict d, const float *restrict factor,
-                                           float *restrict grad_bias, long rows, long cols) {
+/* The backward pass through a layer's activation and bias: d *= factor, in place (d(loss)/dh to d(loss)/da;
+ * no factor: the last layer, d is d(loss)/da already), and grad_bias = d summed over the rows, each column in
+ * row order; and where dt is given, d' written there (cols x rows), the first operand of the weight gradient's
+ * product as oneDNN reads it. Sixteen rows at a time, so that the transposed writes read rows still in the
+ * L1 cache. */
+static inline __attribute__((always_inline)) void factor_bias_grad_rows(
+        int with_factor, int transpose, float *restrict d, const float *restrict factor, float *restrict grad_bias,
+        float *restrict dt, long rows, long cols) {
     for (long c = 0; c < cols; c++)
         grad_bias[c] = 0.0f;
-    for (long r = 0; r < rows; r++) {
-        float *row = d + r * cols;
-        const float *f = factor + r * cols;
-        for (long c = 0; c < cols; c++) {
-            row[c] *= f[c];
-            grad_bias[c] += row[c];
+    for (long r0 = 0; r0 < rows; r0 += 16) {
+        long r1 = r0 + 16 < rows ? r0 + 16 : rows;
+        for (long r = r0; r < r1; r++) {
+            float *row = d + r * cols;
+            const float *f = with_factor ? factor + r * cols : NULL;
+            for (long c = 0; c < cols; c++) {
+                if (with_factor)
+                    row[c] *= f[c];
+                grad_bias[c] += row[c];
+            }
         }
+        if (transpose)
+            for (long c = 0; c < cols; c++)
+                for (long r = r0; r < r1; r++)
+                    dt[c * rows + r] = d[r * cols + c];
     }
+}
+
+VECTOR_CLONES static void factor_bias_grad(float *restrict d, const float *restrict factor, float *restrict grad_bias,
+                                           float *restrict dt, long rows, long cols) {
+    if (factor && dt)
+        factor_bias_grad_rows(1, 1, d, factor, grad_bias, dt, rows, cols);
+    else if (factor)
+        factor_bias_grad_rows(1, 0, d, factor, grad_bias, dt, rows, cols);
+    else if (dt)
+        factor_bias_grad_rows(0, 1, d, factor, grad_bias, dt, rows, cols);
+    else
+        factor_bias_grad_rows(0, 0, d, factor, grad_bias, dt, rows, cols);
 }
 
 /* factor_bias_grad with --precision bf16: d(loss)/da = d16 factor (d16: the bfloat16 product d(loss)/dh) or
  * d32 (float32: the loss's gradient, the last layer's, with no factor), summed over the rows into grad_bias as
  * factor_bias_grad sums, and written in bfloat16 to out, the operand of the layer's two backward products. */
-static inline __attribute__((always_inline)) void factor_bias_grad_rows(
+static inline __attribute__((always_inline)) void factor_bias_grad_bf16_rows(
         int bf16, const uint16_t *restrict d16, const float *restrict d32, const float *restrict factor,
         float *restrict grad_bias, uint16_t *restrict out, long rows, long cols) {
     for (long c = 0; c < cols; c++)
@@ -289,9 +313,9 @@ VECTOR_CLONES static void factor_bias_grad_bf16(const uint16_t *restrict d16, co
                                                 const float *restrict factor, float *restrict grad_bias,
                                                 uint16_t *restrict out, long rows, long cols) {
     if (d16)
-        factor_bias_grad_rows(1, d16, d32, factor, grad_bias, out, rows, cols);
+        factor_bias_grad_bf16_rows(1, d16, d32, factor, grad_bias, out, rows, cols);
     else
-        factor_bias_grad_rows(0, d16, d32, factor, grad_bias, out, rows, cols);
+        factor_bias_grad_bf16_rows(0, d16, d32, factor, grad_bias, out, rows, cols);
 }
 
 /* The estimate's log-likelihood, with no gradient: out[r] = sum over pixels of x l - softplus(l), for
@@ -538,12 +562,12 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
  * of 16 floats, and two threads writing one line (false sharing) made this loop 6 times slower on 2 threads
  * than on one; summing each thread's rows apart would make the sum's bits depend on the thread count. */
 static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
-    unsigned long long d, factor, grad_bias;
+    unsigned long long d, factor, grad_bias, dt;
     long rows, cols;
-    if (!PyArg_ParseTuple(args, "KKKll", &d, &factor, &grad_bias, &rows, &cols))
+    if (!PyArg_ParseTuple(args, "KKKKll", &d, &factor, &grad_bias, &dt, &rows, &cols))
         return NULL;
-    factor_bias_grad((float *)(uintptr_t)d, (const float *)(uintptr_t)factor, (float *)(uintptr_t)grad_bias, rows,
-                     cols);
+    factor_bias_grad((float *)(uintptr_t)d, (const float *)(uintptr_t)factor, (float *)(uintptr_t)grad_bias,
+                     (float *)(uintptr_t)dt, rows, cols);
     Py_RETURN_NONE;
 }
 
@@ -724,7 +748,7 @@ static PyMethodDef methods[] = {
     {"relu_dropout", py_relu_dropout, METH_VARARGS, "relu_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"bernoulli_loss", py_bernoulli_loss, METH_VARARGS,
      "bernoulli_loss(logits, bias, target, rows_out, d_logits, scale, target_rows, rows, cols)"},
-    {"factor_bias_grad", py_factor_bias_grad, METH_VARARGS, "factor_bias_grad(d, factor, grad_bias, rows, cols)"},
+    {"factor_bias_grad", py_factor_bias_grad, METH_VARARGS, "factor_bias_grad(d, factor or 0, grad_bias, dt or 0, rows, cols)"},
     {"factor_bias_grad_bf16", py_factor_bias_grad_bf16, METH_VARARGS,
      "factor_bias_grad_bf16(d16, d32, factor, grad_bias, out, rows, cols)"},
     {"bernoulli_log_p", py_bernoulli_log_p, METH_VARARGS, "bernoulli_log_p(logits, bias, images, out, n, rows, cols)"},

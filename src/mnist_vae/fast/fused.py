@@ -309,12 +309,15 @@ class FusedTrainStep:
         """The gradients of layer `index`, y = inputs W' + b, from d(loss)/dy times `factor` (None: d(loss)/dy
         itself), and with adam_by_layer its Adam update (after W's last use in this step); return d(inputs)."""
         grad_weight, grad_bias = self.grads[index]
+        d_transposed = None
         if self.products.bf16:  # d_out in bfloat16 from the product before, or float32 from the loss
             d_operand = kernels.factor_bias_grad_bf16(d_out, factor, grad_bias)
+        elif self.products.onednn:  # which reads the weight gradient's first operand, d', contiguous
+            d_operand, d_transposed = kernels.factor_bias_grad(d_out, factor, grad_bias, transposed=True)
         else:
             d_operand = kernels.factor_bias_grad(d_out, factor, grad_bias)
         into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
-        grad_weight = self.products.weight_grad(d_operand, inputs, out=into)
+        grad_weight = self.products.weight_grad(d_operand, inputs, out=into, d_y_t=d_transposed)
         d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
         if self.adam_by_layer:
             self._adam(index, grad_weight, grad_bias)

@@ -169,17 +169,22 @@ def bernoulli_loss(logits, bias, target, scale, by_row=False):
     return (rows if by_row else rows.sum()), torch.sigmoid(logits).sub_(target).mul_(scale)
 
 
-def factor_bias_grad(d, factor, grad_bias):
+def factor_bias_grad(d, factor, grad_bias, transposed=False):
     """The backward pass through a layer's activation and bias: d *= factor in place, where a factor is given
-    (None: the last layer, which has no activation), and d summed over the rows into grad_bias; return d.
-    In C one pass does both, each column summed in row order on one thread; torch's sum alone is faster."""
-    if factor is not None and _use_c(d, factor, grad_bias):
-        _kernels.factor_bias_grad(d.data_ptr(), factor.data_ptr(), grad_bias.data_ptr(), *d.shape)
-        return d
+    (None: the last layer, which has no activation), and d summed over the rows into grad_bias; return d, and
+    with `transposed` also d' as a contiguous tensor, the weight gradient's first operand as oneDNN reads it
+    (given a transposed view, it copies it, at twice the time of this loop's writes).
+    In C one pass does it all, each column summed in row order on one thread; torch's sum alone is faster
+    where there is nothing else to do."""
+    if (factor is not None or transposed) and _use_c(d, grad_bias) and (factor is None or _use_c(factor)):
+        d_t = torch.empty(d.shape[1], d.shape[0]) if transposed else None
+        _kernels.factor_bias_grad(d.data_ptr(), 0 if factor is None else factor.data_ptr(), grad_bias.data_ptr(),
+                                  0 if d_t is None else d_t.data_ptr(), *d.shape)
+        return (d, d_t) if transposed else d
     if factor is not None:
         d.mul_(factor)
     torch.sum(d, dim=0, out=grad_bias)
-    return d
+    return (d, d.t().contiguous()) if transposed else d
 
 
 def bernoulli_log_p(logits, bias, images, n):

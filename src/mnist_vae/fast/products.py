@@ -164,13 +164,14 @@ class Products:
             return torch.mm(x.bfloat16(), weight.bfloat16().t())
         return _onednn(x, weight) if self.onednn else torch.mm(x, weight.t())
 
-    def weight_grad(self, d_y, x, out=None):
+    def weight_grad(self, d_y, x, out=None, d_y_t=None):
         """d_y' x, into `out` where it is given, else a new tensor (oneDNN gives only new ones; with bf16 a
-        bfloat16 one)."""
+        bfloat16 one). `d_y_t`: d_y' as a contiguous tensor, where the caller has one (oneDNN would copy
+        the transposed view)."""
         if self.bf16:
             product = torch.mm(d_y.t().bfloat16(), x.bfloat16())
         elif self.onednn:
-            product = _onednn(d_y.t(), x.t())
+            product = _onednn(d_y.t() if d_y_t is None else d_y_t, x.t())
         else:
             return torch.mm(d_y.t(), x, out=out)
         return product if out is None else out.copy_(product)
