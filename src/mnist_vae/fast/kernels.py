@@ -169,14 +169,21 @@ def bernoulli_loss(logits, bias, target, scale, by_row=False):
     return (rows if by_row else rows.sum()), torch.sigmoid(logits).sub_(target).mul_(scale)
 
 
+# The most elements of a d whose column sums alone the C loop takes: up to about the size of the default
+# batch's logits, still in the cache from the loss, one thread's loop costs less than torch's dispatch to
+# two; beyond, torch's sum is the faster.
+SUM_IN_C = 1 << 17
+
+
 def factor_bias_grad(d, factor, grad_bias, transposed=False):
     """The backward pass through a layer's activation and bias: d *= factor in place, where a factor is given
     (None: the last layer, which has no activation), and d summed over the rows into grad_bias; return d, and
     with `transposed` also d' as a contiguous tensor, the weight gradient's first operand as oneDNN reads it
     (given a transposed view, it copies it, at twice the time of this loop's writes).
-    In C one pass does it all, each column summed in row order on one thread; torch's sum alone is faster
-    where there is nothing else to do."""
-    if (factor is not None or transposed) and _use_c(d, grad_bias) and (factor is None or _use_c(factor)):
+    In C one pass does it all, each column summed in row order on one thread; torch's sum on two threads is
+    faster only on a d larger than SUM_IN_C where there is nothing else to do (the last layers')."""
+    if ((factor is not None or transposed or d.numel() <= SUM_IN_C) and _use_c(d, grad_bias)
+            and (factor is None or _use_c(factor))):
         d_t = torch.empty(d.shape[1], d.shape[0]) if transposed else None
         _kernels.factor_bias_grad(d.data_ptr(), 0 if factor is None else factor.data_ptr(), grad_bias.data_ptr(),
                                   0 if d_t is None else d_t.data_ptr(), *d.shape)
