@@ -445,6 +445,14 @@ def test_the_bfloat16_backward_through_a_layer_and_its_bias(with_factor):
     scale = exact.abs().sum(dim=0)  # float32 sums of 130 terms, within a few ulps of their magnitude
     assert torch.all((grads[0].double() - exact.sum(dim=0)).abs() <= 1e-6 * scale)
     assert torch.all((grads[0].double() - grads[1].double()).abs() <= 1e-6 * scale)
+    threads = torch.get_num_threads()
+    try:  # the rows' blocks summed in order: the same bits on one thread as on two
+        torch.set_num_threads(1)
+        one = torch.empty(501)
+        kernels.factor_bias_grad_bf16(d_in, factor, one)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, grads[0])
 
 
 @needs_c

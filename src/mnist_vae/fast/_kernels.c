@@ -558,19 +558,30 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* The rows in blocks of SUM_ROWS, shared among the threads, each block's column sums apart, then the blocks'
- * sums added in block order: the bits depend on the batch, not on the thread count. (Two threads splitting the
- * columns instead write the same cache lines wherever a row's length is not a multiple of 16 floats, which
- * made the loop 6 times slower than on one thread.) */
+/* The backward loops (factor_bias_grad, factor_bias_grad_bf16) with the rows in blocks of SUM_ROWS, shared among
+ * the threads, each block's column sums apart, then the blocks' sums added in block order: the bits depend on the
+ * batch, not on the thread count. (Two threads splitting the columns instead write the same cache lines wherever
+ * a row's length is not a multiple of 16 floats, which made the loop 6 times slower than on one thread.) */
 #define SUM_ROWS 64
-static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
-    unsigned long long d_address, factor_address, grad_bias_address, dt_address;
-    long rows, cols;
-    if (!PyArg_ParseTuple(args, "KKKKll", &d_address, &factor_address, &grad_bias_address, &dt_address, &rows, &cols))
-        return NULL;
-    float *d = (float *)(uintptr_t)d_address, *grad_bias = (float *)(uintptr_t)grad_bias_address;
-    float *dt = (float *)(uintptr_t)dt_address;
-    const float *factor = (const float *)(uintptr_t)factor_address;
+typedef struct { /* one loop's operands: float32 d, factor, dt; or bfloat16 d16 (or float32 d32), factor, out */
+    int bf16;
+    float *d, *dt;
+    const float *factor, *d32;
+    const uint16_t *d16;
+    uint16_t *out;
+} Backward;
+
+static void backward_rows(const Backward *a, float *sums, long r0, long r1, long rows, long cols) {
+    long at = r0 * cols;
+    if (a->bf16)
+        factor_bias_grad_bf16(a->d16 ? a->d16 + at : NULL, a->d32 ? a->d32 + at : NULL,
+                              a->factor ? a->factor + at : NULL, sums, a->out + at, r1 - r0, cols);
+    else
+        factor_bias_grad(a->d + at, a->factor ? a->factor + at : NULL, sums, a->dt ? a->dt + r0 : NULL, r1 - r0, cols,
+                         rows);
+}
+
+static PyObject *backward_in_blocks(const Backward *a, float *grad_bias, long rows, long cols) {
     long blocks = rows > SUM_ROWS ? (rows + SUM_ROWS - 1) / SUM_ROWS : 1;
     float *sums = blocks > 1 ? malloc(blocks * cols * sizeof(float)) : grad_bias;
     if (!sums)
@@ -579,11 +590,9 @@ static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
     {
         long begin, end;
         my_share(blocks, &begin, &end);
-        for (long b = begin; b < end; b++) {
-            long r0 = b * SUM_ROWS, r1 = blocks > 1 && r0 + SUM_ROWS < rows ? r0 + SUM_ROWS : rows;
-            factor_bias_grad(d + r0 * cols, factor ? factor + r0 * cols : NULL, sums + b * cols, dt ? dt + r0 : NULL,
-                             r1 - r0, cols, rows);
-        }
+        for (long b = begin; b < end; b++)
+            backward_rows(a, sums + b * cols, b * SUM_ROWS, b * SUM_ROWS + SUM_ROWS < rows ? b * SUM_ROWS + SUM_ROWS : rows,
+                          rows, cols);
     }
     if (blocks > 1) {
         for (long c = 0; c < cols; c++) {
@@ -595,6 +604,16 @@ static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
         free(sums);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
+    unsigned long long d, factor, grad_bias, dt;
+    long rows, cols;
+    if (!PyArg_ParseTuple(args, "KKKKll", &d, &factor, &grad_bias, &dt, &rows, &cols))
+        return NULL;
+    Backward a = {.bf16 = 0, .d = (float *)(uintptr_t)d, .factor = (const float *)(uintptr_t)factor,
+                  .dt = (float *)(uintptr_t)dt};
+    return backward_in_blocks(&a, (float *)(uintptr_t)grad_bias, rows, cols);
 }
 
 static PyObject *py_bernoulli_log_p(PyObject *self, PyObject *args) {
@@ -705,10 +724,9 @@ static PyObject *py_factor_bias_grad_bf16(PyObject *self, PyObject *args) {
     long rows, cols;
     if (!PyArg_ParseTuple(args, "KKKKKll", &d16, &d32, &factor, &grad_bias, &out, &rows, &cols))
         return NULL;
-    factor_bias_grad_bf16((const uint16_t *)(uintptr_t)d16, (const float *)(uintptr_t)d32,
-                          (const float *)(uintptr_t)factor, (float *)(uintptr_t)grad_bias, (uint16_t *)(uintptr_t)out,
-                          rows, cols);
-    Py_RETURN_NONE;
+    Backward a = {.bf16 = 1, .d16 = (const uint16_t *)(uintptr_t)d16, .d32 = (const float *)(uintptr_t)d32,
+                  .factor = (const float *)(uintptr_t)factor, .out = (uint16_t *)(uintptr_t)out};
+    return backward_in_blocks(&a, (float *)(uintptr_t)grad_bias, rows, cols);
 }
 
 /* The ELBO's terms of a batch from each image's log p(x|z) and KL, as kernels.elbo_terms says: [-ELBO,
