@@ -144,6 +144,11 @@ def _onednn(a, b_t):
     return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
 
+def _bf16(t):
+    """t in bfloat16; t itself where it is (a test, cheaper than the call that would return it)."""
+    return t if t.dtype is torch.bfloat16 else t.bfloat16()
+
+
 class Products:
     """The three products of a layer through one routine, fixed when the step is built; with
     precision "bf16", torch.mm on bfloat16 operands, giving bfloat16 (as the floor's products do: the
@@ -157,11 +162,11 @@ class Products:
     def operand(self, t):
         """t as the products take it: in bfloat16 with precision bf16 (the methods below take one
         as it is, so that an operand used by two products is converted once), else t itself."""
-        return t.bfloat16() if self.bf16 else t
+        return _bf16(t) if self.bf16 else t
 
     def linear(self, x, weight):
         if self.bf16:
-            return torch.mm(x.bfloat16(), weight.bfloat16().t())
+            return torch.mm(_bf16(x), _bf16(weight).t())
         return _onednn(x, weight) if self.onednn else torch.mm(x, weight.t())
 
     def weight_grad(self, d_y, x, out=None, d_y_t=None):
@@ -169,7 +174,7 @@ class Products:
         bfloat16 one). `d_y_t`: d_y' as a contiguous tensor, where the caller has one (oneDNN would copy
         the transposed view)."""
         if self.bf16:
-            product = torch.mm(d_y.t().bfloat16(), x.bfloat16())
+            product = torch.mm(_bf16(d_y).t(), _bf16(x))
         elif self.onednn:
             product = _onednn(d_y.t() if d_y_t is None else d_y_t, x.t())
         else:
@@ -178,5 +183,5 @@ class Products:
 
     def input_grad(self, d_y, weight):
         if self.bf16:
-            return torch.mm(d_y.bfloat16(), weight.bfloat16())
+            return torch.mm(_bf16(d_y), _bf16(weight))
         return _onednn(d_y, weight.t()) if self.onednn else torch.mm(d_y, weight)
