@@ -277,18 +277,23 @@ def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=N
     batches = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size else [])
     options = dict(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
 
+    def layer_buffers(n, n_in, n_out):
+        grad = torch.randn(n, n_out, **options)
+        # d(loss)/dy also as a contiguous d', the weight gradient's first operand as the step's backward loop
+        # writes it for oneDNN, which would otherwise copy the transposed view before each product
+        return dict(x=torch.randn(n, n_in, **options), weight=torch.randn(n_out, n_in, **options), grad=grad,
+                    grad_t=grad.t().contiguous(), y=torch.empty(n, n_out, **options),
+                    grad_weight=torch.empty(n_out, n_in, **options), grad_x=torch.empty(n, n_in, **options))
+
     def buffers(batch):
-        return [dict(x=torch.randn(batch * rows, n_in, **options), weight=torch.randn(n_out, n_in, **options),
-                     grad=torch.randn(batch * rows, n_out, **options), y=torch.empty(batch * rows, n_out, **options),
-                     grad_weight=torch.empty(n_out, n_in, **options),
-                     grad_x=torch.empty(batch * rows, n_in, **options)) for n_in, n_out, rows in layers]
+        return [layer_buffers(batch * rows, n_in, n_out) for n_in, n_out, rows in layers]
 
     by_size = {size: buffers(size) for size in set(batches)}
 
     def products(batch):
         for index, b in enumerate(by_size[batch]):
             matmul(b["x"], b["weight"].t(), b["y"])  # forward
-            matmul(b["grad"].t(), b["x"], b["grad_weight"])  # dL/dW
+            matmul(b["grad_t"], b["x"], b["grad_weight"])  # dL/dW
             if index > 0:  # dL/dx; the images need none
                 matmul(b["grad"], b["weight"], b["grad_x"])
 
