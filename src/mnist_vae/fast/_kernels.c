@@ -590,9 +590,10 @@ static PyObject *backward_in_blocks(const Backward *a, float *grad_bias, long ro
     {
         long begin, end;
         my_share(blocks, &begin, &end);
-        for (long b = begin; b < end; b++)
-            backward_rows(a, sums + b * cols, b * SUM_ROWS, b * SUM_ROWS + SUM_ROWS < rows ? b * SUM_ROWS + SUM_ROWS : rows,
-                          rows, cols);
+        for (long b = begin; b < end; b++) {
+            long r0 = b * SUM_ROWS, r1 = r0 + SUM_ROWS < rows ? r0 + SUM_ROWS : rows;
+            backward_rows(a, sums + b * cols, r0, r1, rows, cols);
+        }
     }
     if (blocks > 1) {
         for (long c = 0; c < cols; c++) {
@@ -754,7 +755,7 @@ static PyObject *py_elbo_terms(PyObject *self, PyObject *args) {
 }
 
 /* [v, one_hot(label)] row by row, as torch.cat([v, one_hot(labels, n_classes)], 1) gives it: the input of a
- * conditional model's first layers. Row r takes label r % images, the layout of K draws per image. Labels out
+ * conditional model's first layers. Row r takes label r % images, the layout of K draws per image. Labels
  * out of range raise ValueError, as one_hot's do. */
 static PyObject *py_with_labels(PyObject *self, PyObject *args) {
     unsigned long long v, labels, out;

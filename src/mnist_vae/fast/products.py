@@ -8,8 +8,8 @@ other (docs/speed.md, from `mnist-vae bench`). The choice is a rule, not a
 timing taken at start-up, so that one seed on one machine always gives the same bits:
 oneDNN on an AMD CPU with AVX-512 for all but the smallest steps (SMALL_STEP), torch.mm
 everywhere else (other CPUs, CUDA, MPS, a torch without oneDNN). `mnist-vae bench` times
-every routine and says whether the rule picked the fastest one on the machine it runs on. `use(name)` overrides it (the
-tests train through both).
+every routine and says whether the rule picked the fastest one on the machine it runs on.
+`use(name)` overrides it (the tests train through both).
 
 Each function computes one product of a linear layer y = x W' + b: `linear` (x W'),
 `weight_grad` (d_y' x, into `out`) and `input_grad` (d_y W).
