@@ -509,3 +509,6 @@ def test_the_label_columns_of_a_conditional_models_input(implementation, draws):
         assert torch.equal(got[r, 17:], expected), r
     with pytest.raises((ValueError, RuntimeError)):
         kernels.with_labels(v, torch.tensor([3, 0, 10, 1, 2]), 10)
+    for wrong in (labels[:4], labels[:0]):  # rows that are not whole draws of the labels
+        with pytest.raises(ValueError, match="not whole draws"):
+            kernels.with_labels(v, wrong, 10)

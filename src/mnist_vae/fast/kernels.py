@@ -242,15 +242,18 @@ def elbo_terms(log_px, kl, kl_weight):
 
 def with_labels(v, labels, n_classes):
     """[v, one_hot(labels)], the input of a conditional model's first layers; row r takes labels[r % len(labels)],
-    as the K draws per image of the importance-weighted bound are laid out. In C one pass, where torch's one_hot
-    (which reads the labels' range first) and cat make three calls and two passes over the data."""
+    as the K draws per image of the importance-weighted bound are laid out, so v's rows must be whole draws of
+    the labels. In C one pass, where torch's one_hot (which reads the labels' range first) and cat make three
+    calls and two passes over the data."""
     rows, cols = v.shape
+    if len(labels) == 0 or rows % len(labels):  # the C loop would divide by zero or misread the layout
+        raise ValueError(f"{rows} rows of v are not whole draws of {len(labels)} labels")
     if _use_c(v) and _use_c(labels, dtype=torch.int64):
         out = torch.empty(rows, cols + n_classes)
-        _kernels.with_labels(v.data_ptr(), labels.data_ptr(), out.data_ptr(), rows, cols, labels.shape[0], n_classes)
+        _kernels.with_labels(v.data_ptr(), labels.data_ptr(), out.data_ptr(), rows, cols, len(labels), n_classes)
         return out
     y = F.one_hot(labels, n_classes).to(v.dtype)
-    return torch.cat([v, y.repeat(rows // labels.shape[0], 1)], dim=1)
+    return torch.cat([v, y.repeat(rows // len(labels), 1)], dim=1)
 
 
 def gaussian_backward(gaussian, eps, std, d_z, scale):
