@@ -278,8 +278,9 @@ def test_the_loss_of_k_draws_reads_each_image_for_its_rows(implementation):
     rows, d_logits = kernels.bernoulli_loss(logits, bias, target, 0.5, by_row=True)
     rows_repeated, d_repeated = kernels.bernoulli_loss(logits, bias, target.repeat(3, 1), 0.5, by_row=True)
     assert torch.equal(rows, rows_repeated) and torch.equal(d_logits, d_repeated)
-    with pytest.raises(ValueError, match="not draws"):
-        kernels.bernoulli_loss(logits[:100], bias, target, 0.5)
+    for some_logits, targets in ((logits[:100], target), (logits, target[:0])):
+        with pytest.raises(ValueError, match="not whole draws"):
+            kernels.bernoulli_loss(some_logits, bias, targets, 0.5)
 
 
 def test_k_draws_per_image_their_kl_and_log_ratio(implementation):

@@ -149,13 +149,19 @@ def _activation_in_c(name, a, bias, key, p, backward):
     return a, factor
 
 
+def _check_draws(rows, what, n, per):
+    """Refuse `rows` rows of `what` that are not whole draws of the n `per` (row r belongs to r % n): the C loops
+    would divide by zero or misread the layout."""
+    if n == 0 or rows % n:
+        raise ValueError(f"{rows} rows of {what} are not whole draws of {n} {per}")
+
+
 def bernoulli_loss(logits, bias, target, scale, by_row=False):
     """For l = logits + bias: sum over pixels of y l - softplus(l) (log p(y | l), as model.log_likelihood),
     and (sigmoid(l) - y) scale, the gradient of -log p times scale, where y, the target of row r, is row
     r % len(target) of `target` (the importance-weighted bound's K draws of an image are rows k B + i).
     The log-likelihood is summed over the rows too, or with `by_row` given for each row."""
-    if logits.shape[0] % target.shape[0]:
-        raise ValueError(f"{logits.shape[0]} rows of logits are not draws for each of {target.shape[0]} targets")
+    _check_draws(logits.shape[0], "logits", target.shape[0], "targets")
     if _use_c(logits, bias, target):
         rows, d_logits = torch.empty(logits.shape[0], device=logits.device), torch.empty_like(logits)
         _kernels.bernoulli_loss(logits.data_ptr(), bias.data_ptr(), target.data_ptr(), rows.data_ptr(),
@@ -246,8 +252,7 @@ def with_labels(v, labels, n_classes):
     the labels. In C one pass, where torch's one_hot (which reads the labels' range first) and cat make three
     calls and two passes over the data."""
     rows, cols = v.shape
-    if len(labels) == 0 or rows % len(labels):  # the C loop would divide by zero or misread the layout
-        raise ValueError(f"{rows} rows of v are not whole draws of {len(labels)} labels")
+    _check_draws(rows, "v", len(labels), "labels")
     if _use_c(v) and _use_c(labels, dtype=torch.int64):
         out = torch.empty(rows, cols + n_classes)
         _kernels.with_labels(v.data_ptr(), labels.data_ptr(), out.data_ptr(), rows, cols, len(labels), n_classes)
