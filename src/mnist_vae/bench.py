@@ -9,7 +9,10 @@ as training, by the routine this process has for that dtype that is fastest on t
 own products (in float32 torch.mm, oneDNN, NumPy's BLAS; in bfloat16 torch.mm and oneDNN:
 each is timed for each row, and the table says which won and which the training step uses). Floors and epochs are measured in
 one process, in alternation, and the ratio is the median of each epoch over the floor
-measured just before it, so a busy moment of the machine moves both. The
+measured just before it, so a busy moment of the machine moves both. Between the two, the
+same products with Adam's update after each step's give the `+adam` column: what the step
+would take if Adam were all it did besides its products, with Adam's data leaving the
+cache between its updates as they do in training. The
 importance-weighted log-likelihood is measured against the decoder's matrix products for
 every draw of z, timed just before the estimate and just after it (the mean of the two).
 The busy-CPU row times default epochs while a competing process (a bounded busy loop)
@@ -128,34 +131,38 @@ def main(prog, args):
 def bench_training(config, device, epochs, matmuls):
     """Training seconds per epoch and the floor (the products of the model `config` builds by the fastest
     of `matmuls`, routines of `routines` for config.precision, found for this model's own shapes: a small
-    batch may favour another routine than the defaults), measured in alternation: a floor, then an epoch
-    of train() itself (the real loop), `epochs` times after one warm-up pair; medians and their ratio."""
+    batch may favour another routine than the defaults), measured in alternation: a floor, the same products
+    with Adam's update after each step's, then an epoch of train() itself (the real loop), `epochs` times
+    after one warm-up round; medians, and the ratios of each epoch to the floor of its round."""
 
     n_train = config.n_train or 60000
     layers = product_shapes(config)
     routine, routine_floors = fastest_routine(n_train, config, layers, device, matmuls)
     matmul = matmuls[routine]
-    pairs = []
+    adam = step_for_adam(config, device).adam_step
+    triples = []
     for _ in range(epochs + 1):
-        floor = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
-                                    dtype=config.precision)[0]
+        floor, with_adam = (floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
+                                                dtype=config.precision, after_step=after)[0] for after in (None, adam))
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
-        pairs.append((row["seconds"], floor))
-    epochs_s, floors_s = [e for e, _ in pairs[1:]], [f for _, f in pairs[1:]]
-    ratio = statistics.median(e / f for e, f in pairs[1:])
+        triples.append((row["seconds"], floor, with_adam))
+    epochs_s, floors_s = [e for e, _, _ in triples[1:]], [f for _, f, _ in triples[1:]]
+    ratio = statistics.median(e / f for e, f, _ in triples[1:])
     epoch = statistics.median(epochs_s)
     n_steps = math.ceil(n_train / config.batch_size)
     floor_s, fixed = statistics.median(floors_s), fixed_costs_seconds(config, device, n_train)
     return {"dim_z": config.dim_z, "batch_size": config.batch_size, "layers": layers, "step": row["step"],
             "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
             # what a step costs beyond its products: the fixed costs that small batches pay more often
-            "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f in pairs[1:]),
+            "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples[1:]),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
             "floor_routine": routine, "routine_floors_s": routine_floors,
             "step_routine": step_routine(config, device),
             "images_per_s": n_train / epoch, **fixed,
-            # the ratio of an epoch in which nothing but the products and Adam's updates took time
-            "products_and_adam_ratio": (floor_s + fixed["adam_s"]) / floor_s}
+            # an epoch in which nothing but the products and Adam's updates take time, Adam's data leaving the
+            # cache between its updates as in training: what the step could reach with its other work free
+            "products_and_adam_s": [a for _, _, a in triples[1:]],
+            "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples[1:])}
 
 
 def fastest_routine(n_train, config, layers, device, matmuls, rounds=2):
@@ -214,32 +221,40 @@ def bench_busy(config, device, epochs, unloaded_s):
             "fixed_epoch_s": fixed, "fixed_ratio": fixed / unloaded_s}
 
 
-def fixed_costs_seconds(config, device, n_train):
-    """Seconds per epoch of two parts of a step that are not matrix products but belong to the algorithm:
-    Adam's update of every parameter, and drawing the bits of the model's dropout masks; each timed alone."""
-
-    n_steps = math.ceil(n_train / config.batch_size)
+def step_for_adam(config, device):
+    """A fused step of the model `config` builds whose adam_step() applies Adam's update to every parameter as
+    training does (in float32), from gradients of a step's size; Adam's state already created."""
     model, optimizer = make_model(config, device)
     step = FusedTrainStep(model, optimizer)
-    k = config.k_train if config.objective == "iwae" else 1
-    masks = [config.batch_size * (1 if index < len(step.encoder) else k) * step.layers[index].out_features
-             for index, _, p in step.encoder + step.decoder if p > 0]
-    for grad_weight, grad_bias in step.grads:  # gradients of a step's size: never-written memory may hold denormals
+    for grad_weight, grad_bias in step.grads:  # never-written memory may hold denormals
         grad_weight.normal_(0, 1e-3)
         grad_bias.normal_(0, 1e-3)
     step.adam_step()  # creates Adam's state
+    return step
+
+
+def fixed_costs_seconds(config, device, n_train):
+    """Seconds per epoch of two parts of a step that are not matrix products but belong to the algorithm:
+    Adam's update of every parameter, and drawing the bits of the model's dropout masks; each timed alone,
+    back to back (Adam's data stay in the cache from one update to the next, as they do not in training)."""
+
+    n_steps = math.ceil(n_train / config.batch_size)
+    step = step_for_adam(config, device)
+    k = config.k_train if config.objective == "iwae" else 1
+    masks = [config.batch_size * (1 if index < len(step.encoder) else k) * step.layers[index].out_features
+             for index, _, p in step.encoder + step.decoder if p > 0]
     _synchronize(device)
     started = time.perf_counter()
     for _ in range(n_steps):
         step.adam_step()
     _synchronize(device)
-    adam = time.perf_counter() - started
+    adam_s = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(n_steps):
         for size in masks:  # the bits the step's activation loops draw, one mask at a time
             dropout_bits(size, device)
     _synchronize(device)
-    return {"adam_s": adam, "masks_s": time.perf_counter() - started}
+    return {"adam_s": adam_s, "masks_s": time.perf_counter() - started}
 
 
 def routines(device, dtype="fp32"):
@@ -268,10 +283,11 @@ def product_shapes(config):
             for m in part.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=None, dtype="fp32"):
+def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=None, dtype="fp32", after_step=None):
     """Seconds of one epoch's matrix products alone, `repeats` times, by `matmul` (a routine of
     `routines` for `dtype`; torch.mm by default), for the layers `layers` (product_shapes), on operands
-    of `dtype` (float32, or bfloat16 for "bf16")."""
+    of `dtype` (float32, or bfloat16 for "bf16"); with `after_step`, a function called after each timed step's
+    products (Adam's update), that too."""
 
     matmul = matmul or routines(device, dtype)["torch.mm"]
     batches = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size else [])
@@ -305,6 +321,8 @@ def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=N
         started = time.perf_counter()
         for batch in batches:
             products(batch)
+            if after_step is not None:
+                after_step()
         _synchronize(device)
         seconds.append(time.perf_counter() - started)
     return seconds
@@ -448,9 +466,10 @@ def format_table(results):
                         else ""))
     lines.append("(floor s: the products of each row's own model by the routine fastest on them for its precision\n"
                  " (floor by), each routine timed on them twice;\n"
-                 " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone;\n"
+                 " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone, back to back;\n"
                  " over us/step: (epoch - floor) / steps, what a step costs beyond its products;\n"
-                 " +adam: (floor + adam s) / floor, the ratio of an epoch of nothing but its products and Adam)")
+                 " +adam: an epoch of nothing but its products and, after each step's, Adam's update, over the floor\n"
+                 " (medians; each timed just after its floor): what the step would take with its other work free)")
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
         lines.append(f"bf16: epoch {by_setting['bf16']['epoch_s'] / by_setting['defaults']['epoch_s']:.2f} x the "
