@@ -252,6 +252,41 @@ VECTOR_CLONES static void bernoulli_loss(const float *restrict logits, const flo
     }
 }
 
+/* An 8 x 8 tile of a row-major matrix, written transposed: out[k * out_stride + j] = in[j * in_stride + k]. Eight
+ * loads, the shuffles of the usual AVX transpose (interleave pairs of rows, then pairs of those, then swap their
+ * 128-bit halves) and eight stores, where a loop of single elements loads and stores every float on its own;
+ * written in the compiler's vector extension, so that each build of the module gets its own instructions. */
+typedef float v8sf __attribute__((vector_size(32)));
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+typedef int v8si __attribute__((vector_size(32)));
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (v8si){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+static inline __attribute__((always_inline)) void transpose8(const float *restrict in, long in_stride,
+                                                              float *restrict out, long out_stride) {
+    v8sf r[8], t[8], u[8];
+    for (int j = 0; j < 8; j++)
+        memcpy(&r[j], in + j * in_stride, sizeof(v8sf));
+    for (int j = 0; j < 8; j += 2) { /* rows j, j + 1 interleaved: columns 0 1 4 5, then 2 3 6 7 */
+        t[j] = SHUFFLE8(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[j + 1] = SHUFFLE8(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int j = 0; j < 8; j += 4) { /* rows j..j+3 of columns k and k + 4, for k = 0, 1, 2, 3 */
+        u[j] = SHUFFLE8(t[j], t[j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[j + 1] = SHUFFLE8(t[j], t[j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[j + 2] = SHUFFLE8(t[j + 1], t[j + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[j + 3] = SHUFFLE8(t[j + 1], t[j + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int k = 0; k < 4; k++) {
+        v8sf column = SHUFFLE8(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11),
+             column4 = SHUFFLE8(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        memcpy(out + k * out_stride, &column, sizeof(v8sf));
+        memcpy(out + (k + 4) * out_stride, &column4, sizeof(v8sf));
+    }
+}
+
 /* The backward pass through a layer's activation and bias: d *= factor, in place (d(loss)/dh to d(loss)/da;
  * no factor: the last layer, d is d(loss)/da already), and grad_bias = d summed over the rows, each column in
  * row order; and where dt is given, d' written there (cols x dt_rows, these rows its columns), the first operand
@@ -273,10 +308,15 @@ static inline __attribute__((always_inline)) void factor_bias_grad_rows(
                 grad_bias[c] += row[c];
             }
         }
-        if (transpose)
+        if (transpose) { /* in 8 x 8 tiles, the rows and columns beyond them one at a time */
+            long r8 = r0 + (r1 - r0) / 8 * 8, c8 = cols / 8 * 8;
+            for (long c = 0; c < c8; c += 8) /* both tiles of a column before the next: whole lines of d' */
+                for (long r = r0; r < r8; r += 8)
+                    transpose8(d + r * cols + c, cols, dt + c * dt_rows + r, dt_rows);
             for (long c = 0; c < cols; c++)
-                for (long r = r0; r < r1; r++)
+                for (long r = c < c8 ? r8 : r0; r < r1; r++)
                     dt[c * dt_rows + r] = d[r * cols + c];
+        }
     }
 }
 
