@@ -10,9 +10,9 @@ own products (in float32 torch.mm, oneDNN, NumPy's BLAS; in bfloat16 torch.mm an
 each is timed for each row, and the table says which won and which the training step uses). Floors and epochs are measured in
 one process, in alternation, and the ratio is the median of each epoch over the floor
 measured just before it, so a busy moment of the machine moves both. Between the two, the
-same products with Adam's update after each step's give the `+adam` column: what the step
-would take if Adam were all it did besides its products, with Adam's data leaving the
-cache between its updates as they do in training. The
+same products by the step's own routine, with Adam's update after each step's, give the
+`+adam` column: what the step would take if Adam were all it did besides its products,
+with Adam's data leaving the cache between its updates as they do in training. The
 importance-weighted log-likelihood is measured against the decoder's matrix products for
 every draw of z, timed just before the estimate and just after it (the mean of the two).
 The busy-CPU row times default epochs while a competing process (a bounded busy loop)
@@ -132,18 +132,24 @@ def bench_training(config, device, epochs, matmuls):
     """Training seconds per epoch and the floor (the products of the model `config` builds by the fastest
     of `matmuls`, routines of `routines` for config.precision, found for this model's own shapes: a small
     batch may favour another routine than the defaults), measured in alternation: a floor, the same products
-    with Adam's update after each step's, then an epoch of train() itself (the real loop), `epochs` times
-    after one warm-up round; medians, and the ratios of each epoch to the floor of its round."""
+    by the step's own routine with Adam's update after each step's, then an epoch of train() itself (the real
+    loop), `epochs` times after one warm-up round; medians, and the ratios of each epoch to the floor of its
+    round."""
 
     n_train = config.n_train or 60000
     layers = product_shapes(config)
     routine, routine_floors = fastest_routine(n_train, config, layers, device, matmuls)
     matmul = matmuls[routine]
-    adam = step_for_adam(config, device).adam_step
+    # +adam's products go through the step's own routine (the floor's may differ, and NumPy's BLAS threads, which
+    # wait for work after each product, would fight the OpenMP threads of Adam's loop, as they never do in training)
+    used = step_routine(config, device)
+    adam, adam_matmul = step_for_adam(config, device).adam_step, matmuls.get(used or "torch.mm", matmul)
     triples = []
     for _ in range(epochs + 1):
-        floor, with_adam = (floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
-                                                dtype=config.precision, after_step=after)[0] for after in (None, adam))
+        floor = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
+                                    dtype=config.precision)[0]
+        with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=adam_matmul,
+                                        dtype=config.precision, after_step=adam)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
         triples.append((row["seconds"], floor, with_adam))
     epochs_s, floors_s = [e for e, _, _ in triples[1:]], [f for _, f, _ in triples[1:]]
@@ -157,7 +163,7 @@ def bench_training(config, device, epochs, matmuls):
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples[1:]),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
             "floor_routine": routine, "routine_floors_s": routine_floors,
-            "step_routine": step_routine(config, device),
+            "step_routine": used,
             "images_per_s": n_train / epoch, **fixed,
             # an epoch in which nothing but the products and Adam's updates take time, Adam's data leaving the
             # cache between its updates as in training: what the step could reach with its other work free
@@ -468,8 +474,9 @@ def format_table(results):
                  " (floor by), each routine timed on them twice;\n"
                  " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone, back to back;\n"
                  " over us/step: (epoch - floor) / steps, what a step costs beyond its products;\n"
-                 " +adam: an epoch of nothing but its products and, after each step's, Adam's update, over the floor\n"
-                 " (medians; each timed just after its floor): what the step would take with its other work free)")
+                 " +adam: an epoch of nothing but its products, by the step's routine, and after each step's Adam's\n"
+                 " update, over the floor (medians; each timed just after its floor): what the step would take with\n"
+                 " its other work free)")
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
         lines.append(f"bf16: epoch {by_setting['bf16']['epoch_s'] / by_setting['defaults']['epoch_s']:.2f} x the "
