@@ -143,20 +143,20 @@ def bench_training(config, device, epochs, matmuls):
     # +adam's products go through the step's own routine (the floor's may differ, and NumPy's BLAS threads, which
     # wait for work after each product, would fight the OpenMP threads of Adam's loop, as they never do in training)
     used = step_routine(config, device)
-    adam, adam_matmul = step_for_adam(config, device).adam_step, matmuls.get(used or "torch.mm", matmul)
+    for_adam, adam_matmul = step_for_adam(config, device), matmuls.get(used or "torch.mm", matmul)
     triples = []
     for _ in range(epochs + 1):
         floor = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
                                     dtype=config.precision)[0]
         with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=adam_matmul,
-                                        dtype=config.precision, after_step=adam)[0]
+                                        dtype=config.precision, after_step=for_adam.adam_step)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
         triples.append((row["seconds"], floor, with_adam))
     epochs_s, floors_s = [e for e, _, _ in triples[1:]], [f for _, f, _ in triples[1:]]
     ratio = statistics.median(e / f for e, f, _ in triples[1:])
     epoch = statistics.median(epochs_s)
     n_steps = math.ceil(n_train / config.batch_size)
-    floor_s, fixed = statistics.median(floors_s), fixed_costs_seconds(config, device, n_train)
+    floor_s, fixed = statistics.median(floors_s), fixed_costs_seconds(config, for_adam, device, n_train)
     return {"dim_z": config.dim_z, "batch_size": config.batch_size, "layers": layers, "step": row["step"],
             "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
             # what a step costs beyond its products: the fixed costs that small batches pay more often
@@ -239,13 +239,13 @@ def step_for_adam(config, device):
     return step
 
 
-def fixed_costs_seconds(config, device, n_train):
+def fixed_costs_seconds(config, step, device, n_train):
     """Seconds per epoch of two parts of a step that are not matrix products but belong to the algorithm:
-    Adam's update of every parameter, and drawing the bits of the model's dropout masks; each timed alone,
-    back to back (Adam's data stay in the cache from one update to the next, as they do not in training)."""
+    Adam's update of every parameter (by `step`, a step_for_adam of `config`), and drawing the bits of the
+    model's dropout masks; each timed alone, back to back (Adam's data stay in the cache from one update to
+    the next, as they do not in training)."""
 
     n_steps = math.ceil(n_train / config.batch_size)
-    step = step_for_adam(config, device)
     k = config.k_train if config.objective == "iwae" else 1
     masks = [config.batch_size * (1 if index < len(step.encoder) else k) * step.layers[index].out_features
              for index, _, p in step.encoder + step.decoder if p > 0]
