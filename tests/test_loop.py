@@ -1,8 +1,9 @@
 """The training loop's observers: one a caller adds is told of every epoch with its row, after the run's
-own (the checkpoint already holds the epoch), of a signal mid-epoch, and of the end of training; and the
-step results are read by name."""
+own (the checkpoint already holds the epoch), of a signal mid-epoch or as an epoch ends, and of the end of
+training; loss_curves.png's drawings; and the step results read by name."""
 
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -68,6 +69,51 @@ def test_an_observer_is_told_of_a_signal_mid_epoch_after_the_checkpoint(tmp_path
     assert excinfo.value.exit_code == 128 + signal.SIGINT
     assert [told[0] for told in observer.told] == ["epoch", "interrupt"]
     assert observer.told[-1] == ("interrupt", 1, 3) and saved == [3]
+
+
+def test_an_observer_is_told_of_a_signal_as_an_epoch_ends_and_the_checkpoint_is_not_written_again(
+        tmp_path, tiny_dataset, monkeypatch):
+    observer, saves = Recording(), []
+    save = outputs.save_checkpoint
+    monkeypatch.setattr(outputs, "save_checkpoint", lambda run: (saves.append(run.progress.epoch), save(run)))
+    signal_at_call(monkeypatch, 2 * STEPS_PER_EPOCH, [signal.SIGINT])  # the last step of epoch 2
+    with pytest.raises(Interrupted):
+        loop.train(_config(tmp_path, tiny_dataset, num_epochs=3), log=lambda *a: None, observers=[observer])
+    assert [told[0] for told in observer.told] == ["epoch", "epoch", "interrupt"]
+    assert observer.told[-1] == ("interrupt", 2, 0) and saves == [1, 2]
+
+
+def drawings(monkeypatch):
+    """The number of metrics rows each drawing of loss_curves.png shows."""
+    drawn = []
+    draw = outputs.draw_loss_curves
+    monkeypatch.setattr(outputs, "draw_loss_curves", lambda history, *a: (drawn.append(len(history)),
+                                                                          draw(history, *a)))
+    return drawn
+
+
+def test_loss_curves_are_drawn_after_the_first_epoch_then_every_30_seconds_and_at_the_end(
+        tmp_path, tiny_dataset, monkeypatch):
+    drawn = drawings(monkeypatch)
+    loop.train(_config(tmp_path, tiny_dataset, num_epochs=4), log=lambda *a: None)
+    assert drawn == [1, 4]  # tiny epochs: the first, then the end's
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 10000
+    assert len(read_metrics(tmp_path / "run")) == 4  # metrics.csv: every epoch
+    clock = iter(range(0, 1000, 20))  # 20 s between one look at the clock and the next
+    monkeypatch.setattr(outputs.time, "monotonic", lambda: next(clock))
+    drawn.clear()
+    loop.train(replace(_config(tmp_path, tiny_dataset, num_epochs=5), output=str(tmp_path / "slow")),
+               log=lambda *a: None)
+    assert drawn == [1, 3, 5]  # epoch 2 came 20 s after the drawing, epoch 3 40 s; then the end
+
+
+@pytest.mark.parametrize("step", [STEPS_PER_EPOCH + 3, 2 * STEPS_PER_EPOCH])  # mid-epoch 2, and as it ends
+def test_a_signal_draws_the_loss_curves_of_the_epochs_done(tmp_path, tiny_dataset, monkeypatch, step):
+    drawn = drawings(monkeypatch)
+    signal_at_call(monkeypatch, step, [signal.SIGINT])
+    with pytest.raises(Interrupted):
+        loop.train(_config(tmp_path, tiny_dataset, num_epochs=3), log=lambda *a: None)
+    assert drawn == [1] + [2] * (step == 2 * STEPS_PER_EPOCH)
 
 
 def test_the_default_observers_in_their_order(monkeypatch):

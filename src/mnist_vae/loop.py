@@ -45,7 +45,7 @@ def train(config, resume=False, overwrite=False, log=print, observers=()):
     """Train as `config` says, writing everything into config.output; return the last metrics row.
 
     `observers` (outputs.Observer) are told after the run's own (outputs.default_observers) at the end
-    of every epoch, where a signal stops an epoch, and when training ends. The run holds the lock of
+    of every epoch, where a signal stops the run, and when training ends. The run holds the lock of
     config.output throughout (runs.locked_run)."""
     run = prepare(config, resume, overwrite, log)
     observers = [*default_observers(run.config), *observers]
@@ -60,6 +60,8 @@ def train(config, resume=False, overwrite=False, log=print, observers=()):
             for observer in observers:
                 observer.on_epoch_end(run, row)
             if stop.received is not None and run.progress.epoch < run.config.num_epochs:
+                for observer in observers:
+                    observer.on_interrupt(run)
                 stop_here(run, stop, f"after epoch {run.progress.epoch}")
     for observer in observers:
         observer.on_train_end(run)

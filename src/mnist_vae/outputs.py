@@ -7,6 +7,7 @@ ends (Observer); default_observers is the list every run has, in the order they 
 
 import csv
 import io
+import time
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ class Observer:
         pass
 
     def on_interrupt(self, run):
-        """A signal stopped the run between two steps of an epoch; the loop stops after telling everyone."""
+        """A signal stopped the run, between two steps of an epoch or as an epoch ended (after on_epoch_end;
+        run.progress.step is 0 then); the loop stops after telling everyone."""
 
     def on_train_end(self, run):
         """The last epoch is done (or the time budget spent); called before the log-likelihood estimate."""
@@ -62,10 +64,35 @@ class EpochImages(Observer):
 
 
 class Metrics(Observer):
-    """metrics.csv and loss_curves.png, rewritten with every epoch's row so far."""
+    """metrics.csv, rewritten with every epoch's row so far, and loss_curves.png, drawn from the same rows
+    after the first epoch, then at most every `redraw_seconds` while the run goes on, and always where
+    training ends or a signal stops it.
+
+    matplotlib takes about as long to draw the curves as the test set takes to evaluate: drawn after
+    every epoch, they would slow a run of short epochs by a tenth or more. So between drawings the
+    picture may lag metrics.csv by up to `redraw_seconds`, never at the end."""
+
+    def __init__(self, redraw_seconds=30.0):
+        self.redraw_seconds = redraw_seconds
+        self.drawn_at = None  # time.monotonic() of the last drawing in this process
+        self.behind = False  # rows in metrics.csv that loss_curves.png does not show yet
 
     def on_epoch_end(self, run, row):
         write_metrics(run.progress.history, run.out, run.config)
+        self.behind = True
+        if self.drawn_at is None or time.monotonic() - self.drawn_at >= self.redraw_seconds:
+            self._draw(run)
+
+    def on_interrupt(self, run):
+        self._draw(run)
+
+    def on_train_end(self, run):
+        self._draw(run)
+
+    def _draw(self, run):
+        if self.behind:
+            draw_loss_curves(run.progress.history, run.out, run.config)
+            self.drawn_at, self.behind = time.monotonic(), False
 
 
 class TensorBoard(Observer):
@@ -82,13 +109,14 @@ class TensorBoard(Observer):
 
 
 class Checkpoint(Observer):
-    """checkpoint.safetensors, at the end of every epoch and where a signal stops an epoch."""
+    """checkpoint.safetensors, at the end of every epoch and where a signal stops an epoch midway."""
 
     def on_epoch_end(self, run, row):
         save_checkpoint(run)
 
     def on_interrupt(self, run):
-        save_checkpoint(run)
+        if run.progress.step:  # else the epoch's end, whose checkpoint on_epoch_end has written
+            save_checkpoint(run)
 
 
 def default_observers(config):
@@ -167,6 +195,9 @@ def write_metrics(history, out, config):
     for row in history:
         writer.writerow({key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in row.items()})
     files.write_text(out / "metrics.csv", table.getvalue())
+
+
+def draw_loss_curves(history, out, config):
     plots.save_loss_curves(history, out / "loss_curves.png", elbo_key=elbo_name(config),
                            title=f"{config.dataset}, dim_z={config.dim_z}, likelihood={config.likelihood}, "
                                  f"binarize={config.binarize}")
