@@ -261,11 +261,11 @@ def test_a_run_in_a_folder_whose_name_is_not_utf8_works_everywhere(tmp_path, dat
                 ["--resume", run, "--num_epochs", "2"]]
     if not export_missing():
         commands.append(["export", run])
-    for command in commands:
-        result = run_with_bytes(*command)
+    results = [run_with_bytes(*command) for command in commands]
+    for command, result in zip(commands, results):
         assert result.returncode == 0 and "corrupt" not in result.stderr, (command, result.stderr)
         assert "Traceback" not in result.stderr, result.stderr
-    assert f"wrote 4 samples to {run / 'samples.png'}" in run_with_bytes("sample", run, "--n", "4").stdout
+    assert f"wrote 4 samples to {run / 'samples.png'}" in results[0].stdout
     assert mnist_vae.load(run).epoch == 2 and (run / "samples.png").is_file()
     page = (run / "explore.html").read_text(encoding="utf-8")  # the name with U+FFFD where the byte was
     assert "mnist-vae explore: r\ufffdn" in page
