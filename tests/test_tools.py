@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -188,6 +189,20 @@ def test_reproduce_seeds_trains_every_seed_and_tables_their_spread(reproduced, t
     assert "--seeds 2" in table and "mean over its seeds ± their standard deviation" in table
     assert_one_line_error(main(capsys, "reproduce", "--paper", "iwae", "--seeds", "2", "--out", out),
                           "--seeds does not apply to --paper")
+
+
+@pytest.mark.parametrize("name", ["bench-zen5.json", "bench-h200.json"])
+def test_bench_table_of_the_docs_runs_names_the_bf16_floors_routines(name):
+    """The table of a run on a CPU with two bfloat16 routines, and of one on a CUDA GPU with one."""
+    from mnist_vae.bench import format_table
+
+    results = json.loads((Path(__file__).parent.parent / "docs" / name).read_text())
+    (bf16_line,) = [line for line in format_table(results).splitlines() if line.startswith("bf16: ")]
+    floors = [r for r in results["training"] if r["setting"] == "bf16"][0]["routine_floors_s"]
+    if len(floors) > 1:
+        assert bf16_line.endswith(", ".join(f"{name} {seconds:.2f} s" for name, seconds in floors.items()))
+    else:
+        assert bf16_line.endswith("by torch.mm, the one routine here that multiplies bfloat16")
 
 
 def test_bench_floor_reads_the_layers_of_the_model_it_times():

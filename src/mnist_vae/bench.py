@@ -479,10 +479,11 @@ def format_table(results):
                  " its other work free)")
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
-        lines.append(f"bf16: epoch {by_setting['bf16']['epoch_s'] / by_setting['defaults']['epoch_s']:.2f} x the "
-                     f"float32 defaults'; its floor is its own bfloat16 products by "
-                     f"{by_setting['bf16']['floor_routine']}, the fastest of "
-                     + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in by_setting["bf16"]["routine_floors_s"].items()))
+        bf16 = by_setting["bf16"]
+        others = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in bf16["routine_floors_s"].items())
+        lines.append(f"bf16: epoch {bf16['epoch_s'] / by_setting['defaults']['epoch_s']:.2f} x the float32 "
+                     f"defaults'; its floor is its own bfloat16 products by {bf16['floor_routine']}, "
+                     + (f"the fastest of {others}" if others else "the one routine here that multiplies bfloat16"))
     elif "bf16_not_measured" in results:
         lines.append(f"bf16: not measured: {results['bf16_not_measured']}")
     if "busy" in results:
