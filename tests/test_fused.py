@@ -27,7 +27,7 @@ def mnist_batches():
 
 
 def train_both(data, steps, likelihood="bernoulli", noise=False, batch_size=128, dim_z=4, fused_adam=True,
-               model_class=VAE, model_options=None, kl_weight=None, **loss_options):
+               model_class=VAE, model_options=None, kl_weight=None, device="cpu", **loss_options):
     """The same model trained by the autograd step (through model.loss) and by the fused step;
     `model_options` go to the model's class, `loss_options` (objective, k, kl_weight) to both steps,
     and `kl_weight(step)`, if given, sets the KL's weight before each step, as the KL warm-up does.
@@ -37,11 +37,11 @@ def train_both(data, steps, likelihood="bernoulli", noise=False, batch_size=128,
     if kl_weight is not None and not callable(kl_weight):
         loss_options["kl_weight"], kl_weight = kl_weight, None
     setting = (len(data[0]), steps, likelihood, noise, batch_size, dim_z, model_class, tuple(sorted((model_options or {}).items())),
-               kl_weight, tuple(sorted(loss_options.items())))
+               kl_weight, device, tuple(sorted(loss_options.items())))
 
     def build():
         torch.manual_seed(0)
-        return model_class(dim_z=dim_z, likelihood=likelihood, **(model_options or {}))
+        return model_class(dim_z=dim_z, likelihood=likelihood, **(model_options or {})).to(device)
 
     def trained(model, optimizer, step_class):
         run = step_class(model, optimizer, **loss_options)
@@ -62,7 +62,7 @@ _AUTOGRAD_RUNS = {}  # the autograd step's trainings by setting: (model, terms)
 def _train(data, run, steps, batch_size, noise, conditional, kl_weight):
     """The terms of `steps` steps of `run` over the batches every training of train_both sees."""
     x_all, labels_all = data
-    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(1))
+    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(1)).to(x_all.device)
     terms = []
     for step in range(steps):
         start = (step * batch_size) % (len(x_all) - batch_size)
@@ -120,6 +120,19 @@ def weight_atol(routine):
 
 def fast_step_routine(model):
     return FusedTrainStep(model, torch.optim.Adam(model.parameters())).products.name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_step_matches_autograd_for_300_steps_on_a_cuda_gpu(mnist_batches):
+    """On CUDA the step's elementwise work runs in torch ops and its products in cuBLAS, whose sums
+    round otherwise than the CPU's: a weight whose gradient sums to almost 0 may come up to two of
+    Adam's steps apart by step 300, where the CPU's routines keep within one."""
+    data = tuple(t.cuda() for t in mnist_batches)
+    reference, fast, reference_terms, fast_terms = train_both(data, steps=300, device="cuda")
+    assert fast.encoder[0].weight.is_cuda and reference.encoder[0].weight.is_cuda
+    assert reference_terms[-20:, 0].mean() < reference_terms[:20, 0].mean() - 50
+    torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
+    assert_weights_close(fast, reference, weight_atol("torch.mm"), lr=2e-3)
 
 
 def test_fused_step_matches_autograd_when_denoising_with_two_latent_dimensions(mnist_batches, implementation):
