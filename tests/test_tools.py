@@ -8,13 +8,12 @@ import re
 import shutil
 import sys
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import FASHION_SYSTEM_DIR, assert_one_line_error, main, make_idx_dataset, read_metrics, run_command
+from conftest import FASHION_SYSTEM_DIR, ROOT, assert_one_line_error, main, make_idx_dataset, read_metrics, run_command
 from conftest import MNIST_DIR as MNIST
 from mnist_vae import loop as train_module
 from mnist_vae import machine
@@ -196,11 +195,11 @@ def test_bench_table_of_the_docs_runs_names_the_bf16_floors_routines(name):
     """The table of a run on a CPU with two bfloat16 routines, and of one on a CUDA GPU with one."""
     from mnist_vae.bench import format_table
 
-    results = json.loads((Path(__file__).parent.parent / "docs" / name).read_text())
+    results = json.loads((ROOT / "docs" / name).read_text())
     (bf16_line,) = [line for line in format_table(results).splitlines() if line.startswith("bf16: ")]
     floors = [r for r in results["training"] if r["setting"] == "bf16"][0]["routine_floors_s"]
     if len(floors) > 1:
-        assert bf16_line.endswith(", ".join(f"{name} {seconds:.2f} s" for name, seconds in floors.items()))
+        assert bf16_line.endswith(", ".join(f"{routine} {seconds:.2f} s" for routine, seconds in floors.items()))
     else:
         assert bf16_line.endswith("by torch.mm, the one routine here that multiplies bfloat16")
 

@@ -52,17 +52,13 @@ def train(config, resume=False, overwrite=False, log=print, observers=()):
     with StopSignal() as stop, ThreadGovernor(run.config.threads, adapt=run.adapt_threads) as governor:
         while epochs_left(run):
             if not run_steps(run, stop, governor):  # a signal came between two steps
-                for observer in observers:
-                    observer.on_interrupt(run)
-                stop_here(run, stop, f"at epoch {run.progress.epoch + 1}, step {run.progress.step}")
+                stop_here(run, stop, observers, f"at epoch {run.progress.epoch + 1}, step {run.progress.step}")
             row = evaluate_epoch(run)
             run = replan_epochs(run)
             for observer in observers:
                 observer.on_epoch_end(run, row)
             if stop.received is not None and run.progress.epoch < run.config.num_epochs:
-                for observer in observers:
-                    observer.on_interrupt(run)
-                stop_here(run, stop, f"after epoch {run.progress.epoch}")
+                stop_here(run, stop, observers, f"after epoch {run.progress.epoch}")
     for observer in observers:
         observer.on_train_end(run)
     return finish(run, stop)
@@ -417,8 +413,10 @@ def evaluate_epoch(run):
     return row
 
 
-def stop_here(run, stop, where):
-    """End the run on a signal, its checkpoint written."""
+def stop_here(run, stop, observers, where):
+    """End the run on a signal, once the observers are told (the checkpoint observer writes it)."""
+    for observer in observers:
+        observer.on_interrupt(run)
     run.log(f"interrupted {where}; checkpoint written; resume with:\n  mnist-vae --resume {run.out}")
     raise Interrupted(128 + stop.received)
 
