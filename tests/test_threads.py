@@ -1,6 +1,7 @@
 """threads.py: the thread count follows the machine's load, and the results do not depend on it."""
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from mnist_vae.config import Config
 from mnist_vae.step import make_step
 from mnist_vae.fast.threads import ThreadGovernor, machine_cpu_seconds
 from mnist_vae.loop import make_model, train
+from mnist_vae.outputs import Observer
 
 
 @pytest.fixture
@@ -243,3 +245,119 @@ def test_importing_mnist_vae_turns_on_mkls_reproducible_mode_unless_the_user_cho
     kept = subprocess.run([sys.executable, "-c", show], env={**env, "MKL_CBWR": "COMPATIBLE"}, capture_output=True,
                           text=True, check=True)
     assert kept.stdout.strip() == "COMPATIBLE"
+
+
+def test_the_counts_a_run_chooses_among_are_the_powers_of_two_below_all_and_all():
+    assert threads.thread_counts(16) == [1, 2, 4, 8, 16]
+    assert threads.thread_counts(12) == [1, 2, 4, 8, 12]
+    assert threads.thread_counts(2) == [1, 2]
+    assert threads.thread_counts(1) == [1]
+
+
+def test_fewer_threads_are_chosen_only_where_they_beat_all_by_the_margin():
+    # Burda et al.'s model at batch 20 on a 16-core machine: its 20-row products are fastest on 8 threads
+    assert threads.fastest_thread_count({1: 1.19, 2: 1.04, 4: 0.90, 8: 0.86, 16: 1.66}) == 8
+    assert threads.fastest_thread_count({1: 10.2, 2: 6.2, 4: 4.1, 8: 3.7, 16: 2.6}) == 16  # the defaults: all
+    assert threads.fastest_thread_count({1: 3.0, 2: 0.95, 4: 1.0}) == 4  # 5% is within the timings' noise
+    assert threads.fastest_thread_count({1: 3.0, 2: 0.85, 4: 1.0}) == 2
+    assert threads.fastest_thread_count({1: 1.0}) == 1
+
+
+class _Counting:
+    """Products that record each call with the thread count it ran on."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _record(self, name, result):
+        self.calls.append((name, torch.get_num_threads()))
+        return result
+
+    def linear(self, x, weight):
+        return self._record("linear", torch.mm(x, weight.t()))
+
+    def weight_grad(self, d_y, x, out=None, d_y_t=None):
+        assert torch.equal(d_y_t, d_y.t())
+        return self._record("weight_grad", torch.mm(d_y.t(), x, out=out))
+
+    def input_grad(self, d_y, weight):
+        return self._record("input_grad", torch.mm(d_y, weight))
+
+
+def test_the_step_products_are_timed_on_each_count_in_turn_and_the_count_is_given_back(two_threads):
+    model = make_model(Config(n_hidden=16, dim_z=2, objective="iwae", k_train=3), torch.device("cpu"))[0]
+    layers = threads.product_layers(model, k=3)
+    assert layers == [(784, 16, 1), (16, 16, 1), (16, 4, 1), (2, 16, 3), (16, 16, 3), (16, 784, 3)]
+    counting = _Counting()
+    seconds = threads.step_products_seconds(layers, 8, counting, [1, 2], rounds=2)
+    assert set(seconds) == {1, 2} and all(0 < s < 1 for s in seconds.values())
+    assert torch.get_num_threads() == 2
+    one_step = [("linear", "weight_grad")] + [("linear", "weight_grad", "input_grad")] * (len(layers) - 1)
+    one_step = [name for names in one_step for name in names]
+    assert len(counting.calls) % len(one_step) == 0
+    steps = [counting.calls[i:i + len(one_step)] for i in range(0, len(counting.calls), len(one_step))]
+    assert all([name for name, _ in step] == one_step for step in steps)
+    assert all(len({count for _, count in step}) == 1 for step in steps)  # a step on one count throughout
+    runs = [count for count, _ in itertools.groupby(step[0][1] for step in steps[2:])]
+    assert runs == [1, 2, 1, 2]  # after two set-up steps: two rounds, the counts in turn
+
+
+def test_the_governor_starts_on_the_fastest_count_and_gives_torch_back_its_own(two_threads):
+    with ThreadGovernor(most=1) as governor:
+        assert torch.get_num_threads() == 1 and governor.most == 1
+    assert torch.get_num_threads() == 2
+    with ThreadGovernor(most=1, adapt=False):  # the results would depend on the count: it stays
+        assert torch.get_num_threads() == 2
+    with ThreadGovernor(threads=2, most=1):  # --threads fixes the count
+        assert torch.get_num_threads() == 2
+    with ThreadGovernor(most=8) as governor:  # never more than torch's
+        assert torch.get_num_threads() == 2 and governor.most == 2
+
+
+def test_a_run_trains_on_the_count_its_products_ran_fastest_on_and_gives_the_same_bits(
+        tmp_path, tiny_dataset, matrix_products, two_threads, monkeypatch):
+    settings = dict(data_dir=str(tiny_dataset), num_epochs=2, batch_size=32, n_test=64, eval_k=3)
+    train(Config(output=str(tmp_path / "all"), threads=2, **settings), log=lambda *a: None)
+
+    class Count(Observer):
+        seen = []
+
+        def on_epoch_end(self, run, row):
+            self.seen.append(torch.get_num_threads())
+
+    monkeypatch.setattr(train_module, "products_thread_invariant", lambda *a: True)
+    monkeypatch.setattr(threads, "step_products_seconds", lambda layers, batch, products, counts: {1: 0.5, 2: 1.0})
+    monkeypatch.setattr(threads, "machine_cpu_seconds", lambda cpus: None)  # a busy machine would keep all threads
+    logged = []
+    train(Config(output=str(tmp_path / "one"), **settings), log=logged.append, observers=[Count()])
+    assert Count.seen == [1, 1]
+    assert "threads: 1 of 2, on which this model's products ran fastest" in logged
+    assert torch.get_num_threads() == 2
+    rows = {}
+    for run in ("all", "one"):
+        with open(tmp_path / run / "metrics.csv", newline="") as f:
+            rows[run] = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+    assert len(rows["all"]) == 2 and rows["all"] == rows["one"]
+
+
+def test_the_count_is_not_lowered_for_timings_taken_while_another_process_took_a_core(two_threads, monkeypatch):
+    machine = FakeMachine()
+
+    def timed(layers, batch_size, products, counts):
+        machine.run(0.2, others=others, own=1.0)  # one thread was faster while it ran
+        return {1: 0.5, 2: 1.0}
+
+    monkeypatch.setattr(threads, "step_products_seconds", timed)
+    monkeypatch.setattr(threads, "machine_cpu_seconds", lambda cpus: machine.machine)
+    fake = dict(clock=lambda: machine.wall, own_cpu=lambda: machine.own)
+    others = 0.9
+    assert threads.fastest_step_threads([], 8, None, **fake) == 2
+    others = 0.1
+    assert threads.fastest_step_threads([], 8, None, **fake) == 1
+    torch.set_num_threads(1)
+    assert threads.fastest_step_threads([], 8, None, **fake) == 1
+
+
+def test_a_model_without_an_encoder_and_a_decoder_has_its_linear_layers_timed_at_one_row_per_image():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert threads.product_layers(model, k=5) == [(3, 4, 1), (4, 2, 1)]

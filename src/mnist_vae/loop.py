@@ -24,7 +24,7 @@ from .errors import ArgumentError, Interrupted, UserError
 from .evaluation import TERMS, elbo_name, epoch_row, log_likelihood_estimate, term
 from .fast import memory, products
 from .fast.fused import FusedTrainStep, unsupported
-from .fast.threads import ThreadGovernor, products_thread_invariant
+from .fast.threads import ThreadGovernor, fastest_step_threads, product_layers, products_thread_invariant
 from .machine import resolve_device
 from .model import build
 from .outputs import default_observers, write_input_images
@@ -49,7 +49,8 @@ def train(config, resume=False, overwrite=False, log=print, observers=()):
     config.output throughout (runs.locked_run)."""
     run = prepare(config, resume, overwrite, log)
     observers = [*default_observers(run.config), *observers]
-    with StopSignal() as stop, ThreadGovernor(run.config.threads, adapt=run.adapt_threads) as governor:
+    with StopSignal() as stop, ThreadGovernor(run.config.threads, adapt=run.adapt_threads,
+                                              most=run.step_threads) as governor:
         while epochs_left(run):
             if not run_steps(run, stop, governor):  # a signal came between two steps
                 stop_here(run, stop, observers, f"at epoch {run.progress.epoch + 1}, step {run.progress.step}")
@@ -94,6 +95,7 @@ class Run:
     n_steps: int
     batch_sizes: torch.Tensor  # (n_steps,) float64: the last batch may be smaller
     adapt_threads: bool  # whether the thread count may follow the machine's load
+    step_threads: Optional[int]  # where it may, the count the step's products ran fastest on: training's most
     progress: Progress
 
 
@@ -132,7 +134,7 @@ def prepare(config, resume, overwrite, log):
     batch_sizes[-1] = n_train - batch_size * (n_steps - 1)
     config = final_config(config, saved, tensors, n_steps, device, log)
     run = Run(config, out, device, log, tensors, model, optimizer, step_function, step_name, data_generator, fixed,
-              n_steps, batch_sizes, adapt_threads=False, progress=Progress())
+              n_steps, batch_sizes, adapt_threads=False, step_threads=None, progress=Progress())
     if saved is not None:
         restore(run, saved)
     else:
@@ -142,7 +144,8 @@ def prepare(config, resume, overwrite, log):
                                      "torch": torch.__version__, "model": model.name, "training_step": step_name,
                                      # which routine did the step's products: their rounding differs
                                      "products": step_function.products.name if step_name == "fused" else "torch"})
-    return dataclasses.replace(run, adapt_threads=threads_may_adapt(run))
+    adapt = threads_may_adapt(run)
+    return dataclasses.replace(run, adapt_threads=adapt, step_threads=step_threads(run) if adapt else None)
 
 
 def picture_inputs(config, tensors, device):
@@ -203,6 +206,17 @@ def threads_may_adapt(run):
     rows = {n * k for n in (batch_size, n_train - batch_size * (run.n_steps - 1)) for k in (1, config.k_train)}
     return (config.threads == 0 and run.device.type == "cpu" and config.precision == "fp32"
             and products_thread_invariant(run.model, rows, step_products))
+
+
+def step_threads(run):
+    """The thread count, up to torch's, on which the products of this run's step ran fastest (threads.py)."""
+    config = run.config
+    step_products = getattr(run.step_function, "products", None) or products.Products(run.device, name="torch.mm")
+    layers = product_layers(run.model, config.k_train if config.objective == "iwae" else 1)
+    threads = fastest_step_threads(layers, config.batch_size, step_products)
+    if threads < torch.get_num_threads():
+        run.log(f"threads: {threads} of {torch.get_num_threads()}, on which this model's products ran fastest")
+    return threads
 
 
 def prepare_output(folder, resume=False, overwrite=False):

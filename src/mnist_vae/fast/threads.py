@@ -20,6 +20,12 @@ layers on one thread and on all and found the same bits; otherwise it keeps its 
 and a run interrupted and resumed on a busy machine still matches one trained alone
 (tests/test_threads.py and the resume tests check both). Where /proc/stat cannot be
 read (macOS, Windows) the thread count is left alone.
+
+More threads are not always faster. A product of 20 rows split among 16 threads gives each
+too little work for what their meeting costs, so on a many-core machine a small model's
+step can run slower on all cores than on a few. Before training, `fastest_thread_count`
+times the step's own products on 1, 2, 4, ... threads and on all, and the governor keeps
+to the count that was fastest: the results, again, do not depend on it.
 """
 
 import os
@@ -28,6 +34,10 @@ import time
 import torch
 
 INTERVAL_S = 1.0  # how often the machine's load is read: long enough to average out the scheduler's ticks
+# Fewer threads than all must beat all by this much to be chosen: timings of a fraction of a second move by
+# a few per cent, and where all threads are about as fast, a fluke must not take cores from the step.
+MARGIN = 0.1
+TIMED_S = 0.01  # about how long each timing of the step's products lasts
 
 
 def machine_cpu_seconds(cpus, path="/proc/stat"):
@@ -81,20 +91,104 @@ def products_thread_invariant(model, batch_rows, products):
     return True
 
 
+def product_layers(model, k=1):
+    """(inputs, outputs, rows per image) of each Linear layer of `model`'s encoder, then its decoder's, whose
+    rows are `k` per image (the importance-weighted bound's k draws of z); of a model without those two parts
+    (a registered class), each of its Linear layers at one row per image."""
+    parts = ((model.encoder, 1), (model.decoder, k)) if hasattr(model, "encoder") and hasattr(model, "decoder") \
+        else ((model, 1),)
+    return [(m.in_features, m.out_features, rows) for part, rows in parts
+            for m in part.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def thread_counts(most):
+    """The thread counts a run chooses among: 1, 2, 4, ... below `most`, and `most`."""
+    return sorted({2 ** i for i in range(most.bit_length()) if 2 ** i < most} | {most})
+
+
+def step_products_seconds(layers, batch_size, products, counts, rounds=3, clock=time.perf_counter):
+    """{count: seconds}: the least, over `rounds` rounds that take the counts in turn, of the time one training
+    step's matrix products take on that many threads: each layer of `layers` (product_layers) on its rows of a
+    batch of `batch_size`, its forward product, weight gradient and (but the first's) input gradient, by
+    `products` (a products.Products); torch's thread count is restored."""
+    generator = torch.Generator().manual_seed(0)
+    operands = []
+    for index, (n_in, n_out, rows) in enumerate(layers):
+        x, weight, d_y = (torch.randn(shape, generator=generator)
+                          for shape in ((batch_size * rows, n_in), (n_out, n_in), (batch_size * rows, n_out)))
+        operands.append((index, x, weight, d_y, d_y.t().contiguous(), torch.empty(n_out, n_in)))
+
+    def step():
+        for index, x, weight, d_y, d_y_t, grad_weight in operands:
+            products.linear(x, weight)
+            products.weight_grad(d_y, x, out=grad_weight, d_y_t=d_y_t)
+            if index > 0:
+                products.input_grad(d_y, weight)
+
+    before = torch.get_num_threads()
+    try:
+        step()  # the first call of a routine sets it up
+        started = clock()
+        step()
+        repeats = max(1, min(50, round(TIMED_S / max(clock() - started, 1e-9))))
+        seconds = {count: float("inf") for count in counts}
+        for _ in range(rounds):
+            for count in counts:
+                torch.set_num_threads(count)
+                step()  # threads woken or parked
+                started = clock()
+                for _ in range(repeats):
+                    step()
+                seconds[count] = min(seconds[count], (clock() - started) / repeats)
+    finally:
+        torch.set_num_threads(before)
+    return seconds
+
+
+def fastest_step_threads(layers, batch_size, products, clock=time.perf_counter, own_cpu=time.process_time):
+    """The thread count, up to torch's, on which one training step's products (step_products_seconds' arguments)
+    ran fastest; torch's count where other processes took more than half a core while they were timed, since
+    the count would then fit the moment's load (which the governor follows) rather than the model."""
+    most = torch.get_num_threads()
+    if most == 1:
+        return 1
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    before = (clock(), machine_cpu_seconds(cpus) if cpus else None, own_cpu())
+    seconds = step_products_seconds(layers, batch_size, products, thread_counts(most))
+    after = (clock(), machine_cpu_seconds(cpus) if cpus else None, own_cpu())
+    if before[1] is not None and after[1] is not None:
+        wall, machine, own = (b - a for a, b in zip(before, after))
+        if (machine - own) / max(wall, 1e-9) > 0.5:
+            return most
+    return fastest_thread_count(seconds)
+
+
+def fastest_thread_count(seconds, margin=MARGIN):
+    """The count to run on, from step_products_seconds' timings: the fastest where it beats the most threads
+    timed by `margin` and more, else the most."""
+    most = max(seconds)
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds[fastest] < (1 - margin) * seconds[most] else most
+
+
 class ThreadGovernor:
     """Call it often (every training step, every batch of an estimate); about once a second it sets
     torch.set_num_threads to the cores that other processes leave free. `threads` > 0 fixes the count
     instead (the governor then does nothing); 0 lets it follow the load, up to torch's count at start,
-    unless `adapt` is False (products_thread_invariant found a product that would round otherwise)."""
+    unless `adapt` is False (products_thread_invariant found a product that would round otherwise). `most`, where
+    the count may follow the load, lowers that ceiling (fastest_thread_count's); the count starts there."""
 
     def __init__(self, threads=0, interval=INTERVAL_S, read=machine_cpu_seconds, clock=time.perf_counter,
-                 own_cpu=time.process_time, adapt=True):
+                 own_cpu=time.process_time, adapt=True, most=None):
         self.read, self.clock, self.own_cpu, self.interval = read, clock, own_cpu, interval
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        self.most = torch.get_num_threads()
+        self.start = torch.get_num_threads()
         self.fixed = threads > 0 or not adapt  # adapt=False: the results would depend on the count
+        self.most = min(most, self.start) if most and not self.fixed else self.start
         if threads > 0:
             torch.set_num_threads(threads)
+        elif self.most != self.start:
+            torch.set_num_threads(self.most)
         self.last = self._sample() if not self.fixed and self.most > 1 else None
         self.changes = 0  # how many times it changed the count: the bench and the tests read it
 
@@ -122,4 +216,4 @@ class ThreadGovernor:
 
     def __exit__(self, *exc):
         """Give torch back the count it had at the start, for whatever the process does next."""
-        torch.set_num_threads(self.most)
+        torch.set_num_threads(self.start)
