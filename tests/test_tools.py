@@ -107,7 +107,7 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     cpu = results["machine"]["lscpu"]
     assert cpu == products.cpu() and set(cpu) == {"vendor", "model_name", "family", "model", "extensions"}
     assert result.stdout.startswith(f"mnist-vae bench: {products.describe_cpu(cpu)}, ")
-    assert row["epoch_s"] > 0 and row["floor_s"] > 0
+    assert row["epoch_s"] > 0 and row["floor_s"] > 0 and 1 <= row["threads"] <= results["machine"]["threads"]
     assert row["ratio"] == pytest.approx(row["epochs_s"][0] / row["floors_s"][0])
     assert row["images_per_s"] == pytest.approx(3000 / row["epoch_s"])
     evaluation = results["evaluation"]
@@ -117,7 +117,7 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert estimate["floor_s"] == pytest.approx(sum(estimate["floors_s"]) / 2) and min(estimate["floors_s"]) > 0
     assert 50 < results["peak_rss_mb"] < 4000 and 0 < results["startup_help_s"] < 10
     # The printed table carries the same numbers.
-    assert re.search(rf"defaults +fused +4 +128 +{row['epoch_s']:.2f} +{row['floor_s']:.2f} +{row['ratio']:.2f}",
+    assert re.search(rf"defaults +fused +4 +128 +{row['threads']} +{row['epoch_s']:.2f} +{row['floor_s']:.2f} +{row['ratio']:.2f}",
                      result.stdout), result.stdout
     assert f"k=10, 500 test images: {estimate['seconds']:.1f} s, floor {estimate['floor_s']:.1f} s" in result.stdout
     assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
@@ -190,7 +190,7 @@ def test_reproduce_seeds_trains_every_seed_and_tables_their_spread(reproduced, t
                           "--seeds does not apply to --paper")
 
 
-@pytest.mark.parametrize("name", ["bench-zen5.json", "bench-h200.json"])
+@pytest.mark.parametrize("name", ["bench-zen5.json", "bench-h200.json", "bench-xeon16.json"])
 def test_bench_table_of_the_docs_runs_names_the_bf16_floors_routines(name):
     """The table of a run on a CPU with two bfloat16 routines, and of one on a CUDA GPU with one."""
     from mnist_vae.bench import format_table
@@ -202,6 +202,18 @@ def test_bench_table_of_the_docs_runs_names_the_bf16_floors_routines(name):
         assert bf16_line.endswith(", ".join(f"{routine} {seconds:.2f} s" for routine, seconds in floors.items()))
     else:
         assert bf16_line.endswith("by torch.mm, the one routine here that multiplies bfloat16")
+
+
+def test_bench_table_names_the_threads_each_row_ran_on():
+    """A run on 16 cores where Burda et al.'s model at batch 20 ran on 8; runs kept from before the column, on all."""
+    from mnist_vae.bench import format_table
+
+    for name, setting, threads in (("bench-xeon16.json", "Burda et al. b20", 8), ("bench-zen5.json", "defaults", 2)):
+        results = json.loads((ROOT / "docs" / name).read_text())
+        row = [r for r in results["training"] if r["setting"] == setting][0]
+        assert row.get("threads", results["machine"]["threads"]) == threads
+        assert re.search(rf"\n{setting} +fused +{row['dim_z']} +{row['batch_size']} +{threads} +{row['epoch_s']:.2f} ",
+                         format_table(results))
 
 
 def test_bench_floor_reads_the_layers_of_the_model_it_times():

@@ -42,10 +42,12 @@ from .evaluation import evaluate, log_likelihood_estimate
 from .fast import machine, products
 from .fast.fused import FusedTrainStep
 from .fast.products import _onednn, onednn_available
+from .fast.threads import product_layers
 from .layers import dropout_bits
 from .loop import make_model, train
 from .machine import resolve_device
 from .model import build
+from .outputs import Observer
 from .step import make_step
 
 SETTINGS = {
@@ -128,16 +130,31 @@ def main(prog, args):
     return 0
 
 
+class StepThreads(Observer):
+    """The thread count a training run's step runs on at most (loop.step_threads', or torch's)."""
+    threads = None
+
+    def on_epoch_end(self, run, row):
+        self.threads = run.step_threads or torch.get_num_threads()
+
+
 def bench_training(config, device, epochs, matmuls):
     """Training seconds per epoch and the floor (the products of the model `config` builds by the fastest
     of `matmuls`, routines of `routines` for config.precision, found for this model's own shapes: a small
     batch may favour another routine than the defaults), measured in alternation: a floor, the same products
     by the step's own routine with Adam's update after each step's, then an epoch of train() itself (the real
-    loop), `epochs` times after one warm-up round; medians, and the ratios of each epoch to the floor of its
-    round."""
+    loop), `epochs` times after one warm-up epoch; medians, and the ratios of each epoch to the floor of its
+    round. The floors run on the threads the warm-up's step ran on (fewer than all where they were faster)."""
 
     n_train = config.n_train or 60000
     layers = product_shapes(config)
+    watch = StepThreads()
+    train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None, observers=[watch])
+    with torch_threads(watch.threads):
+        return {"threads": watch.threads, **_bench_training(config, device, epochs, matmuls, n_train, layers)}
+
+
+def _bench_training(config, device, epochs, matmuls, n_train, layers):
     routine, routine_floors = fastest_routine(n_train, config, layers, device, matmuls)
     matmul = matmuls[routine]
     # +adam's products go through the step's own routine (the floor's may differ, and NumPy's BLAS threads, which
@@ -145,30 +162,44 @@ def bench_training(config, device, epochs, matmuls):
     used = step_routine(config, device)
     for_adam, adam_matmul = step_for_adam(config, device), matmuls.get(used or "torch.mm", matmul)
     triples = []
-    for _ in range(epochs + 1):
+    for _ in range(epochs):
         floor = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
                                     dtype=config.precision)[0]
         with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=adam_matmul,
                                         dtype=config.precision, after_step=for_adam.adam_step)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
         triples.append((row["seconds"], floor, with_adam))
-    epochs_s, floors_s = [e for e, _, _ in triples[1:]], [f for _, f, _ in triples[1:]]
-    ratio = statistics.median(e / f for e, f, _ in triples[1:])
+    epochs_s, floors_s = [e for e, _, _ in triples], [f for _, f, _ in triples]
+    ratio = statistics.median(e / f for e, f, _ in triples)
     epoch = statistics.median(epochs_s)
     n_steps = math.ceil(n_train / config.batch_size)
     floor_s, fixed = statistics.median(floors_s), fixed_costs_seconds(config, for_adam, device, n_train)
     return {"dim_z": config.dim_z, "batch_size": config.batch_size, "layers": layers, "step": row["step"],
             "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
             # what a step costs beyond its products: the fixed costs that small batches pay more often
-            "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples[1:]),
+            "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
             "floor_routine": routine, "routine_floors_s": routine_floors,
             "step_routine": used,
             "images_per_s": n_train / epoch, **fixed,
             # an epoch in which nothing but the products and Adam's updates take time, Adam's data leaving the
             # cache between its updates as in training: what the step could reach with its other work free
-            "products_and_adam_s": [a for _, _, a in triples[1:]],
-            "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples[1:])}
+            "products_and_adam_s": [a for _, _, a in triples],
+            "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples)}
+
+
+class torch_threads:
+    """Within it, torch runs on `threads` threads; its count before is restored after."""
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
 
 
 def fastest_routine(n_train, config, layers, device, matmuls, rounds=2):
@@ -282,11 +313,9 @@ def product_shapes(config):
     rows per image) of each Linear layer, the encoder's then the decoder's, whose rows are k per image
     for the importance-weighted bound."""
 
-    k = config.k_train if config.objective == "iwae" else 1
     with torch.random.fork_rng(devices=[]):  # building draws initial weights; the bench's draws stay as they were
         model = build(config)
-    return [(m.in_features, m.out_features, rows) for part, rows in ((model.encoder, 1), (model.decoder, k))
-            for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    return product_layers(model, config.k_train if config.objective == "iwae" else 1)
 
 
 def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=None, dtype="fp32", after_step=None):
@@ -461,10 +490,11 @@ def format_table(results):
               f"fastest on a default epoch: {fastest}" + ("" if fastest == used else
               f"; the training step uses {used} ({products.RULE}"
               + ("" if fastest in products.ROUTINES else f"; {fastest} is not one it can use") + ")"), "",
-              f"{'training':<16} {'step':<8} {'dim_z':>5} {'batch':>5} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
+              f"{'training':<16} {'step':<8} {'dim_z':>5} {'batch':>5} {'thr':>3} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
              f"{'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12} {'+adam':>6}  floor by"]
     for row in results["training"]:
-        lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} {row['epoch_s']:>8.2f} "
+        lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} "
+                     f"{row.get('threads', m['threads']):>3} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f} {row.get('over_floor_us_per_step', math.nan):>12.0f}"
                      f" {row.get('products_and_adam_ratio', math.nan):>6.2f}  {row.get('floor_routine', '')}"
@@ -476,7 +506,8 @@ def format_table(results):
                  " over us/step: (epoch - floor) / steps, what a step costs beyond its products;\n"
                  " +adam: an epoch of nothing but its products, by the step's routine, and after each step's Adam's\n"
                  " update, over the floor (medians; each timed just after its floor): what the step would take with\n"
-                 " its other work free)")
+                 " its other work free;\n"
+                 " thr: the threads the step ran on, and its floor: fewer than all where they were faster)")
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
         bf16 = by_setting["bf16"]
