@@ -220,6 +220,30 @@ def test_the_probe_finds_a_product_that_rounds_otherwise_on_one_thread(two_threa
     assert isinstance(threads.products_thread_invariant(model, {8, 3}, Products(torch.device("cpu"))), bool)
 
 
+class _RoundingOn(_Rounding):
+    """Products whose weight gradient rounds differently on `count` threads alone."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def weight_grad(self, d_y, x, out):
+        return torch.mm(d_y.t(), x, out=out).add_(1e-3 * (torch.get_num_threads() == self.count))
+
+
+def test_the_probe_compares_every_count_a_run_may_choose_with_all(monkeypatch):
+    model = make_model(Config(n_hidden=16, dim_z=2), torch.device("cpu"))[0]
+    for name in ("mm", "addmm"):  # torch's own products on one thread: only _RoundingOn's may round otherwise
+        monkeypatch.setattr(torch, name, _on_one_thread(getattr(torch, name)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)  # a run may choose 1, 2 or 4
+        assert not threads.products_thread_invariant(model, {8}, _RoundingOn(2))  # one agrees with all; two does not
+        assert torch.get_num_threads() == 4
+        assert threads.products_thread_invariant(model, {8}, _RoundingOn(3))  # three is never chosen
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_run_whose_products_round_otherwise_keeps_its_count(tmp_path, tiny_dataset, two_threads, monkeypatch):
     made = []
 

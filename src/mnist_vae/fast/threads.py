@@ -16,7 +16,8 @@ splits the inner dimension of some products between threads (on an AMD EPYC Zen 
 weight gradient of a layer with 6 or 10 outputs; on an Intel Xeon with AMX: the products
 whose inner dimension is an image's 784 pixels), and oneDNN promises nothing either. So
 a run adapts only after `products_thread_invariant` has computed each product of its own
-layers on one thread and on all and found the same bits; otherwise it keeps its count,
+layers on all threads and on 1, 2, 4, ... (the counts a run chooses among, below) and found
+the same bits; otherwise it keeps its count,
 and a run interrupted and resumed on a busy machine still matches one trained alone
 (tests/test_threads.py and the resume tests check both). Where /proc/stat cannot be
 read (macOS, Windows) the thread count is left alone.
@@ -66,11 +67,12 @@ def machine_cpu_seconds(cpus, path="/proc/stat"):
 def products_thread_invariant(model, batch_rows, products):
     """Whether every matrix product of a training step of `model` (each nn.Linear's forward product,
     weight gradient and input gradient, by `products`, a products.Products, and torch.addmm as autograd
-    does them), on batches of each of `batch_rows` rows, gives the same bits on one thread as on torch's
-    count."""
+    does them), on batches of each of `batch_rows` rows, gives the same bits on torch's count as on each
+    fewer count a run may choose (thread_counts: 1, 2, 4, ...)."""
     most = torch.get_num_threads()
     if most == 1:
         return True
+    fewer = thread_counts(most)[:-1]
     generator = torch.Generator().manual_seed(0)
     layers = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     try:
@@ -81,11 +83,12 @@ def products_thread_invariant(model, batch_rows, products):
                 for product in (lambda: products.linear(x, weight), lambda: torch.addmm(bias, x, weight.t()),
                                 lambda: products.weight_grad(d_y, x, out=torch.empty(n_out, n_in)),
                                 lambda: products.input_grad(d_y, weight), lambda: torch.mm(x.t(), d_y)):
-                    torch.set_num_threads(1)
-                    one = product()
                     torch.set_num_threads(most)
-                    if not torch.equal(one, product()):
-                        return False
+                    on_all = product()
+                    for count in fewer:
+                        torch.set_num_threads(count)
+                        if not torch.equal(product(), on_all):
+                            return False
     finally:
         torch.set_num_threads(most)
     return True
