@@ -38,7 +38,7 @@ INTERVAL_S = 1.0  # how often the machine's load is read: long enough to average
 # Fewer threads than all must beat all by this much to be chosen: timings of a fraction of a second move by
 # a few per cent, and where all threads are about as fast, a fluke must not take cores from the step.
 MARGIN = 0.1
-TIMED_S = 0.01  # about how long each timing of the step's products lasts
+TIMED_S = 0.005  # about how long each timing of the step's products lasts
 
 
 def machine_cpu_seconds(cpus, path="/proc/stat"):
@@ -109,7 +109,7 @@ def thread_counts(most):
     return sorted({2 ** i for i in range(most.bit_length()) if 2 ** i < most} | {most})
 
 
-def step_products_seconds(layers, batch_size, products, counts, rounds=3, clock=time.perf_counter):
+def step_products_seconds(layers, batch_size, products, counts, rounds=2, clock=time.perf_counter):
     """{count: seconds}: the least, over `rounds` rounds that take the counts in turn, of the time one training
     step's matrix products take on that many threads: each layer of `layers` (product_layers) on its rows of a
     batch of `batch_size`, its forward product, weight gradient and (but the first's) input gradient, by
