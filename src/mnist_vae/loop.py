@@ -202,16 +202,21 @@ def threads_may_adapt(run):
     otherwise on fewer threads. (The autograd step's products are torch's, on k draws of z per image
     with --objective iwae.)"""
     config, n_train, batch_size = run.config, len(run.tensors.train), run.config.batch_size
-    step_products = getattr(run.step_function, "products", None) or products.Products(run.device, name="torch.mm")
+    step_products = products_of_step(run)
     rows = {n * k for n in (batch_size, n_train - batch_size * (run.n_steps - 1)) for k in (1, config.k_train)}
     return (config.threads == 0 and run.device.type == "cpu" and config.precision == "fp32"
             and products_thread_invariant(run.model, rows, step_products))
 
 
+def products_of_step(run):
+    """The routine of the run's step's products: the fused step's own, or torch.mm, the autograd step's."""
+    return getattr(run.step_function, "products", None) or products.Products(run.device, name="torch.mm")
+
+
 def step_threads(run):
     """The thread count, up to torch's, on which the products of this run's step ran fastest (threads.py)."""
     config = run.config
-    step_products = getattr(run.step_function, "products", None) or products.Products(run.device, name="torch.mm")
+    step_products = products_of_step(run)
     layers = product_layers(run.model, config.k_train if config.objective == "iwae" else 1)
     threads = fastest_step_threads(layers, config.batch_size, step_products)
     if threads < torch.get_num_threads():
