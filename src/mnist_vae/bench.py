@@ -42,7 +42,7 @@ from .evaluation import evaluate, log_likelihood_estimate
 from .fast import machine, products
 from .fast.fused import FusedTrainStep
 from .fast.products import _onednn, onednn_available
-from .fast.threads import product_layers
+from .fast.threads import ThreadGovernor, product_layers
 from .layers import dropout_bits
 from .loop import make_model, train
 from .machine import resolve_device
@@ -150,7 +150,7 @@ def bench_training(config, device, epochs, matmuls):
     layers = product_shapes(config)
     watch = StepThreads()
     train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None, observers=[watch])
-    with torch_threads(watch.threads):
+    with ThreadGovernor(threads=watch.threads):  # fixed at that count, torch's own restored after
         return {"threads": watch.threads, **_bench_training(config, device, epochs, matmuls, n_train, layers)}
 
 
@@ -187,19 +187,6 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
             "products_and_adam_s": [a for _, _, a in triples],
             "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples)}
 
-
-class torch_threads:
-    """Within it, torch runs on `threads` threads; its count before is restored after."""
-
-    def __init__(self, threads):
-        self.threads = threads
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
 
 
 def fastest_routine(n_train, config, layers, device, matmuls, rounds=2):

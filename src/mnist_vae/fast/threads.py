@@ -24,7 +24,7 @@ read (macOS, Windows) the thread count is left alone.
 
 More threads are not always faster. A product of 20 rows split among 16 threads gives each
 too little work for what their meeting costs, so on a many-core machine a small model's
-step can run slower on all cores than on a few. Before training, `fastest_thread_count`
+step can run slower on all cores than on a few. Before training, `fastest_step_threads`
 times the step's own products on 1, 2, 4, ... threads and on all, and the governor keeps
 to the count that was fastest: the results, again, do not depend on it.
 """
@@ -62,6 +62,24 @@ def machine_cpu_seconds(cpus, path="/proc/stat"):
     if found != len(cpus):
         return None
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpus():
+    """The ids of the cores this process may run on; none where the system does not say (macOS, Windows)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def load_sample(cpus, read, clock, own_cpu):
+    """(wall clock, the machine's CPU seconds on `cpus` by `read`, this process's CPU seconds): a reading to take
+    the difference of with a later one (others_cores); None where the machine's cannot be read."""
+    machine = read(set(cpus)) if cpus else None
+    return None if machine is None else (clock(), machine, own_cpu())
+
+
+def others_cores(before, after):
+    """Cores' worth of CPU time the rest of the machine used between two load_sample readings."""
+    wall, machine, own = (b - a for a, b in zip(before, after))
+    return max(0.0, machine - own) / max(wall, 1e-9)
 
 
 def products_thread_invariant(model, batch_rows, products):
@@ -155,14 +173,12 @@ def fastest_step_threads(layers, batch_size, products, clock=time.perf_counter, 
     most = torch.get_num_threads()
     if most == 1:
         return 1
-    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
-    before = (clock(), machine_cpu_seconds(cpus) if cpus else None, own_cpu())
+    cpus = own_cpus()
+    before = load_sample(cpus, machine_cpu_seconds, clock, own_cpu)
     seconds = step_products_seconds(layers, batch_size, products, thread_counts(most))
-    after = (clock(), machine_cpu_seconds(cpus) if cpus else None, own_cpu())
-    if before[1] is not None and after[1] is not None:
-        wall, machine, own = (b - a for a, b in zip(before, after))
-        if (machine - own) / max(wall, 1e-9) > 0.5:
-            return most
+    after = load_sample(cpus, machine_cpu_seconds, clock, own_cpu)
+    if before is not None and after is not None and others_cores(before, after) > 0.5:
+        return most
     return fastest_thread_count(seconds)
 
 
@@ -179,12 +195,12 @@ class ThreadGovernor:
     torch.set_num_threads to the cores that other processes leave free. `threads` > 0 fixes the count
     instead (the governor then does nothing); 0 lets it follow the load, up to torch's count at start,
     unless `adapt` is False (products_thread_invariant found a product that would round otherwise). `most`, where
-    the count may follow the load, lowers that ceiling (fastest_thread_count's); the count starts there."""
+    the count may follow the load, lowers that ceiling (fastest_step_threads'); the count starts there."""
 
     def __init__(self, threads=0, interval=INTERVAL_S, read=machine_cpu_seconds, clock=time.perf_counter,
                  own_cpu=time.process_time, adapt=True, most=None):
         self.read, self.clock, self.own_cpu, self.interval = read, clock, own_cpu, interval
-        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpus = own_cpus()
         self.start = torch.get_num_threads()
         self.fixed = threads > 0 or not adapt  # adapt=False: the results would depend on the count
         self.most = min(most, self.start) if most and not self.fixed else self.start
@@ -196,8 +212,7 @@ class ThreadGovernor:
         self.changes = 0  # how many times it changed the count: the bench and the tests read it
 
     def _sample(self):
-        machine = self.read(set(self.cpus)) if self.cpus else None
-        return None if machine is None else (self.clock(), machine, self.own_cpu())
+        return load_sample(self.cpus, self.read, self.clock, self.own_cpu)
 
     def __call__(self):
         if self.last is None or self.clock() - self.last[0] < self.interval:
@@ -206,9 +221,8 @@ class ThreadGovernor:
         if now is None:
             self.last = None
             return
-        wall, machine, own = (b - a for a, b in zip(self.last, now))
+        others = others_cores(self.last, now)
         self.last = now
-        others = max(0.0, machine - own) / wall  # cores' worth of time the rest of the machine used
         threads = max(1, min(self.most, round(len(self.cpus) - others)))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
