@@ -133,7 +133,7 @@ def _on_one_thread(function):
 
 def _default_products_invariant():
     model = make_model(Config(), torch.device("cpu"))[0]
-    return threads.products_thread_invariant(model, {128, 32, 64 * 3}, products.Products(torch.device("cpu")))
+    return threads.invariant_counts(model, {128, 32, 64 * 3}, products.Products(torch.device("cpu"))) == [1, 2]
 
 
 @pytest.fixture(params=["products on one thread", "products as this CPU's routine rounds them"])
@@ -212,12 +212,12 @@ def test_the_probe_finds_a_product_that_rounds_otherwise_on_one_thread(two_threa
     from mnist_vae.fast.products import Products
 
     model = make_model(Config(n_hidden=16, dim_z=2), torch.device("cpu"))[0]
-    assert not threads.products_thread_invariant(model, {8}, _Rounding())
+    assert threads.invariant_counts(model, {8}, _Rounding()) == [2]  # all alone: the count stays
     assert torch.get_num_threads() == 2  # the probe gives the count back
     torch.set_num_threads(1)  # one thread: nothing to compare
-    assert threads.products_thread_invariant(model, {8}, _Rounding())
+    assert threads.invariant_counts(model, {8}, _Rounding()) == [1]
     torch.set_num_threads(2)
-    assert isinstance(threads.products_thread_invariant(model, {8, 3}, Products(torch.device("cpu"))), bool)
+    assert threads.invariant_counts(model, {8, 3}, Products(torch.device("cpu"))) in ([2], [1, 2])
 
 
 class _RoundingOn(_Rounding):
@@ -237,9 +237,10 @@ def test_the_probe_compares_every_count_a_run_may_choose_with_all(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(4)  # a run may choose 1, 2 or 4
-        assert not threads.products_thread_invariant(model, {8}, _RoundingOn(2))  # one agrees with all; two does not
+        assert threads.invariant_counts(model, {8}, _RoundingOn(2)) == [1, 4]  # one agrees with all; two does not
         assert torch.get_num_threads() == 4
-        assert threads.products_thread_invariant(model, {8}, _RoundingOn(3))  # three is never chosen
+        assert threads.invariant_counts(model, {8}, _RoundingOn(1)) == [2, 4]
+        assert threads.invariant_counts(model, {8}, _RoundingOn(3)) == [1, 2, 4]  # three is never chosen
     finally:
         torch.set_num_threads(before)
 
@@ -253,10 +254,10 @@ def test_a_run_whose_products_round_otherwise_keeps_its_count(tmp_path, tiny_dat
             made.append(self.fixed)
 
     monkeypatch.setattr(train_module, "ThreadGovernor", Recording)
-    monkeypatch.setattr(train_module, "products_thread_invariant", lambda *a: False)
+    monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [2])
     settings = dict(data_dir=str(tiny_dataset), num_epochs=1, batch_size=32, n_test=64, eval_k=2)
     train(Config(output=str(tmp_path / "kept"), **settings), log=lambda *a: None)
-    monkeypatch.setattr(train_module, "products_thread_invariant", lambda *a: True)
+    monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [1, 2])
     train(Config(output=str(tmp_path / "adapting"), **settings), log=lambda *a: None)
     assert made == [True, True, False, False]  # the loop's and the estimate's, in each run
 
@@ -330,7 +331,7 @@ def test_the_governor_starts_on_the_fastest_count_and_gives_torch_back_its_own(t
     with ThreadGovernor(most=1) as governor:
         assert torch.get_num_threads() == 1 and governor.most == 1
     assert torch.get_num_threads() == 2
-    with ThreadGovernor(most=1, adapt=False):  # the results would depend on the count: it stays
+    with ThreadGovernor(most=1, counts=[2]):  # the results would depend on the count: it stays
         assert torch.get_num_threads() == 2
     with ThreadGovernor(threads=2, most=1):  # --threads fixes the count
         assert torch.get_num_threads() == 2
@@ -349,7 +350,7 @@ def test_a_run_trains_on_the_count_its_products_ran_fastest_on_and_gives_the_sam
         def on_epoch_end(self, run, row):
             self.seen.append(torch.get_num_threads())
 
-    monkeypatch.setattr(train_module, "products_thread_invariant", lambda *a: True)
+    monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [1, 2])
     monkeypatch.setattr(threads, "step_products_seconds", lambda layers, batch, products, counts: {1: 0.5, 2: 1.0})
     monkeypatch.setattr(threads, "machine_cpu_seconds", lambda cpus: None)  # a busy machine would keep all threads
     logged = []
@@ -380,6 +381,49 @@ def test_the_count_is_not_lowered_for_timings_taken_while_another_process_took_a
     assert threads.fastest_step_threads([], 8, None, **fake) == 1
     torch.set_num_threads(1)
     assert threads.fastest_step_threads([], 8, None, **fake) == 1
+
+
+def test_the_governor_moves_only_among_the_counts_that_give_the_same_bits():
+    machine = FakeMachine()
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        def governor(**options):
+            governor = ThreadGovernor(interval=0.9, read=lambda cpus: machine.machine, clock=lambda: machine.wall,
+                                      own_cpu=lambda: machine.own, **options)
+            governor.cpus = [0, 1, 2, 3]
+            governor.last = governor._sample()
+            return governor
+
+        seen = []
+        with governor(counts=[2, 4]) as checked:
+            for others in (1.0, 3.2, 0.0, 2.0):  # cores free: 3, 1 (less than any count), 4, 2
+                machine.run(1.0, others=others)
+                checked()
+                seen.append(torch.get_num_threads())
+        assert seen == [2, 2, 4, 2]  # rounded down to a checked count, the fewest where none fits
+        with governor() as any_count:  # the estimate's: torch's products there are not training's
+            machine.run(1.0, others=1.0)
+            any_count()
+            assert torch.get_num_threads() == 3
+        with governor(counts=[2, 4], most=2) as one_left:  # the fastest count is 2: nothing to move among
+            assert torch.get_num_threads() == 2 and one_left.fixed
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_count_is_chosen_among_those_that_give_the_same_bits(monkeypatch):
+    timed = []
+
+    def seconds(layers, batch_size, products, counts):
+        timed.append(list(counts))
+        return {count: {1: 0.2, 2: 0.5, 4: 0.6, 8: 1.0}[count] for count in counts}
+
+    monkeypatch.setattr(threads, "step_products_seconds", seconds)
+    monkeypatch.setattr(threads, "machine_cpu_seconds", lambda cpus: None)
+    assert threads.fastest_step_threads([], 20, None, counts=[2, 4, 8]) == 2  # not 1, which rounds otherwise
+    assert threads.fastest_step_threads([], 20, None, counts=[8]) == 8  # nothing to time
+    assert timed == [[2, 4, 8]]
 
 
 def test_a_model_without_an_encoder_and_a_decoder_has_its_linear_layers_timed_at_one_row_per_image():

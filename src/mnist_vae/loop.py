@@ -24,7 +24,7 @@ from .errors import ArgumentError, Interrupted, UserError
 from .evaluation import TERMS, elbo_name, epoch_row, log_likelihood_estimate, term
 from .fast import memory, products
 from .fast.fused import FusedTrainStep, unsupported
-from .fast.threads import ThreadGovernor, fastest_step_threads, product_layers, products_thread_invariant
+from .fast.threads import ThreadGovernor, fastest_step_threads, invariant_counts, product_layers
 from .machine import resolve_device
 from .model import build
 from .outputs import default_observers, write_input_images
@@ -49,7 +49,7 @@ def train(config, resume=False, overwrite=False, log=print, observers=()):
     config.output throughout (runs.locked_run)."""
     run = prepare(config, resume, overwrite, log)
     observers = [*default_observers(run.config), *observers]
-    with StopSignal() as stop, ThreadGovernor(run.config.threads, adapt=run.adapt_threads,
+    with StopSignal() as stop, ThreadGovernor(run.config.threads, counts=run.thread_counts,
                                               most=run.step_threads) as governor:
         while epochs_left(run):
             if not run_steps(run, stop, governor):  # a signal came between two steps
@@ -94,8 +94,8 @@ class Run:
     fixed: dict  # what every epoch's pictures are made from
     n_steps: int
     batch_sizes: torch.Tensor  # (n_steps,) float64: the last batch may be smaller
-    adapt_threads: bool  # whether the thread count may follow the machine's load
-    step_threads: Optional[int]  # where it may, the count the step's products ran fastest on: training's most
+    thread_counts: list  # the counts the thread count may move among with the machine's load: one, it stays
+    step_threads: Optional[int]  # where it may move, the count the step's products ran fastest on: training's most
     progress: Progress
 
 
@@ -134,7 +134,7 @@ def prepare(config, resume, overwrite, log):
     batch_sizes[-1] = n_train - batch_size * (n_steps - 1)
     config = final_config(config, saved, tensors, n_steps, device, log)
     run = Run(config, out, device, log, tensors, model, optimizer, step_function, step_name, data_generator, fixed,
-              n_steps, batch_sizes, adapt_threads=False, step_threads=None, progress=Progress())
+              n_steps, batch_sizes, thread_counts=[torch.get_num_threads()], step_threads=None, progress=Progress())
     if saved is not None:
         restore(run, saved)
     else:
@@ -144,8 +144,9 @@ def prepare(config, resume, overwrite, log):
                                      "torch": torch.__version__, "model": model.name, "training_step": step_name,
                                      # which routine did the step's products: their rounding differs
                                      "products": step_function.products.name if step_name == "fused" else "torch"})
-    adapt = threads_may_adapt(run)
-    return dataclasses.replace(run, adapt_threads=adapt, step_threads=step_threads(run) if adapt else None)
+    counts = thread_counts(run)
+    return dataclasses.replace(run, thread_counts=counts,
+                               step_threads=step_threads(run, counts) if len(counts) > 1 else None)
 
 
 def picture_inputs(config, tensors, device):
@@ -197,15 +198,16 @@ def restore(run, saved):
     run.log(f"resuming {run.out} at epoch {progress.epoch + 1}, step {progress.step}")
 
 
-def threads_may_adapt(run):
-    """Whether the thread count may follow the machine's load: only where no product of this run rounds
-    otherwise on fewer threads. (The autograd step's products are torch's, on k draws of z per image
+def thread_counts(run):
+    """The thread counts the run may move among as the machine's load changes: those on which every product
+    of its step gives the same bits as on all threads (threads.invariant_counts); all alone with --threads
+    N, off the CPU, or in bfloat16. (The autograd step's products are torch's, on k draws of z per image
     with --objective iwae.)"""
     config, n_train, batch_size = run.config, len(run.tensors.train), run.config.batch_size
-    step_products = products_of_step(run)
+    if config.threads != 0 or run.device.type != "cpu" or config.precision != "fp32":
+        return [torch.get_num_threads()]
     rows = {n * k for n in (batch_size, n_train - batch_size * (run.n_steps - 1)) for k in (1, config.k_train)}
-    return (config.threads == 0 and run.device.type == "cpu" and config.precision == "fp32"
-            and products_thread_invariant(run.model, rows, step_products))
+    return invariant_counts(run.model, rows, products_of_step(run))
 
 
 def products_of_step(run):
@@ -213,12 +215,12 @@ def products_of_step(run):
     return getattr(run.step_function, "products", None) or products.Products(run.device, name="torch.mm")
 
 
-def step_threads(run):
-    """The thread count, up to torch's, on which the products of this run's step ran fastest (threads.py)."""
+def step_threads(run, counts):
+    """The thread count among `counts` on which the products of this run's step ran fastest (threads.py)."""
     config = run.config
     step_products = products_of_step(run)
     layers = product_layers(run.model, config.k_train if config.objective == "iwae" else 1)
-    threads = fastest_step_threads(layers, config.batch_size, step_products)
+    threads = fastest_step_threads(layers, config.batch_size, step_products, counts)
     if threads < torch.get_num_threads():
         run.log(f"threads: {threads} of {torch.get_num_threads()}, on which this model's products ran fastest")
     return threads
@@ -463,7 +465,7 @@ def estimate_log_likelihood(run, row, stop):
     config, model, tensors = run.config, run.model, run.tensors
     estimate = None
     if stop.received is None:
-        with StopSignal() as stop, ThreadGovernor(config.threads, adapt=run.adapt_threads) as governor:
+        with StopSignal() as stop, ThreadGovernor(config.threads, counts=run.thread_counts) as governor:
             started = time.perf_counter()
             estimate = log_likelihood_estimate(model, tensors.test, config.eval_k,
                                                labels=tensors.test_y if model.conditional else None, stop=stop,

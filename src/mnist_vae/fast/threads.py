@@ -15,18 +15,19 @@ which importing mnist_vae turns on (MKL_CBWR, in __init__.py). Without that mode
 splits the inner dimension of some products between threads (on an AMD EPYC Zen 4: the
 weight gradient of a layer with 6 or 10 outputs; on an Intel Xeon with AMX: the products
 whose inner dimension is an image's 784 pixels), and oneDNN promises nothing either. So
-a run adapts only after `products_thread_invariant` has computed each product of its own
-layers on all threads and on 1, 2, 4, ... (the counts a run chooses among, below) and found
-the same bits; otherwise it keeps its count,
-and a run interrupted and resumed on a busy machine still matches one trained alone
+before training `invariant_counts` computes each product of the run's own layers on all
+threads and on 1, 2, 4, ... (the counts a run chooses among, below), and the run moves only
+among the counts that gave the same bits as all (all alone: it keeps its count). The governor
+rounds the cores left free down to one of them, so that the count is always one that was
+checked, and a run interrupted and resumed on a busy machine still matches one trained alone
 (tests/test_threads.py and the resume tests check both). Where /proc/stat cannot be
 read (macOS, Windows) the thread count is left alone.
 
 More threads are not always faster. A product of 20 rows split among 16 threads gives each
 too little work for what their meeting costs, so on a many-core machine a small model's
 step can run slower on all cores than on a few. Before training, `fastest_step_threads`
-times the step's own products on 1, 2, 4, ... threads and on all, and the governor keeps
-to the count that was fastest: the results, again, do not depend on it.
+times the step's own products on those counts, and the governor keeps to the count that
+was fastest: the results, again, do not depend on it.
 """
 
 import os
@@ -82,34 +83,35 @@ def others_cores(before, after):
     return max(0.0, machine - own) / max(wall, 1e-9)
 
 
-def products_thread_invariant(model, batch_rows, products):
-    """Whether every matrix product of a training step of `model` (each nn.Linear's forward product,
-    weight gradient and input gradient, by `products`, a products.Products, and torch.addmm as autograd
-    does them), on batches of each of `batch_rows` rows, gives the same bits on torch's count as on each
-    fewer count a run may choose (thread_counts: 1, 2, 4, ...)."""
+def invariant_counts(model, batch_rows, products):
+    """The counts among thread_counts(torch's count) on which every matrix product of a training step of
+    `model` (each nn.Linear's forward product, weight gradient and input gradient, by `products`, a
+    products.Products, and torch.addmm as autograd does them), on batches of each of `batch_rows` rows, gives
+    the same bits as on torch's count, which is always one of them: the counts a run may move among without
+    changing its results."""
     most = torch.get_num_threads()
-    if most == 1:
-        return True
-    fewer = thread_counts(most)[:-1]
+    agreeing = set(thread_counts(most)[:-1])
     generator = torch.Generator().manual_seed(0)
     layers = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     try:
-        for rows in set(batch_rows):
-            for n_in, n_out in layers:
+        for rows in sorted(set(batch_rows)):
+            for n_in, n_out in sorted(layers):
                 x, weight, d_y, bias = (torch.randn(shape, generator=generator)
                                         for shape in ((rows, n_in), (n_out, n_in), (rows, n_out), (n_out,)))
                 for product in (lambda: products.linear(x, weight), lambda: torch.addmm(bias, x, weight.t()),
                                 lambda: products.weight_grad(d_y, x, out=torch.empty(n_out, n_in)),
                                 lambda: products.input_grad(d_y, weight), lambda: torch.mm(x.t(), d_y)):
+                    if not agreeing:
+                        return [most]
                     torch.set_num_threads(most)
                     on_all = product()
-                    for count in fewer:
+                    for count in sorted(agreeing):
                         torch.set_num_threads(count)
                         if not torch.equal(product(), on_all):
-                            return False
+                            agreeing.discard(count)
     finally:
         torch.set_num_threads(most)
-    return True
+    return sorted(agreeing | {most})
 
 
 def product_layers(model, k=1):
@@ -166,16 +168,19 @@ def step_products_seconds(layers, batch_size, products, counts, rounds=2, clock=
     return seconds
 
 
-def fastest_step_threads(layers, batch_size, products, clock=time.perf_counter, own_cpu=time.process_time):
-    """The thread count, up to torch's, on which one training step's products (step_products_seconds' arguments)
-    ran fastest; torch's count where other processes took more than half a core while they were timed, since
-    the count would then fit the moment's load (which the governor follows) rather than the model."""
-    most = torch.get_num_threads()
-    if most == 1:
-        return 1
+def fastest_step_threads(layers, batch_size, products, counts=None, clock=time.perf_counter,
+                         own_cpu=time.process_time):
+    """The thread count among `counts` (by default thread_counts(torch's count)) on which one training step's
+    products (step_products_seconds' arguments) ran fastest; the most of them where other processes took more
+    than half a core while they were timed, since the count would then fit the moment's load (which the
+    governor follows) rather than the model."""
+    counts = thread_counts(torch.get_num_threads()) if counts is None else sorted(counts)
+    most = counts[-1]
+    if len(counts) == 1:
+        return most
     cpus = own_cpus()
     before = load_sample(cpus, machine_cpu_seconds, clock, own_cpu)
-    seconds = step_products_seconds(layers, batch_size, products, thread_counts(most))
+    seconds = step_products_seconds(layers, batch_size, products, counts)
     after = load_sample(cpus, machine_cpu_seconds, clock, own_cpu)
     if before is not None and after is not None and others_cores(before, after) > 0.5:
         return most
@@ -192,23 +197,27 @@ def fastest_thread_count(seconds, margin=MARGIN):
 
 class ThreadGovernor:
     """Call it often (every training step, every batch of an estimate); about once a second it sets
-    torch.set_num_threads to the cores that other processes leave free. `threads` > 0 fixes the count
-    instead (the governor then does nothing); 0 lets it follow the load, up to torch's count at start,
-    unless `adapt` is False (products_thread_invariant found a product that would round otherwise). `most`, where
-    the count may follow the load, lowers that ceiling (fastest_step_threads'); the count starts there."""
+    torch.set_num_threads to the cores that other processes leave free, rounded down to one of `counts`
+    (invariant_counts'; None: any count up to torch's at start), or the fewest of them where none fits.
+    `threads` > 0 fixes the count instead (the governor then does nothing), and so does a single count.
+    `most`, where the count may follow the load, lowers the ceiling (fastest_step_threads'); the count starts
+    there."""
 
     def __init__(self, threads=0, interval=INTERVAL_S, read=machine_cpu_seconds, clock=time.perf_counter,
-                 own_cpu=time.process_time, adapt=True, most=None):
+                 own_cpu=time.process_time, counts=None, most=None):
         self.read, self.clock, self.own_cpu, self.interval = read, clock, own_cpu, interval
         self.cpus = own_cpus()
         self.start = torch.get_num_threads()
-        self.fixed = threads > 0 or not adapt  # adapt=False: the results would depend on the count
-        self.most = min(most, self.start) if most and not self.fixed else self.start
+        ceiling = min(most or self.start, self.start)
+        self.counts = sorted(c for c in (range(1, self.start + 1) if counts is None else counts)
+                             if c <= ceiling) or [self.start]
+        self.most = self.counts[-1]
+        self.fixed = threads > 0 or len(self.counts) == 1  # one count: the results would depend on any other
         if threads > 0:
             torch.set_num_threads(threads)
         elif self.most != self.start:
             torch.set_num_threads(self.most)
-        self.last = self._sample() if not self.fixed and self.most > 1 else None
+        self.last = self._sample() if not self.fixed else None
         self.changes = 0  # how many times it changed the count: the bench and the tests read it
 
     def _sample(self):
@@ -223,7 +232,8 @@ class ThreadGovernor:
             return
         others = others_cores(self.last, now)
         self.last = now
-        threads = max(1, min(self.most, round(len(self.cpus) - others)))
+        free = round(len(self.cpus) - others)
+        threads = max((c for c in self.counts if c <= free), default=self.counts[0])
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
             self.changes += 1
