@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,7 @@ def test_the_probe_finds_a_product_that_rounds_otherwise_on_one_thread(two_threa
     from mnist_vae.fast.products import Products
 
     model = make_model(Config(n_hidden=16, dim_z=2), torch.device("cpu"))[0]
-    assert threads.invariant_counts(model, {8}, _Rounding()) == [2]  # all alone: the count stays
+    assert threads.invariant_counts(model, {8}, _Rounding()) == [2]  # no two counts agree: the count stays
     assert torch.get_num_threads() == 2  # the probe gives the count back
     torch.set_num_threads(1)  # one thread: nothing to compare
     assert threads.invariant_counts(model, {8}, _Rounding()) == [1]
@@ -241,6 +242,9 @@ def test_the_probe_compares_every_count_a_run_may_choose_with_all(monkeypatch):
         assert torch.get_num_threads() == 4
         assert threads.invariant_counts(model, {8}, _RoundingOn(1)) == [2, 4]
         assert threads.invariant_counts(model, {8}, _RoundingOn(3)) == [1, 2, 4]  # three is never chosen
+        # all four round otherwise, and no fewer count agrees with them: the counts that agree with one thread
+        assert threads.invariant_counts(model, {8}, _RoundingOn(4)) == [1, 2]
+        assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)
 
@@ -424,6 +428,23 @@ def test_the_count_is_chosen_among_those_that_give_the_same_bits(monkeypatch):
     assert threads.fastest_step_threads([], 20, None, counts=[2, 4, 8]) == 2  # not 1, which rounds otherwise
     assert threads.fastest_step_threads([], 20, None, counts=[8]) == 8  # nothing to time
     assert timed == [[2, 4, 8]]
+
+
+def test_the_log_says_which_counts_were_left_out_for_rounding_differently(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        monkeypatch.setattr(train_module, "fastest_step_threads", lambda layers, batch, products, counts: counts[-1])
+        logged = []
+        config = Config(n_hidden=16)
+        run = types.SimpleNamespace(config=config, model=make_model(config, torch.device("cpu"))[0], step_function=None,
+                                    device=torch.device("cpu"), log=logged.append)
+        assert train_module.step_threads(run, [1, 2]) == 2
+        assert train_module.step_threads(run, [1, 2, 4]) == 4  # all threads: nothing to say
+    finally:
+        torch.set_num_threads(before)
+    assert logged == ["threads: 2 of 4, on which this model's products ran fastest of the counts where they give "
+                      "the same bits (on 4 they round differently)"]
 
 
 def test_a_model_without_an_encoder_and_a_decoder_has_its_linear_layers_timed_at_one_row_per_image():

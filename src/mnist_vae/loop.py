@@ -24,7 +24,7 @@ from .errors import ArgumentError, Interrupted, UserError
 from .evaluation import TERMS, elbo_name, epoch_row, log_likelihood_estimate, term
 from .fast import memory, products
 from .fast.fused import FusedTrainStep, unsupported
-from .fast.threads import ThreadGovernor, fastest_step_threads, invariant_counts, product_layers
+from .fast.threads import ThreadGovernor, fastest_step_threads, invariant_counts, product_layers, thread_counts
 from .machine import resolve_device
 from .model import build
 from .outputs import default_observers, write_input_images
@@ -144,7 +144,7 @@ def prepare(config, resume, overwrite, log):
                                      "torch": torch.__version__, "model": model.name, "training_step": step_name,
                                      # which routine did the step's products: their rounding differs
                                      "products": step_function.products.name if step_name == "fused" else "torch"})
-    counts = thread_counts(run)
+    counts = run_thread_counts(run)
     return dataclasses.replace(run, thread_counts=counts,
                                step_threads=step_threads(run, counts) if len(counts) > 1 else None)
 
@@ -198,10 +198,10 @@ def restore(run, saved):
     run.log(f"resuming {run.out} at epoch {progress.epoch + 1}, step {progress.step}")
 
 
-def thread_counts(run):
+def run_thread_counts(run):
     """The thread counts the run may move among as the machine's load changes: those on which every product
-    of its step gives the same bits as on all threads (threads.invariant_counts); all alone with --threads
-    N, off the CPU, or in bfloat16. (The autograd step's products are torch's, on k draws of z per image
+    of its step gives the same bits (threads.invariant_counts); all alone with --threads N, off the CPU, or
+    in bfloat16. (The autograd step's products are torch's, on k draws of z per image
     with --objective iwae.)"""
     config, n_train, batch_size = run.config, len(run.tensors.train), run.config.batch_size
     if config.threads != 0 or run.device.type != "cpu" or config.precision != "fp32":
@@ -221,8 +221,12 @@ def step_threads(run, counts):
     step_products = products_of_step(run)
     layers = product_layers(run.model, config.k_train if config.objective == "iwae" else 1)
     threads = fastest_step_threads(layers, config.batch_size, step_products, counts)
-    if threads < torch.get_num_threads():
-        run.log(f"threads: {threads} of {torch.get_num_threads()}, on which this model's products ran fastest")
+    most = torch.get_num_threads()
+    if threads < most:
+        left_out = [count for count in thread_counts(most) if count not in counts]
+        run.log(f"threads: {threads} of {most}, on which this model's products ran fastest"
+                + (f" of the counts where they give the same bits (on {', '.join(map(str, left_out))} they round "
+                   f"differently)" if left_out else ""))
     return threads
 
 

@@ -17,7 +17,8 @@ weight gradient of a layer with 6 or 10 outputs; on an Intel Xeon with AMX: the 
 whose inner dimension is an image's 784 pixels), and oneDNN promises nothing either. So
 before training `invariant_counts` computes each product of the run's own layers on all
 threads and on 1, 2, 4, ... (the counts a run chooses among, below), and the run moves only
-among the counts that gave the same bits as all (all alone: it keeps its count). The governor
+among the counts that gave the same bits as all, or, where no fewer count did, as one thread
+(none: it keeps its count). The governor
 rounds the cores left free down to one of them, so that the count is always one that was
 checked, and a run interrupted and resumed on a busy machine still matches one trained alone
 (tests/test_threads.py and the resume tests check both). Where /proc/stat cannot be
@@ -84,13 +85,16 @@ def others_cores(before, after):
 
 
 def invariant_counts(model, batch_rows, products):
-    """The counts among thread_counts(torch's count) on which every matrix product of a training step of
-    `model` (each nn.Linear's forward product, weight gradient and input gradient, by `products`, a
-    products.Products, and torch.addmm as autograd does them), on batches of each of `batch_rows` rows, gives
-    the same bits as on torch's count, which is always one of them: the counts a run may move among without
-    changing its results."""
+    """The counts among thread_counts(torch's count) that a run may move among without changing its results:
+    those on which every matrix product of a training step of `model` (each nn.Linear's forward product,
+    weight gradient and input gradient, by `products`, a products.Products, and torch.addmm as autograd
+    does them), on batches of each of `batch_rows` rows, gives the same bits as on all threads, where a
+    fewer count does; else those that give the same bits as on one thread, the serial result, where a
+    greater count does; else torch's count alone. Which of the two sets it is depends on the bits alone,
+    never on a timing."""
     most = torch.get_num_threads()
-    agreeing = set(thread_counts(most)[:-1])
+    counts = thread_counts(most)
+    with_all, with_one = set(counts), set(counts)  # the counts that agreed so far with all, and with one
     generator = torch.Generator().manual_seed(0)
     layers = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     try:
@@ -101,17 +105,17 @@ def invariant_counts(model, batch_rows, products):
                 for product in (lambda: products.linear(x, weight), lambda: torch.addmm(bias, x, weight.t()),
                                 lambda: products.weight_grad(d_y, x, out=torch.empty(n_out, n_in)),
                                 lambda: products.input_grad(d_y, weight), lambda: torch.mm(x.t(), d_y)):
-                    if not agreeing:
+                    if len(with_all) == 1 and len(with_one) == 1:
                         return [most]
-                    torch.set_num_threads(most)
-                    on_all = product()
-                    for count in sorted(agreeing):
+                    results = {}
+                    for count in sorted(with_all | with_one):
                         torch.set_num_threads(count)
-                        if not torch.equal(product(), on_all):
-                            agreeing.discard(count)
+                        results[count] = product()
+                    with_all = {c for c in with_all if torch.equal(results[c], results[most])}
+                    with_one = {c for c in with_one if torch.equal(results[c], results[1])}
     finally:
         torch.set_num_threads(most)
-    return sorted(agreeing | {most})
+    return sorted(with_all if len(with_all) > 1 else with_one if len(with_one) > 1 else {most})
 
 
 def product_layers(model, k=1):
