@@ -266,6 +266,27 @@ def test_a_run_whose_products_round_otherwise_keeps_its_count(tmp_path, tiny_dat
     assert made == [True, True, False, False]  # the loop's and the estimate's, in each run
 
 
+def test_where_the_counts_are_one_threads_the_estimate_keeps_all_threads(tmp_path, tiny_dataset, monkeypatch):
+    made = []
+
+    class Recording(ThreadGovernor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self.fixed, self.counts, torch.get_num_threads()))
+
+    monkeypatch.setattr(train_module, "ThreadGovernor", Recording)
+    monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [1, 2])  # 4 threads round otherwise
+    monkeypatch.setattr(threads, "step_products_seconds", lambda layers, batch, products, counts: {1: 1.0, 2: 0.5})
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        train(Config(output=str(tmp_path / "run"), data_dir=str(tiny_dataset), num_epochs=1, batch_size=32, n_test=64,
+                     eval_k=2), log=lambda *a: None)
+    finally:
+        torch.set_num_threads(before)
+    assert made == [(False, [1, 2], 2), (True, [4], 4)]  # training among one thread's counts; the estimate on all
+
+
 def test_importing_mnist_vae_turns_on_mkls_reproducible_mode_unless_the_user_chose_one():
     show = "import os, mnist_vae; print(os.environ['MKL_CBWR'])"
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}

@@ -469,7 +469,11 @@ def estimate_log_likelihood(run, row, stop):
     config, model, tensors = run.config, run.model, run.tensors
     estimate = None
     if stop.received is None:
-        with StopSignal() as stop, ThreadGovernor(config.threads, counts=run.thread_counts) as governor:
+        # on all threads, and among the step's counts only where all are one of them: where they are those of one
+        # thread's bits, nothing says the estimate's larger products round alike on all and on fewer
+        most = torch.get_num_threads()
+        counts = run.thread_counts if most in run.thread_counts else [most]
+        with StopSignal() as stop, ThreadGovernor(config.threads, counts=counts) as governor:
             started = time.perf_counter()
             estimate = log_likelihood_estimate(model, tensors.test, config.eval_k,
                                                labels=tensors.test_y if model.conditional else None, stop=stop,
