@@ -42,10 +42,10 @@ class FakeMachine:
         self.own += own * seconds
         self.machine += (others + own) * seconds
 
-    def governor(self, threads=0):
+    def governor(self, threads=0, cpus=(0, 1), **options):
         governor = ThreadGovernor(threads, interval=0.9, read=lambda cpus: self.machine if self.readable else None,
-                                  clock=lambda: self.wall, own_cpu=lambda: self.own)
-        governor.cpus = [0, 1]
+                                  clock=lambda: self.wall, own_cpu=lambda: self.own, **options)
+        governor.cpus = list(cpus)
         governor.last = governor._sample() if not governor.fixed else None
         return governor
 
@@ -249,24 +249,9 @@ def test_the_probe_compares_every_count_a_run_may_choose_with_all(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_a_run_whose_products_round_otherwise_keeps_its_count(tmp_path, tiny_dataset, two_threads, monkeypatch):
-    made = []
-
-    class Recording(ThreadGovernor):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self.fixed)
-
-    monkeypatch.setattr(train_module, "ThreadGovernor", Recording)
-    monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [2])
-    settings = dict(data_dir=str(tiny_dataset), num_epochs=1, batch_size=32, n_test=64, eval_k=2)
-    train(Config(output=str(tmp_path / "kept"), **settings), log=lambda *a: None)
-    monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [1, 2])
-    train(Config(output=str(tmp_path / "adapting"), **settings), log=lambda *a: None)
-    assert made == [True, True, False, False]  # the loop's and the estimate's, in each run
-
-
-def test_where_the_counts_are_one_threads_the_estimate_keeps_all_threads(tmp_path, tiny_dataset, monkeypatch):
+@pytest.fixture
+def governors_made(monkeypatch):
+    """(fixed, counts, torch's count) of each governor train makes, as it made them."""
     made = []
 
     class Recording(ThreadGovernor):
@@ -275,6 +260,21 @@ def test_where_the_counts_are_one_threads_the_estimate_keeps_all_threads(tmp_pat
             made.append((self.fixed, self.counts, torch.get_num_threads()))
 
     monkeypatch.setattr(train_module, "ThreadGovernor", Recording)
+    return made
+
+
+def test_a_run_whose_products_round_otherwise_keeps_its_count(tmp_path, tiny_dataset, two_threads, monkeypatch,
+                                                              governors_made):
+    monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [2])
+    settings = dict(data_dir=str(tiny_dataset), num_epochs=1, batch_size=32, n_test=64, eval_k=2)
+    train(Config(output=str(tmp_path / "kept"), **settings), log=lambda *a: None)
+    monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [1, 2])
+    train(Config(output=str(tmp_path / "adapting"), **settings), log=lambda *a: None)
+    assert [fixed for fixed, _, _ in governors_made] == [True, True, False, False]  # the loop's and the estimate's
+
+
+def test_where_the_counts_are_one_threads_the_estimate_keeps_all_threads(tmp_path, tiny_dataset, monkeypatch,
+                                                                         governors_made):
     monkeypatch.setattr(train_module, "invariant_counts", lambda *a: [1, 2])  # 4 threads round otherwise
     monkeypatch.setattr(threads, "step_products_seconds", lambda layers, batch, products, counts: {1: 1.0, 2: 0.5})
     before = torch.get_num_threads()
@@ -284,7 +284,7 @@ def test_where_the_counts_are_one_threads_the_estimate_keeps_all_threads(tmp_pat
                      eval_k=2), log=lambda *a: None)
     finally:
         torch.set_num_threads(before)
-    assert made == [(False, [1, 2], 2), (True, [4], 4)]  # training among one thread's counts; the estimate on all
+    assert governors_made == [(False, [1, 2], 2), (True, [4], 4)]  # training among one thread's counts; the estimate on all
 
 
 def test_importing_mnist_vae_turns_on_mkls_reproducible_mode_unless_the_user_chose_one():
@@ -414,11 +414,7 @@ def test_the_governor_moves_only_among_the_counts_that_give_the_same_bits():
     torch.set_num_threads(4)
     try:
         def governor(**options):
-            governor = ThreadGovernor(interval=0.9, read=lambda cpus: machine.machine, clock=lambda: machine.wall,
-                                      own_cpu=lambda: machine.own, **options)
-            governor.cpus = [0, 1, 2, 3]
-            governor.last = governor._sample()
-            return governor
+            return machine.governor(cpus=range(4), **options)
 
         seen = []
         with governor(counts=[2, 4]) as checked:

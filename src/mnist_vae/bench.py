@@ -188,7 +188,6 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
             "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples)}
 
 
-
 def fastest_routine(n_train, config, layers, device, matmuls, rounds=2):
     """The name of the routine of `matmuls` with the least epoch floor for `layers`, and each one's floor
     (the least of `rounds` timings, taken in alternation)."""
