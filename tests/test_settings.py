@@ -105,6 +105,12 @@ def test_seed_is_the_old_name_of_the_old_programs_mlp():
     assert "--activation tanh contradicts" in resume_conflict(Config(), {"activation": "tanh"}, "run")
 
 
+def test_the_decoder_runs_on_k_train_draws_per_image_under_iwae_only():
+    assert Config(objective="iwae", k_train=5).z_per_image == 5
+    assert Config().z_per_image == 1
+    assert Config(k_train=5).z_per_image == 1  # the ELBO draws one z, whatever k_train says (a hand-made Config)
+
+
 # ---------------------------------------------------------------- the learning-rate schedules
 
 def test_paper_schedule_at_the_papers_length_is_burda_et_al_s():

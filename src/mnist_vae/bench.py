@@ -263,7 +263,7 @@ def fixed_costs_seconds(config, step, device, n_train):
     the next, as they do not in training)."""
 
     n_steps = math.ceil(n_train / config.batch_size)
-    k = config.k_train if config.objective == "iwae" else 1
+    k = config.z_per_image
     masks = [config.batch_size * (1 if index < len(step.encoder) else k) * step.layers[index].out_features
              for index, _, p in step.encoder + step.decoder if p > 0]
     _synchronize(device)
@@ -301,7 +301,7 @@ def product_shapes(config):
 
     with torch.random.fork_rng(devices=[]):  # building draws initial weights; the bench's draws stay as they were
         model = build(config)
-    return product_layers(model, config.k_train if config.objective == "iwae" else 1)
+    return product_layers(model, config.z_per_image)
 
 
 def floor_epoch_seconds(n_train, batch_size, layers, device, repeats=3, matmul=None, dtype="fp32", after_step=None):

@@ -65,6 +65,12 @@ class Config:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    @property
+    def z_per_image(self):
+        """How many z the training loss draws for each image, and so the decoder's rows per image: k_train
+        under --objective iwae, one under the ELBO."""
+        return self.k_train if self.objective == "iwae" else 1
+
     def check(self):
         """Raise ValueError naming the first setting whose value no run can have (a hand-edited file)."""
         defaults = Config()

@@ -94,7 +94,7 @@ def training_memory(config):
     # A training batch's activations, with their gradients: --objective iwae decodes k_train draws of z
     # per image, so its decoder holds k_train times the rows (and the logits, likelihoods and their
     # gradients of each); and the test batches of 2000 images (evaluate()).
-    k = config.k_train if config.objective == "iwae" else 1
+    k = config.z_per_image
     per_row = (4 * config.n_layers * h + 6 * PIXELS + 8 * z) * FLOAT
     batch = max(config.batch_size, 2000) * per_row
     draws = max(0, config.batch_size * k - max(config.batch_size, 2000)) * per_row  # the rows k_train adds

@@ -206,7 +206,7 @@ def run_thread_counts(run):
     config, n_train, batch_size = run.config, len(run.tensors.train), run.config.batch_size
     if config.threads != 0 or run.device.type != "cpu" or config.precision != "fp32":
         return [torch.get_num_threads()]
-    rows = {n * k for n in (batch_size, n_train - batch_size * (run.n_steps - 1)) for k in (1, config.k_train)}
+    rows = {n * k for n in (batch_size, n_train - batch_size * (run.n_steps - 1)) for k in (1, config.z_per_image)}
     return invariant_counts(run.model, rows, products_of_step(run))
 
 
@@ -219,7 +219,7 @@ def step_threads(run, counts):
     """The thread count among `counts` on which the products of this run's step ran fastest (threads.py)."""
     config = run.config
     step_products = products_of_step(run)
-    layers = product_layers(run.model, config.k_train if config.objective == "iwae" else 1)
+    layers = product_layers(run.model, config.z_per_image)
     threads = fastest_step_threads(layers, config.batch_size, step_products, counts)
     most = torch.get_num_threads()
     if threads < most:
