@@ -22,15 +22,10 @@ from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, run_cl
 from mnist_vae import files, limits, plots
 from mnist_vae import loop as train_module
 from mnist_vae.config import Config
-from test_robustness import edited, fill, held_by_another_process, tmpfs  # noqa: F401 (tmpfs is a fixture)
+from test_robustness import data, edited, fill, held_by_another_process, tmpfs  # noqa: F401 (data, tmpfs: fixtures)
 
 RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "2", "--PRR_n_img_x", "4", "--PRR_n_img_y", "4",
             "--seed", "5"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_idx_dataset(tmp_path_factory.mktemp("data"), n_train=256, n_test=250, seed=11)
 
 
 @pytest.fixture(scope="module")

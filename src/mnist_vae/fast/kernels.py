@@ -95,11 +95,7 @@ def elu_dropout(a, bias, key, p, backward=True):
         return done
     e = F.elu(a.add_(bias))
     factor = e.clamp(max=0).add_(1) if backward else None  # elu'(x) = min(elu(x), 0) + 1
-    if key is not None:
-        m = dropout_mask(a.shape, p, a.device, key)
-        e.mul_(m)
-        if backward:
-            factor.mul_(m)
+    _dropout(e, factor, key, p)
     return a.copy_(e), factor
 
 
@@ -110,12 +106,7 @@ def tanh_dropout(a, bias, key, p, backward=True):
         return done
     t = tanh_(a.add_(bias))
     factor = torch.addcmul(torch.ones_like(t), t, t, value=-1) if backward else None
-    if key is not None:
-        m = dropout_mask(a.shape, p, a.device, key)
-        t.mul_(m)
-        if backward:
-            factor.mul_(m)
-    return t, factor
+    return _dropout(t, factor, key, p)
 
 
 def relu_dropout(a, bias, key, p, backward=True):
@@ -126,12 +117,17 @@ def relu_dropout(a, bias, key, p, backward=True):
     x = a.add_(bias)
     factor = torch.gt(x, 0, out=torch.empty_like(x)) if backward else None
     x.relu_()
+    return _dropout(x, factor, key, p)
+
+
+def _dropout(h, factor, key, p):
+    """h and the factor (where not None) times the dropout mask of `key` (None: no dropout), in place."""
     if key is not None:
-        m = dropout_mask(a.shape, p, a.device, key)
-        x.mul_(m)
-        if backward:
+        m = dropout_mask(h.shape, p, h.device, key)
+        h.mul_(m)
+        if factor is not None:
             factor.mul_(m)
-    return x, factor
+    return h, factor
 
 
 # The activations the fused step computes, by name: (h, factor) = function(a, bias, key, p, backward=True).
