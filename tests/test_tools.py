@@ -136,6 +136,8 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     # The row's floor is by the routine fastest on its own products, each timed there (the table's last column).
     assert set(row["routine_floors_s"]) == set(by_name) and min(row["routine_floors_s"].values()) > 0
     assert row["floor_routine"] == min(row["routine_floors_s"], key=row["routine_floors_s"].get)
+    # The one epoch's floor is the least of its round, in which every routine was timed.
+    assert row["floors_s"] == [min(row["routine_floors_s"].values())] and row["floor_routines"] == [row["floor_routine"]]
     # The busy-CPU row: epochs with a competing process, against the unloaded epoch of the defaults row.
     busy = results["busy"]
     assert busy["unloaded_s"] == row["epoch_s"] and busy["epoch_s"] > 0 and busy["fixed_epoch_s"] > 0

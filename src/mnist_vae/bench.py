@@ -6,11 +6,12 @@ its depth, width, label columns, and the decoder on k draws of z per image for I
 the weight-gradient product of each, and the input-gradient product of all but the
 first (the images need no gradient); same shapes, batch sizes, dtype, device and threads
 as training, by the routine this process has for that dtype that is fastest on the row's
-own products (in float32 torch.mm, oneDNN, NumPy's BLAS; in bfloat16 torch.mm and oneDNN:
-each is timed for each row, and the table says which won and which the training step uses). Floors and epochs are measured in
-one process, in alternation, and the ratio is the median of each epoch over the floor
-measured just before it, so a busy moment of the machine moves both. Between the two, the
-same products by the step's own routine, with Adam's update after each step's, give the
+own products (in float32 torch.mm, oneDNN, NumPy's BLAS; in bfloat16 torch.mm and oneDNN):
+each is timed before each of the row's epochs and the least of them is that epoch's floor,
+and the table says which routine was fastest and which the training step uses. Floors and
+epochs are measured in one process, in alternation, and the ratio is the median of each
+epoch over the floor measured just before it, so a busy moment of the machine moves both.
+Between the two, the same products by the step's own routine, with Adam's update after each step's, give the
 `+adam` column: what the step would take if Adam were all it did besides its products,
 with Adam's data leaving the cache between its updates as they do in training. The
 importance-weighted log-likelihood is measured against the decoder's matrix products for
@@ -140,11 +141,12 @@ class StepThreads(Observer):
 
 def bench_training(config, device, epochs, matmuls):
     """Training seconds per epoch and the floor (the products of the model `config` builds by the fastest
-    of `matmuls`, routines of `routines` for config.precision, found for this model's own shapes: a small
-    batch may favour another routine than the defaults), measured in alternation: a floor, the same products
-    by the step's own routine with Adam's update after each step's, then an epoch of train() itself (the real
-    loop), `epochs` times after one warm-up epoch; medians, and the ratios of each epoch to the floor of its
-    round. The floors run on the threads the warm-up's step ran on (fewer than all where they were faster)."""
+    of `matmuls`, routines of `routines` for config.precision, on this model's own shapes: a small batch may
+    favour another routine than the defaults), measured in alternation: the floor by each routine, the same
+    products by the step's own routine with Adam's update after each step's, then an epoch of train() itself
+    (the real loop), `epochs` times after one warm-up epoch; medians, and the ratios of each epoch to the
+    least floor of its round. The floors run on the threads the warm-up's step ran on (fewer than all where
+    they were faster)."""
 
     n_train = config.n_train or 60000
     layers = product_shapes(config)
@@ -155,20 +157,22 @@ def bench_training(config, device, epochs, matmuls):
 
 
 def _bench_training(config, device, epochs, matmuls, n_train, layers):
-    routine, routine_floors = fastest_routine(n_train, config, layers, device, matmuls)
-    matmul = matmuls[routine]
     # +adam's products go through the step's own routine (the floor's may differ, and NumPy's BLAS threads, which
     # wait for work after each product, would fight the OpenMP threads of Adam's loop, as they never do in training)
     used = step_routine(config, device)
-    for_adam, adam_matmul = step_for_adam(config, device), matmuls.get(used or "torch.mm", matmul)
-    triples = []
+    for_adam, adam_matmul = step_for_adam(config, device), matmuls.get(used or "torch.mm", matmuls["torch.mm"])
+    rounds = []
     for _ in range(epochs):
-        floor = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
-                                    dtype=config.precision)[0]
+        # Every routine in every round, the round's floor the fastest of them: a slow moment of the machine
+        # then costs one round's floor, where a routine chosen once, in that moment, would set every floor.
+        floors = {name: floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
+                                            dtype=config.precision)[0] for name, matmul in matmuls.items()}
         with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=adam_matmul,
                                         dtype=config.precision, after_step=for_adam.adam_step)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
-        triples.append((row["seconds"], floor, with_adam))
+        rounds.append((row["seconds"], min(floors.values()), with_adam, floors))
+    triples = [(e, f, a) for e, f, a, _ in rounds]
+    routine_floors = {name: min(floors[name] for *_, floors in rounds) for name in matmuls}
     epochs_s, floors_s = [e for e, _, _ in triples], [f for _, f, _ in triples]
     ratio = statistics.median(e / f for e, f, _ in triples)
     epoch = statistics.median(epochs_s)
@@ -179,23 +183,15 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
             # what a step costs beyond its products: the fixed costs that small batches pay more often
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
-            "floor_routine": routine, "routine_floors_s": routine_floors,
+            # the routine of the least floor, each routine's least, and which was fastest in each round
+            "floor_routine": min(routine_floors, key=routine_floors.get), "routine_floors_s": routine_floors,
+            "floor_routines": [min(floors, key=floors.get) for *_, floors in rounds],
             "step_routine": used,
             "images_per_s": n_train / epoch, **fixed,
             # an epoch in which nothing but the products and Adam's updates take time, Adam's data leaving the
             # cache between its updates as in training: what the step could reach with its other work free
             "products_and_adam_s": [a for _, _, a in triples],
             "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples)}
-
-
-def fastest_routine(n_train, config, layers, device, matmuls, rounds=2):
-    """The name of the routine of `matmuls` with the least epoch floor for `layers`, and each one's floor
-    (the least of `rounds` timings, taken in alternation)."""
-    if len(matmuls) == 1:
-        return next(iter(matmuls)), {}
-    floors = routine_floors(n_train, config.batch_size, layers, device, matmuls, rounds, config.precision)
-    least = {name: min(seconds) for name, seconds in floors.items()}
-    return min(least, key=least.get), least
 
 
 def routine_floors(n_train, batch_size, layers, device, matmuls, rounds, dtype="fp32"):
@@ -486,8 +482,8 @@ def format_table(results):
                      f" {row.get('products_and_adam_ratio', math.nan):>6.2f}  {row.get('floor_routine', '')}"
                      + (f" (the step's: {row['step_routine']})" if row.get("step_routine") not in (None, row.get("floor_routine"))
                         else ""))
-    lines.append("(floor s: the products of each row's own model by the routine fastest on them for its precision\n"
-                 " (floor by), each routine timed on them twice;\n"
+    lines.append("(floor s: the products of each row's own model, timed by every routine for its precision before\n"
+                 " each epoch, the fastest of them (floor by: the routine of the least);\n"
                  " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone, back to back;\n"
                  " over us/step: (epoch - floor) / steps, what a step costs beyond its products;\n"
                  " +adam: an epoch of nothing but its products, by the step's routine, and after each step's Adam's\n"
