@@ -1,8 +1,10 @@
 """Shared fixtures: the real datasets, small IDX folders made on the fly, and ways to run the CLI."""
 
 import csv
+import errno
 import gzip
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,3 +163,40 @@ def signal_at_call(monkeypatch, call, signals):
 
     monkeypatch.setattr(fused, "FusedTrainStep", Step)  # what step.make_step builds
     return calls
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A copy of the finished run of the test's module (its fixture `trained`), for a test to change."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+class FullDisk:
+    """open() whose writes stop half-way with ENOSPC, as on a full disk."""
+
+    def __init__(self, path, mode="r", *args, **kwargs):
+        self.f = open(path, mode, *args, **kwargs)
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+class SilentlyShort(FullDisk):
+    """open() whose writes keep half of the data and report success, as a write on a full disk once did."""
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        return len(data)

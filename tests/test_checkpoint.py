@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, read_metrics, signal_at_call, snapshot
+from conftest import (ROOT, FullDisk, assert_one_line_error, main, make_idx_dataset, read_metrics, signal_at_call,
+                      snapshot)
 from mnist_vae import checkpoint, cli, files
 from mnist_vae.fast import fused
 from mnist_vae import loop as train_module
@@ -209,27 +210,6 @@ def test_atomic_write_goes_through_a_synced_temp_file_in_the_same_folder(tmp_pat
     _, src, dst = events[kinds.index("replace")]
     assert src.parent == tmp_path and src != dst and dst == target
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.FILENAME]
-
-
-class FullDisk:
-    """A file whose writes stop half-way with ENOSPC, as on a full disk."""
-
-    def __init__(self, path, mode):
-        self.f = open(path, mode)
-
-    def write(self, data):
-        self.f.write(data[: len(data) // 2])
-        self.f.flush()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def full_disk_for_checkpoints(path, mode="r", *args, **kwargs):

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import mnist_vae
-from conftest import ROOT, assert_one_line_error, main, make_idx_dataset, run_cli, run_command, snapshot
+from conftest import ROOT, SilentlyShort, assert_one_line_error, main, make_idx_dataset, run_cli, run_command, snapshot
 from mnist_vae import files, limits, plots
 from mnist_vae import loop as train_module
 from mnist_vae.config import Config
@@ -36,13 +36,6 @@ def trained(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("trained") / "run"
     assert cli.main([*RUN_ARGS, "--num_epochs", "1", "--data_dir", str(data), "--output", str(out)]) == 0
     return out
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(trained, copy)
-    return copy
 
 
 def whole_pictures(folder):
@@ -69,26 +62,6 @@ def test_a_full_disk_while_writing_pictures_leaves_each_whole_and_names_the_one_
     assert failed.parent == out and not failed.exists()  # it names the file that failed, which is not there
     assert whole_pictures(out)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-
-
-class SilentlyShort:
-    """A file whose writes keep half of the data and report success, as a write on a full disk once did."""
-
-    def __init__(self, path, mode="r", *args, **kwargs):
-        self.f = open(path, mode, *args, **kwargs)
-
-    def write(self, data):
-        self.f.write(data[: len(data) // 2])
-        return len(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def test_a_short_write_nothing_reported_never_reaches_the_name(tmp_path, monkeypatch):

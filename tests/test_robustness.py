@@ -53,13 +53,6 @@ def trained(tmp_path_factory, data):
     return out
 
 
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(trained, copy)
-    return copy
-
-
 @pytest.fixture(scope="module")
 def digit(tmp_path_factory):
     path = tmp_path_factory.mktemp("digit") / "digit.png"
