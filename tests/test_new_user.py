@@ -22,7 +22,8 @@ from conftest import ROOT, SilentlyShort, assert_one_line_error, main, make_idx_
 from mnist_vae import files, limits, plots
 from mnist_vae import loop as train_module
 from mnist_vae.config import Config
-from test_robustness import data, edited, fill, held_by_another_process, tmpfs  # noqa: F401 (data, tmpfs: fixtures)
+from test_robustness import (data, digit, edited, fill, held_by_another_process,  # noqa: F401 (data, digit,
+                             tmpfs)  # and tmpfs: fixtures)
 
 RUN_ARGS = ["--n_hidden", "32", "--batch_size", "32", "--dim_z", "2", "--PRR_n_img_x", "4", "--PRR_n_img_y", "4",
             "--seed", "5"]
@@ -362,15 +363,6 @@ def conditional_run(tmp_path_factory):
     from test_export import make_run
 
     return make_run(tmp_path_factory.mktemp("conditional") / "run", dim_z=2, conditional=True)
-
-
-@pytest.fixture(scope="module")
-def digit(tmp_path_factory):
-    path = tmp_path_factory.mktemp("digit") / "digit.png"
-    image = np.zeros((60, 40), dtype=np.uint8)
-    image[10:50, 18:24] = 255
-    Image.fromarray(image, mode="L").save(path)
-    return path
 
 
 def test_analogies_of_more_images_than_a_jpeg_holds_are_refused_up_front(conditional_run, digit, tmp_path, capsys):
