@@ -6,6 +6,7 @@ and tell the observers (outputs.py: the log line, the pictures, metrics.csv, Ten
 """
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -49,13 +50,18 @@ def train(config, resume=False, overwrite=False, log=print, observers=()):
     config.output throughout (runs.locked_run)."""
     run = prepare(config, resume, overwrite, log)
     observers = [*default_observers(run.config), *observers]
-    with StopSignal() as stop, ThreadGovernor(run.config.threads, counts=run.thread_counts,
-                                              most=run.step_threads) as governor:
+    probe = step_threads_probe(run, run.thread_counts) if run.step_threads is not None else None
+    with StopSignal() as stop, ThreadGovernor(run.config.threads, counts=run.thread_counts, most=run.step_threads,
+                                              probe=probe) as governor:
         while epochs_left(run):
             if not run_steps(run, stop, governor):  # a signal came between two steps
                 stop_here(run, stop, observers, f"at epoch {run.progress.epoch + 1}, step {run.progress.step}")
             row = evaluate_epoch(run)
             run = replan_epochs(run)
+            if probe is not None and governor.most != run.step_threads:  # timed again on a quiet machine
+                run.log(f"threads: {governor.most} of {governor.start}, on which this model's products ran fastest "
+                        f"when timed again on a quiet machine")
+                run = dataclasses.replace(run, step_threads=governor.most)
             for observer in observers:
                 observer.on_epoch_end(run, row)
             if stop.received is not None and run.progress.epoch < run.config.num_epochs:
@@ -215,12 +221,16 @@ def products_of_step(run):
     return getattr(run.step_function, "products", None) or products.Products(run.device, name="torch.mm")
 
 
+def step_threads_probe(run, counts):
+    """A function that times the products of this run's step on each of `counts` and returns the count on which
+    they ran fastest (threads.fastest_step_threads)."""
+    layers = product_layers(run.model, run.config.z_per_image)
+    return functools.partial(fastest_step_threads, layers, run.config.batch_size, products_of_step(run), counts)
+
+
 def step_threads(run, counts):
     """The thread count among `counts` on which the products of this run's step ran fastest (threads.py)."""
-    config = run.config
-    step_products = products_of_step(run)
-    layers = product_layers(run.model, config.z_per_image)
-    threads = fastest_step_threads(layers, config.batch_size, step_products, counts)
+    threads = step_threads_probe(run, counts)()
     most = torch.get_num_threads()
     if threads < most:
         left_out = [count for count in thread_counts(most) if count not in counts]

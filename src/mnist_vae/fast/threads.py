@@ -28,7 +28,9 @@ More threads are not always faster. A product of 20 rows split among 16 threads 
 too little work for what their meeting costs, so on a many-core machine a small model's
 step can run slower on all cores than on a few. Before training, `fastest_step_threads`
 times the step's own products on those counts, and the governor keeps to the count that
-was fastest: the results, again, do not depend on it.
+was fastest: the results, again, do not depend on it. Where that count is below all, the
+governor times them again once the machine is quiet, in case another process's moment of
+work fell on the first timing.
 """
 
 import os
@@ -41,6 +43,12 @@ INTERVAL_S = 1.0  # how often the machine's load is read: long enough to average
 # a few per cent, and where all threads are about as fast, a fluke must not take cores from the step.
 MARGIN = 0.1
 TIMED_S = 0.005  # about how long each timing of the step's products lasts
+# A ceiling below all threads is timed again where the machine is quiet: a moment of another process's work
+# during the start-up timing, a few milliseconds long, must not halve the speed of a whole run. Quiet: other
+# processes took less than this much of a core over the governor's last interval.
+QUIET = 0.25
+PROBE_AGAIN_S = 30.0  # after the first quiet interval, at most this often
+PROBES = 3  # and this many times at most
 
 
 def machine_cpu_seconds(cpus, path="/proc/stat"):
@@ -205,18 +213,19 @@ class ThreadGovernor:
     (invariant_counts'; None: any count up to torch's at start), or the fewest of them where none fits.
     `threads` > 0 fixes the count instead (the governor then does nothing), and so does a single count.
     `most`, where the count may follow the load, lowers the ceiling (fastest_step_threads'); the count starts
-    there."""
+    there. `probe`, a function that gives that count anew (fastest_step_threads on the step's products), is
+    called where the ceiling is below all threads and the machine has been quiet, after the first such
+    interval and then every PROBE_AGAIN_S at most, PROBES times at most: the ceiling becomes its answer."""
 
     def __init__(self, threads=0, interval=INTERVAL_S, read=machine_cpu_seconds, clock=time.perf_counter,
-                 own_cpu=time.process_time, counts=None, most=None):
+                 own_cpu=time.process_time, counts=None, most=None, probe=None):
         self.read, self.clock, self.own_cpu, self.interval = read, clock, own_cpu, interval
         self.cpus = own_cpus()
         self.start = torch.get_num_threads()
-        ceiling = min(most or self.start, self.start)
-        self.counts = sorted(c for c in (range(1, self.start + 1) if counts is None else counts)
-                             if c <= ceiling) or [self.start]
-        self.most = self.counts[-1]
-        self.fixed = threads > 0 or len(self.counts) == 1  # one count: the results would depend on any other
+        self.allowed = sorted(range(1, self.start + 1) if counts is None else counts)
+        self.fixed = threads > 0 or len(self._under(None)) == 1  # one count: the results would depend on any other
+        self._set_ceiling(most)
+        self.probe, self.probes_left, self.probed_at = probe, PROBES, None
         if threads > 0:
             torch.set_num_threads(threads)
         elif self.most != self.start:
@@ -224,8 +233,26 @@ class ThreadGovernor:
         self.last = self._sample() if not self.fixed else None
         self.changes = 0  # how many times it changed the count: the bench and the tests read it
 
+    def _under(self, ceiling):
+        """The allowed counts up to `ceiling` (None: torch's count at the start), or that count alone where none is."""
+        ceiling = min(ceiling or self.start, self.start)
+        return [c for c in self.allowed if c <= ceiling] or [self.start]
+
+    def _set_ceiling(self, ceiling):
+        self.counts = self._under(ceiling)
+        self.most = self.counts[-1]
+
     def _sample(self):
         return load_sample(self.cpus, self.read, self.clock, self.own_cpu)
+
+    def _probe_again(self, others, now):
+        """Time the step's products again where the ceiling is below all and the machine was quiet (__init__)."""
+        if (self.probe is None or not self.probes_left or others >= QUIET or self.most >= self.allowed[-1]
+                or (self.probed_at is not None and now - self.probed_at < PROBE_AGAIN_S)):
+            return
+        self.probes_left -= 1
+        self._set_ceiling(self.probe())
+        self.probed_at = self.clock()
 
     def __call__(self):
         if self.last is None or self.clock() - self.last[0] < self.interval:
@@ -236,6 +263,7 @@ class ThreadGovernor:
             return
         others = others_cores(self.last, now)
         self.last = now
+        self._probe_again(others, now[0])
         free = round(len(self.cpus) - others)
         threads = max((c for c in self.counts if c <= free), default=self.counts[0])
         if threads != torch.get_num_threads():
