@@ -458,6 +458,12 @@ def startup_seconds(repeats=3):
     return statistics.median(times)
 
 
+def _rounds(row):
+    """The least and the most of a training row's ratios of each epoch to its floor, as "1.28-1.35"."""
+    ratios = [e / f for e, f in zip(row["epochs_s"], row["floors_s"])]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def format_table(results):
     m = results["machine"]
     lines = [f"mnist-vae bench: {products.describe_cpu(m['lscpu'])}, {m['cores']} cores, {m['device']}, "
@@ -473,17 +479,19 @@ def format_table(results):
               f"; the training step uses {used} ({products.RULE}"
               + ("" if fastest in products.ROUTINES else f"; {fastest} is not one it can use") + ")"), "",
               f"{'training':<16} {'step':<8} {'dim_z':>5} {'batch':>5} {'thr':>3} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
-             f"{'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12} {'+adam':>6}  floor by"]
+             f"{'rounds':>9} {'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12} {'+adam':>6}  floor by"]
     for row in results["training"]:
         lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} "
                      f"{row.get('threads', m['threads']):>3} {row['epoch_s']:>8.2f} "
-                     f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {row['images_per_s']:>9.0f}"
+                     f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {_rounds(row):>9} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f} {row.get('over_floor_us_per_step', math.nan):>12.0f}"
                      f" {row.get('products_and_adam_ratio', math.nan):>6.2f}  {row.get('floor_routine', '')}"
                      + (f" (the step's: {row['step_routine']})" if row.get("step_routine") not in (None, row.get("floor_routine"))
                         else ""))
     lines.append("(floor s: the products of each row's own model, timed by every routine for its precision before\n"
                  " each epoch, the fastest of them (floor by: the routine of the least);\n"
+                 " rounds: the least and the most of the epochs' ratios to their floors, whose median is the ratio:\n"
+                 " far apart where the machine's speed changed during the row;\n"
                  " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone, back to back;\n"
                  " over us/step: (epoch - floor) / steps, what a step costs beyond its products;\n"
                  " +adam: an epoch of nothing but its products, by the step's routine, and after each step's Adam's\n"
