@@ -161,18 +161,18 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
     # wait for work after each product, would fight the OpenMP threads of Adam's loop, as they never do in training)
     used = step_routine(config, device)
     for_adam, adam_matmul = step_for_adam(config, device), matmuls.get(used or "torch.mm", matmuls["torch.mm"])
-    rounds = []
+    triples, round_floors = [], []  # (epoch, floor, +adam) and each routine's floor, of each round
     for _ in range(epochs):
         # Every routine in every round, the round's floor the fastest of them: a slow moment of the machine
         # then costs one round's floor, where a routine chosen once, in that moment, would set every floor.
-        floors = {name: floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmul,
-                                            dtype=config.precision)[0] for name, matmul in matmuls.items()}
+        floors = {name: seconds for name, (seconds,) in routine_floors(
+            n_train, config.batch_size, layers, device, matmuls, rounds=1, dtype=config.precision).items()}
         with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=adam_matmul,
                                         dtype=config.precision, after_step=for_adam.adam_step)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
-        rounds.append((row["seconds"], min(floors.values()), with_adam, floors))
-    triples = [(e, f, a) for e, f, a, _ in rounds]
-    routine_floors = {name: min(floors[name] for *_, floors in rounds) for name in matmuls}
+        triples.append((row["seconds"], min(floors.values()), with_adam))
+        round_floors.append(floors)
+    least = {name: min(floors[name] for floors in round_floors) for name in matmuls}
     epochs_s, floors_s = [e for e, _, _ in triples], [f for _, f, _ in triples]
     ratio = statistics.median(e / f for e, f, _ in triples)
     epoch = statistics.median(epochs_s)
@@ -184,8 +184,8 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples),
             "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
             # the routine of the least floor, each routine's least, and which was fastest in each round
-            "floor_routine": min(routine_floors, key=routine_floors.get), "routine_floors_s": routine_floors,
-            "floor_routines": [min(floors, key=floors.get) for *_, floors in rounds],
+            "floor_routine": min(least, key=least.get), "routine_floors_s": least,
+            "floor_routines": [min(floors, key=floors.get) for floors in round_floors],
             "step_routine": used,
             "images_per_s": n_train / epoch, **fixed,
             # an epoch in which nothing but the products and Adam's updates take time, Adam's data leaving the
