@@ -123,7 +123,7 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
     # +adam: the products with Adam's update after each step's, measured, not the sum of the two timed apart
     assert row["products_and_adam_ratio"] == pytest.approx(row["products_and_adam_s"][0] / row["floors_s"][0])
-    assert re.search(rf" {row['products_and_adam_ratio']:.2f}  {re.escape(row['floor_routine'])}\n\(floor s: ",
+    assert re.search(rf" {row['products_and_adam_ratio']:.2f} +[-0-9]+/[-0-9]+  {re.escape(row['floor_routine'])}\n\(floor s: ",
                      result.stdout), result.stdout
     # Every routine is timed, the floors use the fastest, and the table says which the step uses.
     by_name = {r["routine"]: r for r in results["routines"]}
@@ -138,6 +138,21 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert row["floor_routine"] == min(row["routine_floors_s"], key=row["routine_floors_s"].get)
     # The one epoch's floor is the least of its round, in which every routine was timed.
     assert row["floors_s"] == [min(row["routine_floors_s"].values())] and row["floor_routines"] == [row["floor_routine"]]
+    # Adam's bytes per second: back to back, and between the products (+adam's epoch less the same products by
+    # the same routine, in the same round), beside the machine's copy within its last-level cache and beyond it.
+    params = 784 * 500 + 500 + 500 * 500 + 500 + 500 * 8 + 8 + 4 * 500 + 500 + 500 * 500 + 500 + 500 * 784 + 784
+    adam_bytes = 24 * params * 28  # 24 steps of 128 of the 3000 images
+    assert row["adam_in_step_s"] == pytest.approx(row["products_and_adam_s"][0]
+                                                  - row["routine_floors_s"][results["step_routine"]])
+    assert row["adam_gb_per_s"] == pytest.approx(adam_bytes / row["adam_s"] / 1e9)
+    if row["adam_in_step_s"] > 0:
+        assert row["adam_in_step_gb_per_s"] == pytest.approx(adam_bytes / row["adam_in_step_s"] / 1e9)
+    assert re.search(rf" {row['adam_gb_per_s']:.0f}/[-0-9]+  {re.escape(row['floor_routine'])}\n", result.stdout)
+    memory = results["memory"]
+    cache = memory["last_level_cache_bytes"]
+    assert cache is None or [copy["bytes"] for copy in memory["copies"]] == [cache // 4, cache * 8]
+    assert all(copy["gb_per_s"] > 0 for copy in memory["copies"])
+    assert f"MB last-level cache, {memory['copies'][0]['gb_per_s']:.0f} GB/s" in result.stdout or cache is None
     # The busy-CPU row: epochs with a competing process, against the unloaded epoch of the defaults row.
     busy = results["busy"]
     assert busy["unloaded_s"] == row["epoch_s"] and busy["epoch_s"] > 0 and busy["fixed_epoch_s"] > 0

@@ -13,7 +13,10 @@ epochs are measured in one process, in alternation, and the ratio is the median 
 epoch over the floor measured just before it, so a busy moment of the machine moves both.
 Between the two, the same products by the step's own routine, with Adam's update after each step's, give the
 `+adam` column: what the step would take if Adam were all it did besides its products,
-with Adam's data leaving the cache between its updates as they do in training. The
+with Adam's data leaving the cache between its updates as they do in training; the bytes
+Adam moves per second there and back to back (`adam GB/s`) beside the machine's own copy
+speed within its last-level cache and beyond it, which tell whether the cache or the memory
+bounds Adam's update, the largest of a step's costs beyond its products. The
 importance-weighted log-likelihood is measured against the decoder's matrix products for
 every draw of z, timed just before the estimate and just after it (the mean of the two).
 The busy-CPU row times default epochs while a competing process (a bounded busy loop)
@@ -99,6 +102,7 @@ def main(prog, args):
     results["routines"] = bench_routines(base, device, rounds=1 if args.quick else 3)
     best = min(results["routines"], key=lambda row: row["floor_s"])["routine"]
     results["fastest_routine"], results["step_routine"] = best, step_routine(base, device)
+    results["memory"] = bench_memory(device)
     candidates = {"fp32": routines(device)}  # each row's floor by the one fastest on its own products
     try:  # mixed precision's row, where the hardware multiplies bfloat16; else why not
         products.check_precision("bf16", device)
@@ -160,7 +164,8 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
     # +adam's products go through the step's own routine (the floor's may differ, and NumPy's BLAS threads, which
     # wait for work after each product, would fight the OpenMP threads of Adam's loop, as they never do in training)
     used = step_routine(config, device)
-    for_adam, adam_matmul = step_for_adam(config, device), matmuls.get(used or "torch.mm", matmuls["torch.mm"])
+    adam_routine = used if used in matmuls else "torch.mm"
+    for_adam, adam_matmul = step_for_adam(config, device), matmuls[adam_routine]
     triples, round_floors = [], []  # (epoch, floor, +adam) and each routine's floor, of each round
     for _ in range(epochs):
         # Every routine in every round, the round's floor the fastest of them: a slow moment of the machine
@@ -178,6 +183,9 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
     epoch = statistics.median(epochs_s)
     n_steps = math.ceil(n_train / config.batch_size)
     floor_s, fixed = statistics.median(floors_s), fixed_costs_seconds(config, for_adam, device, n_train)
+    # Adam between the products: +adam's epoch less the same products alone, by the same routine, in the same round
+    adam_in_step = statistics.median(a - floors[adam_routine] for (_, _, a), floors in zip(triples, round_floors))
+    adam_bytes = n_steps * adam_bytes_per_step(for_adam.model)
     return {"dim_z": config.dim_z, "batch_size": config.batch_size, "layers": layers, "step": row["step"],
             "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
             # what a step costs beyond its products: the fixed costs that small batches pay more often
@@ -191,7 +199,10 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
             # an epoch in which nothing but the products and Adam's updates take time, Adam's data leaving the
             # cache between its updates as in training: what the step could reach with its other work free
             "products_and_adam_s": [a for _, _, a in triples],
-            "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples)}
+            "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples),
+            # the bytes Adam's update moves per second back to back, and between each step's products
+            "adam_in_step_s": adam_in_step, "adam_gb_per_s": adam_bytes / fixed["adam_s"] / 1e9,
+            "adam_in_step_gb_per_s": adam_bytes / adam_in_step / 1e9 if adam_in_step > 0 else None}
 
 
 def routine_floors(n_train, batch_size, layers, device, matmuls, rounds, dtype="fp32"):
@@ -274,6 +285,45 @@ def fixed_costs_seconds(config, step, device, n_train):
             dropout_bits(size, device)
     _synchronize(device)
     return {"adam_s": adam_s, "masks_s": time.perf_counter() - started}
+
+
+def adam_bytes_per_step(model):
+    """The bytes Adam's update of `model` reads and writes in one step: for each float32 parameter it reads
+    the parameter, its gradient and the two moments, and writes the parameter and the moments back."""
+    return sum(p.numel() for p in model.parameters()) * 7 * 4
+
+
+def last_level_cache_bytes(cpu=0):
+    """The size of the largest cache of a CPU as Linux describes it (as lscpu's L3 line); None where unknown."""
+    sizes = []
+    for index in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=None)
+
+
+def bench_memory(device, repeats=10):
+    """GB/s of a tensor copy (each byte read and written) of a quarter of the last-level cache, which stays
+    in it, and of eight times that cache, which cannot: the speed of a stream from the cache and from memory,
+    against which the table sets Adam's (32 MB taken for the cache where Linux does not say its size)."""
+    if device.type != "cpu":
+        return None
+    cache = last_level_cache_bytes()
+    rows = []
+    for size in ((cache or 32 << 20) // 4, (cache or 32 << 20) * 8):
+        source, target = torch.ones(size // 4), torch.empty(size // 4)
+        target.copy_(source)
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            target.copy_(source)
+            best = min(best, time.perf_counter() - started)
+        rows.append({"bytes": size, "gb_per_s": 2 * size / best / 1e9})
+    return {"last_level_cache_bytes": cache, "copies": rows}
 
 
 def routines(device, dtype="fp32"):
@@ -464,6 +514,12 @@ def _rounds(row):
     return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
+def _adam_speeds(row):
+    """Adam's GB/s back to back and between the products, as "190/80"; "-" for what a row lacks."""
+    speeds = [row.get("adam_gb_per_s"), row.get("adam_in_step_gb_per_s")]
+    return "/".join("-" if speed is None else f"{speed:.0f}" for speed in speeds)
+
+
 def format_table(results):
     m = results["machine"]
     lines = [f"mnist-vae bench: {products.describe_cpu(m['lscpu'])}, {m['cores']} cores, {m['device']}, "
@@ -477,15 +533,25 @@ def format_table(results):
     lines += ["(floor s: a default epoch's products alone by each float32 routine; peak: one 2048^3 product)",
               f"fastest on a default epoch: {fastest}" + ("" if fastest == used else
               f"; the training step uses {used} ({products.RULE}"
-              + ("" if fastest in products.ROUTINES else f"; {fastest} is not one it can use") + ")"), "",
+              + ("" if fastest in products.ROUTINES else f"; {fastest} is not one it can use") + ")")]
+    if results.get("memory"):
+        memory = results["memory"]
+        small, large = memory["copies"]
+        cache = memory["last_level_cache_bytes"]
+        within = f", within the {cache >> 20} MB last-level cache," if cache else ""
+        lines.append(f"memory: a copy (each byte read and written) of {small['bytes'] >> 20} MB{within} "
+                     f"{small['gb_per_s']:.0f} GB/s; of {large['bytes'] >> 20} MB {large['gb_per_s']:.0f} GB/s")
+    lines += ["",
               f"{'training':<16} {'step':<8} {'dim_z':>5} {'batch':>5} {'thr':>3} {'epoch s':>8} {'floor s':>8} {'ratio':>6} "
-             f"{'rounds':>9} {'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12} {'+adam':>6}  floor by"]
+             f"{'rounds':>9} {'images/s':>9} {'adam s':>7} {'masks s':>8} {'over us/step':>12} {'+adam':>6} "
+             f"{'adam GB/s':>9}  floor by"]
     for row in results["training"]:
         lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} "
                      f"{row.get('threads', m['threads']):>3} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {_rounds(row):>9} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f} {row.get('over_floor_us_per_step', math.nan):>12.0f}"
-                     f" {row.get('products_and_adam_ratio', math.nan):>6.2f}  {row.get('floor_routine', '')}"
+                     f" {row.get('products_and_adam_ratio', math.nan):>6.2f} {_adam_speeds(row):>9}"
+                     f"  {row.get('floor_routine', '')}"
                      + (f" (the step's: {row['step_routine']})" if row.get("step_routine") not in (None, row.get("floor_routine"))
                         else ""))
     lines.append("(floor s: the products of each row's own model, timed by every routine for its precision before\n"
@@ -497,6 +563,7 @@ def format_table(results):
                  " +adam: an epoch of nothing but its products, by the step's routine, and after each step's Adam's\n"
                  " update, over the floor (medians; each timed just after its floor): what the step would take with\n"
                  " its other work free;\n"
+                 " adam GB/s: the bytes Adam's update reads and writes per second, back to back / in +adam's epoch;\n"
                  " thr: the threads the step ran on, and its floor: fewer than all where they were faster)")
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
