@@ -295,13 +295,12 @@ def adam_bytes_per_step(model):
 
 def last_level_cache_bytes(cpu=0):
     """The size of the largest cache of a CPU as Linux describes it (as lscpu's L3 line); None where unknown."""
-    sizes = []
+    units, sizes = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}, []
     for index in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
         try:
             text = (index / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
     return max(sizes, default=None)
 
@@ -313,8 +312,8 @@ def bench_memory(device, repeats=10):
     if device.type != "cpu":
         return None
     cache = last_level_cache_bytes()
-    rows = []
-    for size in ((cache or 32 << 20) // 4, (cache or 32 << 20) * 8):
+    rows, taken = [], cache or 32 << 20
+    for size in (taken // 4, taken * 8):
         source, target = torch.ones(size // 4), torch.empty(size // 4)
         target.copy_(source)
         best = math.inf
