@@ -313,8 +313,12 @@ static inline __attribute__((always_inline)) void factor_bias_grad_rows(
             for (long c = 0; c < c8; c += 8) /* both tiles of a column before the next: whole lines of d' */
                 for (long r = r0; r < r8; r += 8)
                     transpose8(d + r * cols + c, cols, dt + c * dt_rows + r, dt_rows);
-            for (long c = 0; c < cols; c++)
-                for (long r = c < c8 ? r8 : r0; r < r1; r++)
+            if (r8 < r1) /* a pass over every column only where some rows are left over */
+                for (long c = 0; c < c8; c++)
+                    for (long r = r8; r < r1; r++)
+                        dt[c * dt_rows + r] = d[r * cols + c];
+            for (long c = c8; c < cols; c++)
+                for (long r = r0; r < r1; r++)
                     dt[c * dt_rows + r] = d[r * cols + c];
         }
     }
