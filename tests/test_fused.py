@@ -13,6 +13,7 @@ from mnist_vae import loop as train_module
 from mnist_vae.config import Config
 from mnist_vae.errors import UserError
 from mnist_vae.data import load_dataset
+from mnist_vae.fast import kernels
 from mnist_vae.fast.fused import FusedTrainStep, supports, unsupported
 from mnist_vae.model import VAE, ConditionalVAE, build
 from mnist_vae.step import AutogradTrainStep, make_step
@@ -243,6 +244,24 @@ def test_fused_step_matches_autograd_step_after_step_for_every_family(mnist_batc
     assert reference_terms[-20:, 3].mean() < reference_terms[:20, 3].mean() - 30
     rtol, atol = (1e-3, 5e-2) if likelihood == "continuous_bernoulli" else (2e-4, 2e-3)
     torch.testing.assert_close(fast_terms, reference_terms, rtol=rtol, atol=atol)
+    assert_weights_close(fast, reference, weight_atol(routine))
+
+
+def test_fused_step_matches_autograd_at_a_small_batch(mnist_batches, routine, monkeypatch):
+    """Burda et al.'s model (narrower) at their batch of 20, where the weight gradients through torch.mm go
+    straight into Adam's update (kernels.weight_grad_adam): 300 steps as autograd trains them, through each
+    product routine."""
+    monkeypatch.setattr(kernels, "WEIGHT_GRAD_ADAM_ROWS", 32)  # on any CPU; the step takes it where it has AVX-512
+    summed = []
+    weight_grad_adam = kernels.weight_grad_adam
+    monkeypatch.setattr(kernels, "weight_grad_adam", lambda *args: summed.append(weight_grad_adam(*args)) or summed[-1])
+    model_options = dict(n_hidden=64, activation="tanh", dropout=0.0)
+    reference, fast, reference_terms, fast_terms = train_both(
+        small_data(mnist_batches), steps=300, batch_size=20, dim_z=8, model_options=model_options)
+    assert fast_step_routine(fast) == routine
+    assert any(summed) == (routine == "torch.mm" and kernels.available())
+    assert reference_terms[-20:, 3].mean() < reference_terms[:20, 3].mean() - 30
+    torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
     assert_weights_close(fast, reference, weight_atol(routine))
 
 

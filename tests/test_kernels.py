@@ -385,6 +385,56 @@ def test_adam_in_c_is_torchs_fused_adam(shapes, weight_decay, beta1):
             assert not torch.equal(a, torch.zeros_like(a))
 
 
+@needs_c
+@pytest.mark.parametrize("out, in_features, rows", [(784, 200, 20), (100, 200, 20), (50, 200, 32), (7, 3, 1), (13, 70, 5)])
+def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, rows, monkeypatch):
+    """kernels.weight_grad_adam: Adam's update from the weight gradient d' x, which it sums tile by tile and never
+    writes out, is kernels.adam's from that product (within the rounding of a sum in another order), for shapes
+    with and without leftover rows and columns of tiles; the same bits on one thread as on two; the bias as adam
+    updates it. (On any CPU: the step takes it where the CPU has AVX-512.)"""
+    monkeypatch.setattr(kernels, "WEIGHT_GRAD_ADAM_ROWS", 32)
+    generator = torch.Generator().manual_seed(5)
+    tensors, references = _adam_pair([(out, in_features), (out,)], generator)
+    c, reference = list(tensors[0]) + list(tensors[1]), list(references[0]) + list(references[1])  # p, m, v each
+    start = c[0].clone()
+    for count in range(1, 4):
+        d, x = torch.randn(rows, out, generator=generator), torch.randn(rows, in_features, generator=generator)
+        grad_bias = d.sum(0)
+        scalars = kernels.adam_scalars(float(count), 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        product = (d.double().t() @ x.double()).float()
+        assert kernels.adam(reference[0::3], [product, grad_bias], reference[1::3], reference[2::3], scalars)
+        before = [t.clone() for t in c]
+        assert kernels.weight_grad_adam(d, x, c[0::3], grad_bias, c[1::3], c[2::3], scalars)
+    threads = torch.get_num_threads()
+    try:  # the last step once more, from the same state, on one thread
+        torch.set_num_threads(1)
+        assert kernels.weight_grad_adam(d, x, before[0::3], grad_bias, before[1::3], before[2::3], scalars)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(before, c))
+    for ours, theirs in zip(c, reference):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)  # a gradient summed in another order
+    assert all(torch.equal(a, b) for a, b in zip(c[3:], reference[3:]))  # the bias, from the same gradient
+    assert not torch.equal(c[0], start)
+
+
+def test_weight_gradient_into_adam_leaves_what_it_does_not_sum(monkeypatch):
+    """More rows than kernels.WEIGHT_GRAD_ADAM_ROWS, a transposed operand, or the C loops switched off: nothing
+    updated, False, and the step takes its product routine and adam."""
+    rows = 32
+    monkeypatch.setattr(kernels, "WEIGHT_GRAD_ADAM_ROWS", rows)
+    parameters, exp_avgs, exp_avg_sqs = ([torch.full(shape, value) for shape in ((4, 16), (4,))]
+                                         for value in (1.0, 0.0, 0.0))
+    before = [t.clone() for t in parameters + exp_avgs + exp_avg_sqs]
+    scalars = kernels.adam_scalars(1.0, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    for d, x in ((torch.ones(rows + 1, 4), torch.ones(rows + 1, 16)), (torch.ones(4, rows).t(), torch.ones(rows, 16))):
+        assert not kernels.weight_grad_adam(d, x, parameters, torch.ones(4), exp_avgs, exp_avg_sqs, scalars)
+    monkeypatch.setattr(kernels, "_enabled", False)
+    assert not kernels.weight_grad_adam(torch.ones(2, 4), torch.ones(2, 16), parameters, torch.ones(4), exp_avgs,
+                                        exp_avg_sqs, scalars)
+    assert all(torch.equal(a, b) for a, b in zip(parameters + exp_avgs + exp_avg_sqs, before))
+
+
 def test_adam_leaves_gradients_it_cannot_read_to_torch(monkeypatch):
     """Non-contiguous gradients, or the C loops switched off: nothing updated, False, and the step uses torch's."""
     parameters, exp_avgs, exp_avg_sqs = ([torch.full((4, 16), value) for _ in range(2)] for value in (1.0, 0.0, 0.0))

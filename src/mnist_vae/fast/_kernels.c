@@ -540,6 +540,100 @@ VECTOR_CLONES static void adam(float *restrict p, const float *restrict g, const
         adam_loop(0, p, g, g16, p16, m, v, n, c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay);
 }
 
+/* A layer's weight gradient d' x and Adam's update of the weight from it, tile by tile, where the batch has
+ * few rows: then the product is cheap and the gradient's trip through memory, written by the product and read
+ * back by Adam, is most of its cost; here each tile of the gradient is summed in registers and applied while
+ * it is in the L1 cache. Rows o0..o1 of the weight (out x in), d (rows x out) and x (rows x in) row-major. Each
+ * element is summed over the rows in their order and the tiles are fixed by the shape alone, so its bits do not
+ * depend on how the rows of the weight are split between threads. */
+typedef float v16sf __attribute__((vector_size(64)));
+#define WG_ROWS 4      /* a tile: 4 rows of the weight by up to 4 vectors of 16 columns, its sums in registers */
+#define WG_COLS 64
+#define WG_MAX_ROWS 32 /* of d and x: kernels.WEIGHT_GRAD_ADAM_ROWS */
+
+/* g = the tile of d' x at d (rows x 4, its columns the tile's rows) and x (rows x 16 n, its columns the tile's):
+ * each element summed over the rows in their order, whatever n. The sums are named variables, not an array,
+ * so that the compiler keeps them in registers rather than storing them on every row. */
+#define WG_SUM_ROW(k, c) s##k##c += d_r[k] * x##c
+static inline __attribute__((always_inline)) void weight_grad_tile4(const float *restrict d, long d_stride,
+                                                                     const float *restrict x, long x_stride,
+                                                                     long rows, float *restrict g) {
+    v16sf s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0},
+          s20 = {0}, s21 = {0}, s22 = {0}, s23 = {0}, s30 = {0}, s31 = {0}, s32 = {0}, s33 = {0};
+    for (long r = 0; r < rows; r++) {
+        const float *d_r = d + r * d_stride, *x_r = x + r * x_stride;
+        v16sf x0, x1, x2, x3;
+        memcpy(&x0, x_r, sizeof(x0));
+        memcpy(&x1, x_r + 16, sizeof(x1));
+        memcpy(&x2, x_r + 32, sizeof(x2));
+        memcpy(&x3, x_r + 48, sizeof(x3));
+        WG_SUM_ROW(0, 0); WG_SUM_ROW(0, 1); WG_SUM_ROW(0, 2); WG_SUM_ROW(0, 3);
+        WG_SUM_ROW(1, 0); WG_SUM_ROW(1, 1); WG_SUM_ROW(1, 2); WG_SUM_ROW(1, 3);
+        WG_SUM_ROW(2, 0); WG_SUM_ROW(2, 1); WG_SUM_ROW(2, 2); WG_SUM_ROW(2, 3);
+        WG_SUM_ROW(3, 0); WG_SUM_ROW(3, 1); WG_SUM_ROW(3, 2); WG_SUM_ROW(3, 3);
+    }
+    v16sf all[16] = {s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33};
+    memcpy(g, all, sizeof(all));
+}
+
+static inline __attribute__((always_inline)) void weight_grad_tile1(const float *restrict d, long d_stride,
+                                                                     const float *restrict x, long x_stride,
+                                                                     long rows, float *restrict g) {
+    v16sf s00 = {0}, s10 = {0}, s20 = {0}, s30 = {0};
+    for (long r = 0; r < rows; r++) {
+        const float *d_r = d + r * d_stride;
+        v16sf x0;
+        memcpy(&x0, x + r * x_stride, sizeof(x0));
+        WG_SUM_ROW(0, 0); WG_SUM_ROW(1, 0); WG_SUM_ROW(2, 0); WG_SUM_ROW(3, 0);
+    }
+    memcpy(g, &s00, sizeof(v16sf));
+    memcpy(g + WG_COLS, &s10, sizeof(v16sf));
+    memcpy(g + 2 * WG_COLS, &s20, sizeof(v16sf));
+    memcpy(g + 3 * WG_COLS, &s30, sizeof(v16sf));
+}
+
+VECTOR_CLONES static void weight_grad_adam(const float *restrict d, const float *restrict x, long rows, long out,
+                                           long in, long o0, long o1, float *restrict p, float *restrict m,
+                                           float *restrict v, float c1, float beta2, float c2, float bc2_sqrt,
+                                           float eps, float neg_step_size, float weight_decay) {
+    float g[WG_ROWS * WG_COLS] __attribute__((aligned(64)));
+    /* The weight's last rows and columns, short of a whole tile or vector, are summed from copies padded with 0. */
+    float d_edge[WG_MAX_ROWS * WG_ROWS] __attribute__((aligned(64))),
+          x_edge[WG_MAX_ROWS * 16] __attribute__((aligned(64)));
+    long in_vectors = in / 16 * 16;
+    if (in_vectors < in) {
+        memset(x_edge, 0, sizeof(x_edge));
+        for (long r = 0; r < rows; r++)
+            memcpy(x_edge + r * 16, x + r * in + in_vectors, (size_t)(in - in_vectors) * sizeof(float));
+    }
+    for (long o = o0; o < o1; o += WG_ROWS) {
+        long n_o = o1 - o < WG_ROWS ? o1 - o : WG_ROWS, d_stride = out;
+        const float *d_tile = d + o;
+        if (n_o < WG_ROWS) {
+            memset(d_edge, 0, sizeof(d_edge));
+            for (long r = 0; r < rows; r++)
+                memcpy(d_edge + r * WG_ROWS, d + r * out + o, (size_t)n_o * sizeof(float));
+            d_tile = d_edge;
+            d_stride = WG_ROWS;
+        }
+        for (long i = 0; i < in;) {
+            long n_i = in - i >= WG_COLS ? WG_COLS : (in - i >= 16 ? 16 : in - i);
+            if (n_i == WG_COLS)
+                weight_grad_tile4(d_tile, d_stride, x + i, in, rows, g);
+            else if (n_i == 16)
+                weight_grad_tile1(d_tile, d_stride, x + i, in, rows, g);
+            else
+                weight_grad_tile1(d_tile, d_stride, x_edge, 16, rows, g);
+            for (long k = 0; k < n_o; k++) {
+                long at = (o + k) * in + i;
+                adam_loop(0, p + at, g + k * WG_COLS, NULL, NULL, m + at, v + at, n_i, c1, beta2, c2, bc2_sqrt, eps,
+                          neg_step_size, weight_decay);
+            }
+            i += n_i;
+        }
+    }
+}
+
 /* ---- Python bindings: addresses come as integers from Tensor.data_ptr(). */
 
 /* With `masked`, the mask's bits are SplitMix64's outputs from `key`, as layers.dropout_bits draws them,
@@ -764,6 +858,35 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The weight gradient of one layer, d' x, and Adam's update of its weight and bias (the bias's gradient already
+ * summed), as weight_grad_adam above: (d, x, rows, weight, exp_avg, exp_avg_sq, out, in) and (bias, grad_bias,
+ * exp_avg, exp_avg_sq, n) with Adam's scalars. Threads take whole tiles of the weight's rows. */
+static PyObject *py_weight_grad_adam(PyObject *self, PyObject *args) {
+    unsigned long long d, x, w, mw, vw, b, gb, mb, vb;
+    long rows, out, in, n;
+    float c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay;
+    if (!PyArg_ParseTuple(args, "KKlKKKllKKKKlfffffff", &d, &x, &rows, &w, &mw, &vw, &out, &in, &b, &gb, &mb, &vb,
+                          &n, &c1, &beta2, &c2, &bc2_sqrt, &eps, &neg_step_size, &weight_decay))
+        return NULL;
+    if (rows > WG_MAX_ROWS) {
+        PyErr_Format(PyExc_ValueError, "weight_grad_adam takes at most %d rows, not %ld", WG_MAX_ROWS, rows);
+        return NULL;
+    }
+    long tiles = (out + WG_ROWS - 1) / WG_ROWS;
+#pragma omp parallel if (parallel && tiles > 1 && out * in >= PARALLEL_MIN)
+    {
+        long begin, end;
+        my_share(tiles, &begin, &end);
+        end = end * WG_ROWS < out ? end * WG_ROWS : out;
+        weight_grad_adam((const float *)(uintptr_t)d, (const float *)(uintptr_t)x, rows, out, in, begin * WG_ROWS,
+                         end, (float *)(uintptr_t)w, (float *)(uintptr_t)mw, (float *)(uintptr_t)vw, c1, beta2, c2,
+                         bc2_sqrt, eps, neg_step_size, weight_decay);
+    }
+    adam((float *)(uintptr_t)b, (const float *)(uintptr_t)gb, NULL, NULL, (float *)(uintptr_t)mb,
+         (float *)(uintptr_t)vb, n, c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_factor_bias_grad_bf16(PyObject *self, PyObject *args) {
     unsigned long long d16, d32, factor, grad_bias, out;
     long rows, cols;
@@ -850,6 +973,8 @@ static PyMethodDef methods[] = {
     {"importance_gaussian_backward", py_importance_gaussian_backward, METH_VARARGS,
      "importance_gaussian_backward(gaussian, eps, std, z, z_cols, d_z, weights, kl_weight, scale, dreg, d_gaussian, "
      "images, k, dim_z)"},
+    {"weight_grad_adam", py_weight_grad_adam, METH_VARARGS,
+     "weight_grad_adam(d, x, rows, weight, exp_avg, exp_avg_sq, out, in, bias, grad_bias, exp_avg, exp_avg_sq, n, *scalars)"},
     {"adam", py_adam, METH_VARARGS,
      "adam(weight, grad, exp_avg, exp_avg_sq, n, bfloat16 copy or 0, bias, grad, exp_avg, exp_avg_sq, n, 1 - beta1, "
      "beta2, 1 - beta2, "

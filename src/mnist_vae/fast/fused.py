@@ -316,9 +316,15 @@ class FusedTrainStep:
             d_operand, d_transposed = kernels.factor_bias_grad(d_out, factor, grad_bias, transposed=True)
         else:
             d_operand = kernels.factor_bias_grad(d_out, factor, grad_bias)
+        d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
+        # With a small batch in float32 through torch.mm, the weight gradient goes tile by tile into Adam's
+        # update, never written out (kernels.weight_grad_adam); hence the input gradient first, as W changes.
+        if (self.adam_by_layer and self.adam_in_c and self.weight_grads_into_buffer and kernels.weight_grad_adam(
+                d_operand, inputs, *self.adam_tensors[index][:1], grad_bias, *self.adam_tensors[index][1:3],
+                self.adam_scalars)):
+            return d_inputs
         into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
         grad_weight = self.products.weight_grad(d_operand, inputs, out=into, d_y_t=d_transposed)
-        d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
         if self.adam_by_layer:
             self._adam(index, grad_weight, grad_bias)
         return d_inputs
