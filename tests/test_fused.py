@@ -13,7 +13,7 @@ from mnist_vae import loop as train_module
 from mnist_vae.config import Config
 from mnist_vae.errors import UserError
 from mnist_vae.data import load_dataset
-from mnist_vae.fast import kernels
+from mnist_vae.fast import fused, kernels
 from mnist_vae.fast.fused import FusedTrainStep, supports, unsupported
 from mnist_vae.model import VAE, ConditionalVAE, build
 from mnist_vae.step import AutogradTrainStep, make_step
@@ -251,7 +251,7 @@ def test_fused_step_matches_autograd_at_a_small_batch(mnist_batches, routine, mo
     """Burda et al.'s model (narrower) at their batch of 20, where the weight gradients through torch.mm go
     straight into Adam's update (kernels.weight_grad_adam): 300 steps as autograd trains them, through each
     product routine."""
-    monkeypatch.setattr(kernels, "WEIGHT_GRAD_ADAM_ROWS", 32)  # on any CPU; the step takes it where it has AVX-512
+    monkeypatch.setattr(fused, "has_avx512", lambda: True)  # on any CPU; the step takes it where it has AVX-512
     summed = []
     weight_grad_adam = kernels.weight_grad_adam
     monkeypatch.setattr(kernels, "weight_grad_adam", lambda *args: summed.append(weight_grad_adam(*args)) or summed[-1])

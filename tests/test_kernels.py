@@ -387,12 +387,11 @@ def test_adam_in_c_is_torchs_fused_adam(shapes, weight_decay, beta1):
 
 @needs_c
 @pytest.mark.parametrize("out, in_features, rows", [(784, 200, 20), (100, 200, 20), (50, 200, 32), (7, 3, 1), (13, 70, 5)])
-def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, rows, monkeypatch):
+def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, rows):
     """kernels.weight_grad_adam: Adam's update from the weight gradient d' x, which it sums tile by tile and never
     writes out, is kernels.adam's from that product (within the rounding of a sum in another order), for shapes
     with and without leftover rows and columns of tiles; the same bits on one thread as on two; the bias as adam
     updates it. (On any CPU: the step takes it where the CPU has AVX-512.)"""
-    monkeypatch.setattr(kernels, "WEIGHT_GRAD_ADAM_ROWS", 32)
     generator = torch.Generator().manual_seed(5)
     tensors, references = _adam_pair([(out, in_features), (out,)], generator)
     c, reference = list(tensors[0]) + list(tensors[1]), list(references[0]) + list(references[1])  # p, m, v each
@@ -421,8 +420,7 @@ def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, ro
 def test_weight_gradient_into_adam_leaves_what_it_does_not_sum(monkeypatch):
     """More rows than kernels.WEIGHT_GRAD_ADAM_ROWS, a transposed operand, or the C loops switched off: nothing
     updated, False, and the step takes its product routine and adam."""
-    rows = 32
-    monkeypatch.setattr(kernels, "WEIGHT_GRAD_ADAM_ROWS", rows)
+    rows = kernels.WEIGHT_GRAD_ADAM_ROWS
     parameters, exp_avgs, exp_avg_sqs = ([torch.full(shape, value) for shape in ((4, 16), (4,))]
                                          for value in (1.0, 0.0, 0.0))
     before = [t.clone() for t in parameters + exp_avgs + exp_avg_sqs]

@@ -43,7 +43,7 @@ from torch import nn
 from .. import layers
 from ..model import GRADIENTS, LIKELIHOODS, VAE, ConditionalVAE, continuous_bernoulli_log_norm
 from . import kernels
-from .products import Products
+from .products import Products, has_avx512
 
 # The hidden layers' activations the step computes, by module type: ELU with alpha 1, ReLU, and tanh
 # as layers.Tanh rounds it (PyTorch's nn.Tanh rounds otherwise, so a model with it goes to autograd).
@@ -180,6 +180,9 @@ class FusedTrainStep:
             # where a copy into the buffer would move every weight's size once more a step.
             # So does the bfloat16 one, which Adam's C loop reads as it is.
             self.weight_grads_into_buffer = not (self.products.onednn or self.products.bf16)
+            # Where the CPU has AVX-512 (the C loop's tile of sixteen vectors needs its 32 vector registers), a
+            # small batch's weight gradients go tile by tile into Adam's update (kernels.weight_grad_adam).
+            self.weight_grads_into_adam = self.weight_grads_into_buffer and has_avx512()
             self.counts, self.steps = None, None  # Adam's step counts: one tensor and its 0-d views
         else:  # optimizer.step() after the backward pass, from the parameters' .grad
             for layer in self.layers:
@@ -317,12 +320,12 @@ class FusedTrainStep:
         else:
             d_operand = kernels.factor_bias_grad(d_out, factor, grad_bias)
         d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
-        # With a small batch in float32 through torch.mm, the weight gradient goes tile by tile into Adam's
-        # update, never written out (kernels.weight_grad_adam); hence the input gradient first, as W changes.
-        if (self.adam_by_layer and self.adam_in_c and self.weight_grads_into_buffer and kernels.weight_grad_adam(
-                d_operand, inputs, *self.adam_tensors[index][:1], grad_bias, *self.adam_tensors[index][1:3],
-                self.adam_scalars)):
-            return d_inputs
+        # The input gradient first: kernels.weight_grad_adam changes W as it sums W's gradient.
+        if self.adam_by_layer and self.weight_grads_into_adam and self.adam_in_c:
+            parameters, exp_avgs, exp_avg_sqs, _ = self.adam_tensors[index]
+            if kernels.weight_grad_adam(d_operand, inputs, parameters, grad_bias, exp_avgs, exp_avg_sqs,
+                                        self.adam_scalars):
+                return d_inputs
         into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
         grad_weight = self.products.weight_grad(d_operand, inputs, out=into, d_y_t=d_transposed)
         if self.adam_by_layer:

@@ -313,18 +313,10 @@ def adam(parameters, grads, exp_avgs, exp_avg_sqs, scalars, weight_copy=None):
     return True
 
 
-def _has_avx512():
-    try:
-        return " avx512f" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-
-
-# The most rows for which the step sums a weight gradient in weight_grad_adam rather than through its product
-# routine, where the CPU has AVX-512 (its tile of sixteen vectors needs the 32 vector registers): at Burda et
-# al.'s batch of 20, a tile costs less to sum than the product's output costs to write out and read back.
-# Larger batches, and CPUs without AVX-512, where it has not been measured, keep the product routine.
-WEIGHT_GRAD_ADAM_ROWS = 32 if _has_avx512() else 0
+# The most rows of weight_grad_adam's operands (WG_MAX_ROWS in _kernels.c): at Burda et al.'s batch of 20 a tile
+# of the gradient costs less to sum than the product's output costs to write out and read back; larger batches,
+# where it has not been measured, keep the product routine.
+WEIGHT_GRAD_ADAM_ROWS = 32
 
 
 def weight_grad_adam(d_y, x, parameters, grad_bias, exp_avgs, exp_avg_sqs, scalars):

@@ -89,8 +89,13 @@ def describe_cpu(described):
             f"{described['model']}; {extensions})")
 
 
+def has_avx512(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU has AVX-512F, as Linux lists its flags (elsewhere it is taken not to)."""
+    return "avx512f" in _cpu_flags(cpuinfo)
+
+
 def _amd_with_avx512(cpuinfo="/proc/cpuinfo"):
-    return "AuthenticAMD" in _cpuinfo(cpuinfo) and "avx512f" in _cpu_flags(cpuinfo)
+    return "AuthenticAMD" in _cpuinfo(cpuinfo) and has_avx512(cpuinfo)
 
 
 def bf16_instructions(device):
