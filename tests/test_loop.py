@@ -131,3 +131,23 @@ def test_step_results_are_read_by_name():
     assert TERMS == ("neg_elbo", "recon", "kl", "loss")  # the layout of progress.step_terms in checkpoints
     assert torch.equal(term(terms, "loss"), torch.tensor([3.0, 7.0, 11.0]))
     assert term(terms[1], "kl").item() == 6.0
+
+
+@pytest.mark.parametrize("batch_size, gather_rows", [(32, 1024), (7, 20), (5, 5), (64, 10)])
+def test_batches_are_the_rows_of_the_order_whatever_is_gathered_at_once(monkeypatch, batch_size, gather_rows):
+    """Each step's batch is images[order[step b:(step + 1) b]] with its labels, whichever step is asked for first:
+    an epoch from its start, a resume in the middle of a gathered chunk, the last batch short."""
+    monkeypatch.setattr(loop, "GATHER_ROWS", gather_rows)
+    n = 101
+    images, labels = torch.rand(n, 784), torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    steps = -(-n // batch_size)
+    for first in (0, 1, steps // 2, steps - 1):
+        batches = loop.Batches(order, images, labels, batch_size)
+        for step in range(first, steps):
+            x, y = batches(step)
+            rows = order[step * batch_size:(step + 1) * batch_size]
+            assert torch.equal(x, images[rows]) and torch.equal(y, labels[rows])
+            assert x.is_contiguous()
+    x, y = loop.Batches(order, images, None, batch_size)(steps - 1)
+    assert y is None and len(x) == n - (steps - 1) * batch_size

@@ -32,6 +32,7 @@ from .outputs import default_observers, write_input_images
 from .step import kl_weight, learning_rate, make_step
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check synchronises)
+GATHER_ROWS = 1024  # training images gathered at once for the coming steps: their batches stay in the cache
 PLAN_SECONDS = 10  # at most this long timing the training step to plan a --time_budget run
 
 
@@ -356,13 +357,14 @@ def run_steps(run, stop, governor):
     epoch_data = tensors.train
     if config.binarize == "dynamic":
         epoch_data = torch.bernoulli(tensors.train, generator=run.data_generator)
+    batches = Batches(order, epoch_data, tensors.train_y if run.model.conditional else None, config.batch_size)
     if progress.step == 0:
         progress.step_terms = torch.zeros((run.n_steps, len(TERMS)), device=run.device)
     bar = tqdm(total=run.n_steps, initial=progress.step, desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
                disable=None, leave=False, unit="step")
     seconds_before, started = progress.seconds, time.perf_counter()
     while progress.step < run.n_steps:
-        train_step(run, order, epoch_data)
+        train_step(run, batches)
         governor()
         progress.step += 1
         bar.update(1)
@@ -377,13 +379,35 @@ def run_steps(run, stop, governor):
     return True
 
 
-def train_step(run, order, epoch_data):
-    """One step of Adam on the batch at run.progress.step of the epoch's `order`; its results go into
+class Batches:
+    """The epoch's batches, the training images (and labels, where given) in `order`, `batch_size` at a time.
+
+    They are gathered GATHER_ROWS rows at a time: a gather's cost is mostly fixed (the call, and the wait
+    for each row's first bytes from memory), so at small batches a gather per step was a step's largest
+    cost after its products. The batch of a step is the same rows either way."""
+
+    def __init__(self, order, images, labels, batch_size):
+        self.order, self.images, self.labels, self.batch_size = order, images, labels, batch_size
+        self.steps_per_gather = max(1, GATHER_ROWS // batch_size)
+        self.first, self.gathered, self.gathered_labels = None, None, None  # the first step gathered, and its rows
+
+    def __call__(self, step):
+        """(images, labels) of the batch at `step` of the epoch; labels None where the run has none."""
+        if self.first is None or not self.first <= step < self.first + self.steps_per_gather:
+            rows = self.order[step * self.batch_size:(step + self.steps_per_gather) * self.batch_size]
+            self.gathered = self.images.index_select(0, rows)
+            self.gathered_labels = None if self.labels is None else self.labels.index_select(0, rows)
+            self.first = step
+        start = (step - self.first) * self.batch_size
+        labels = None if self.labels is None else self.gathered_labels[start:start + self.batch_size]
+        return self.gathered[start:start + self.batch_size], labels
+
+
+def train_step(run, batches):
+    """One step of Adam on the batch at run.progress.step of the epoch's `batches`; its results go into
     run.progress.step_terms."""
-    config, tensors, epoch, step = run.config, run.tensors, run.progress.epoch, run.progress.step
-    batch = order[step * config.batch_size: (step + 1) * config.batch_size]
-    target = epoch_data.index_select(0, batch)
-    labels = tensors.train_y.index_select(0, batch) if run.model.conditional else None
+    config, epoch, step = run.config, run.progress.epoch, run.progress.step
+    target, labels = batches(step)
     x = add_noise(target, config.noise_factor) if config.add_noise else target
     if config.kl_warmup:
         run.step_function.loss_options["kl_weight"] = kl_weight(config, epoch, step, run.n_steps)
