@@ -136,8 +136,11 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     # The row's floor is by the routine fastest on its own products, each timed there (the table's last column).
     assert set(row["routine_floors_s"]) == set(by_name) and min(row["routine_floors_s"].values()) > 0
     assert row["floor_routine"] == min(row["routine_floors_s"], key=row["routine_floors_s"].get)
-    # The one epoch's floor is the least of its round, in which every routine was timed.
-    assert row["floors_s"] == [min(row["routine_floors_s"].values())] and row["floor_routines"] == [row["floor_routine"]]
+    # The one epoch's floor is the mean of the least of its round, in which every routine was timed before the
+    # epoch, and of that routine timed again after it.
+    (after,) = row["floors_after_s"]
+    assert after > 0 and row["floor_routines"] == [row["floor_routine"]]
+    assert row["floors_s"] == [pytest.approx((min(row["routine_floors_s"].values()) + after) / 2)]
     # Adam's bytes per second: back to back, and between the products (+adam's epoch less the same products by
     # the same routine, in the same round), beside the machine's copy within its last-level cache and beyond it.
     params = 784 * 500 + 500 + 500 * 500 + 500 + 500 * 8 + 8 + 4 * 500 + 500 + 500 * 500 + 500 + 500 * 784 + 784

@@ -148,8 +148,9 @@ def bench_training(config, device, epochs, matmuls):
     of `matmuls`, routines of `routines` for config.precision, on this model's own shapes: a small batch may
     favour another routine than the defaults), measured in alternation: the floor by each routine, the same
     products by the step's own routine with Adam's update after each step's, then an epoch of train() itself
-    (the real loop), `epochs` times after one warm-up epoch; medians, and the ratios of each epoch to the
-    least floor of its round. The floors run on the threads the warm-up's step ran on (fewer than all where
+    (the real loop), then the floor by the round's fastest routine again, `epochs` times after one warm-up
+    epoch; medians, and the ratios of each epoch to its round's floor, the mean of the least floor before it
+    and that routine's after it. The floors run on the threads the warm-up's step ran on (fewer than all where
     they were faster)."""
 
     n_train = config.n_train or 60000
@@ -166,7 +167,7 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
     used = step_routine(config, device)
     adam_routine = used if used in matmuls else "torch.mm"
     for_adam, adam_matmul = step_for_adam(config, device), matmuls[adam_routine]
-    triples, round_floors = [], []  # (epoch, floor, +adam) and each routine's floor, of each round
+    triples, round_floors, floors_after = [], [], []  # (epoch, floor, +adam), each routine's floor before, and after
     for _ in range(epochs):
         # Every routine in every round, the round's floor the fastest of them: a slow moment of the machine
         # then costs one round's floor, where a routine chosen once, in that moment, would set every floor.
@@ -175,8 +176,14 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
         with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=adam_matmul,
                                         dtype=config.precision, after_step=for_adam.adam_step)[0]
         row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
-        triples.append((row["seconds"], min(floors.values()), with_adam))
+        # The fastest routine again, just after the epoch: the round's floor is the mean of its two timings, as the
+        # estimate's is, so that where the machine's speed changes between them the floor moves with the epoch.
+        fastest = min(floors, key=floors.get)
+        after = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmuls[fastest],
+                                    dtype=config.precision)[0]
+        triples.append((row["seconds"], (floors[fastest] + after) / 2, with_adam))
         round_floors.append(floors)
+        floors_after.append(after)
     least = {name: min(floors[name] for floors in round_floors) for name in matmuls}
     epochs_s, floors_s = [e for e, _, _ in triples], [f for _, f, _ in triples]
     ratio = statistics.median(e / f for e, f, _ in triples)
@@ -190,7 +197,7 @@ def _bench_training(config, device, epochs, matmuls, n_train, layers):
             "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
             # what a step costs beyond its products: the fixed costs that small batches pay more often
             "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples),
-            "floor_s": floor_s, "floors_s": floors_s, "ratio": ratio,
+            "floor_s": floor_s, "floors_s": floors_s, "floors_after_s": floors_after, "ratio": ratio,
             # the routine of the least floor, each routine's least, and which was fastest in each round
             "floor_routine": min(least, key=least.get), "routine_floors_s": least,
             "floor_routines": [min(floors, key=floors.get) for floors in round_floors],
@@ -554,7 +561,8 @@ def format_table(results):
                      + (f" (the step's: {row['step_routine']})" if row.get("step_routine") not in (None, row.get("floor_routine"))
                         else ""))
     lines.append("(floor s: the products of each row's own model, timed by every routine for its precision before\n"
-                 " each epoch, the fastest of them (floor by: the routine of the least);\n"
+                 " each epoch, and the fastest of them (floor by: the routine of the least) again just after it:\n"
+                 " the mean of its two timings;\n"
                  " rounds: the least and the most of the epochs' ratios to their floors, whose median is the ratio:\n"
                  " far apart where the machine's speed changed during the row;\n"
                  " adam s, masks s: Adam's updates and the dropout masks of one epoch, each timed alone, back to back;\n"
