@@ -383,8 +383,8 @@ class Batches:
     """The epoch's batches, the training images (and labels, where given) in `order`, `batch_size` at a time.
 
     They are gathered GATHER_ROWS rows at a time: a gather's cost is mostly fixed (the call, and the wait
-    for each row's first bytes from memory), so at small batches a gather per step was a step's largest
-    cost after its products. The batch of a step is the same rows either way."""
+    for each row's first bytes from memory), so one gather for many small batches costs much less than one
+    for each. The batch of a step is the same rows either way."""
 
     def __init__(self, order, images, labels, batch_size):
         self.order, self.images, self.labels, self.batch_size = order, images, labels, batch_size
