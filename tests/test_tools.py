@@ -246,6 +246,32 @@ def test_bench_table_gives_the_spread_of_each_rows_rounds():
     assert re.search(r"\ndefaults +fused .* 1\.40 1\.30-2\.60 ", format_table(results))
 
 
+def test_bench_rounds_take_every_row_in_turn(monkeypatch):
+    """A slow minute of the machine must fall on one round of several rows, not on every round of one: each
+    row's warm-up first, then round after round of every row, each row with its precision's routines."""
+    from mnist_vae import bench
+
+    events = []
+
+    class Row:
+        def __init__(self, config, device, matmuls):
+            self.name = config.output
+            events.append(("warm-up", self.name, matmuls))
+
+        def round(self):
+            events.append(("round", self.name))
+
+        def result(self):
+            return {"rounds": sum(event == ("round", self.name) for event in events)}
+
+    monkeypatch.setattr(bench, "TrainingRow", Row)
+    configs = {"a": Config(output="a"), "b": Config(output="b", precision="bf16"), "c": Config(output="c")}
+    rows = bench.bench_training(configs, torch.device("cpu"), 3, {"fp32": "F", "bf16": "B"}, log=lambda line: None)
+    assert rows == {"a": {"rounds": 3}, "b": {"rounds": 3}, "c": {"rounds": 3}}
+    assert events == [("warm-up", "a", "F"), ("warm-up", "b", "B"), ("warm-up", "c", "F")] + [
+        ("round", name) for _ in range(3) for name in "abc"]
+
+
 def test_bench_floor_reads_the_layers_of_the_model_it_times():
     """Depth, width, label columns and IWAE's draws: the floor's products are those of the row's own model."""
     from mnist_vae.bench import floor_epoch_seconds, product_shapes

@@ -11,6 +11,8 @@ each is timed before each of the row's epochs and the least of them is that epoc
 and the table says which routine was fastest and which the training step uses. Floors and
 epochs are measured in one process, in alternation, and the ratio is the median of each
 epoch over the floor measured just before it, so a busy moment of the machine moves both.
+Each round takes every row in turn, so that a slow minute of a shared machine falls on one
+round of a few rows, which their medians leave out, and not on every round of one row.
 Between the two, the same products by the step's own routine, with Adam's update after each step's, give the
 `+adam` column: what the step would take if Adam were all it did besides its products,
 with Adam's data leaving the cache between its updates as they do in training; the bytes
@@ -113,11 +115,10 @@ def main(prog, args):
             settings = {**settings, "bf16": {"precision": "bf16"}}
             candidates["bf16"] = routines(device, "bf16")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, changes in settings.items():
-            config = replace(base, output=f"{tmp}/{name.replace(' ', '_')}", **changes)
-            print(f"bench: training, {name} ...", file=sys.stderr)
-            row = bench_training(config, device, epochs, candidates[config.precision])
-            results["training"].append({"setting": name, **row})
+        configs = {name: replace(base, output=f"{tmp}/{name.replace(' ', '_')}", **changes)
+                   for name, changes in settings.items()}
+        rows = bench_training(configs, device, epochs, candidates)
+        results["training"] = [{"setting": name, **row} for name, row in rows.items()]
         if device.type == "cpu":
             print("bench: training on a busy CPU ...", file=sys.stderr)
             results["busy"] = bench_busy(replace(base, output=f"{tmp}/busy"), device, epochs,
@@ -143,73 +144,104 @@ class StepThreads(Observer):
         self.threads = run.step_threads or torch.get_num_threads()
 
 
-def bench_training(config, device, epochs, matmuls):
-    """Training seconds per epoch and the floor (the products of the model `config` builds by the fastest
-    of `matmuls`, routines of `routines` for config.precision, on this model's own shapes: a small batch may
-    favour another routine than the defaults), measured in alternation: the floor by each routine, the same
-    products by the step's own routine with Adam's update after each step's, then an epoch of train() itself
-    (the real loop), then the floor by the round's fastest routine again, `epochs` times after one warm-up
-    epoch; medians, and the ratios of each epoch to its round's floor, the mean of the least floor before it
-    and that routine's after it. The floors run on the threads the warm-up's step ran on (fewer than all where
-    they were faster)."""
+def bench_training(configs, device, epochs, candidates, log=lambda line: print(line, file=sys.stderr)):
+    """{name: row} for the settings `configs` ({name: Config}): each setting's training seconds per epoch against
+    its floor (TrainingRow), `epochs` rounds after one warm-up epoch of each. A round takes every setting in
+    turn, so that a slow moment of the machine, which may last a minute, falls on one round of several rows,
+    which their medians leave out, rather than on every round of one. `candidates` are the routines of
+    `routines` by precision."""
+    rows = {}
+    for name, config in configs.items():
+        log(f"bench: training, warm-up: {name} ...")
+        rows[name] = TrainingRow(config, device, candidates[config.precision])
+    for index in range(epochs):
+        log(f"bench: training, round {index + 1} of {epochs}: {', '.join(rows)} ...")
+        for row in rows.values():
+            row.round()
+    return {name: row.result() for name, row in rows.items()}
 
-    n_train = config.n_train or 60000
-    layers = product_shapes(config)
-    watch = StepThreads()
-    train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None, observers=[watch])
-    with ThreadGovernor(threads=watch.threads):  # fixed at that count, torch's own restored after
-        return {"threads": watch.threads, **_bench_training(config, device, epochs, matmuls, n_train, layers)}
 
+class TrainingRow:
+    """One setting's training seconds per epoch and the floor (the products of the model `config` builds by
+    the fastest of `matmuls`, routines of `routines` for config.precision, on this model's own shapes: a small
+    batch may favour another routine than the defaults), measured in alternation, one `round` at a time: the
+    floor by each routine, the same products by the step's own routine with Adam's update after each step's,
+    then an epoch of train() itself (the real loop), then the floor by the round's fastest routine again; then
+    `result`: medians, and the ratios of each epoch to its round's floor, the mean of the least floor before it
+    and that routine's after it. Built, it trains one warm-up epoch, whose step's thread count (fewer than all
+    where its products ran faster on fewer) the rounds and their floors keep to."""
 
-def _bench_training(config, device, epochs, matmuls, n_train, layers):
-    # +adam's products go through the step's own routine (the floor's may differ, and NumPy's BLAS threads, which
-    # wait for work after each product, would fight the OpenMP threads of Adam's loop, as they never do in training)
-    used = step_routine(config, device)
-    adam_routine = used if used in matmuls else "torch.mm"
-    for_adam, adam_matmul = step_for_adam(config, device), matmuls[adam_routine]
-    triples, round_floors, floors_after = [], [], []  # (epoch, floor, +adam), each routine's floor before, and after
-    for _ in range(epochs):
-        # Every routine in every round, the round's floor the fastest of them: a slow moment of the machine
-        # then costs one round's floor, where a routine chosen once, in that moment, would set every floor.
-        floors = {name: seconds for name, (seconds,) in routine_floors(
-            n_train, config.batch_size, layers, device, matmuls, rounds=1, dtype=config.precision).items()}
-        with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=adam_matmul,
-                                        dtype=config.precision, after_step=for_adam.adam_step)[0]
-        row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
-        # The fastest routine again, just after the epoch: the round's floor is the mean of its two timings, as the
-        # estimate's is, so that where the machine's speed changes between them the floor moves with the epoch.
-        fastest = min(floors, key=floors.get)
-        after = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1, matmul=matmuls[fastest],
-                                    dtype=config.precision)[0]
-        triples.append((row["seconds"], (floors[fastest] + after) / 2, with_adam))
-        round_floors.append(floors)
-        floors_after.append(after)
-    least = {name: min(floors[name] for floors in round_floors) for name in matmuls}
-    epochs_s, floors_s = [e for e, _, _ in triples], [f for _, f, _ in triples]
-    ratio = statistics.median(e / f for e, f, _ in triples)
-    epoch = statistics.median(epochs_s)
-    n_steps = math.ceil(n_train / config.batch_size)
-    floor_s, fixed = statistics.median(floors_s), fixed_costs_seconds(config, for_adam, device, n_train)
-    # Adam between the products: +adam's epoch less the same products alone, by the same routine, in the same round
-    adam_in_step = statistics.median(a - floors[adam_routine] for (_, _, a), floors in zip(triples, round_floors))
-    adam_bytes = n_steps * adam_bytes_per_step(for_adam.model)
-    return {"dim_z": config.dim_z, "batch_size": config.batch_size, "layers": layers, "step": row["step"],
-            "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
-            # what a step costs beyond its products: the fixed costs that small batches pay more often
-            "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples),
-            "floor_s": floor_s, "floors_s": floors_s, "floors_after_s": floors_after, "ratio": ratio,
-            # the routine of the least floor, each routine's least, and which was fastest in each round
-            "floor_routine": min(least, key=least.get), "routine_floors_s": least,
-            "floor_routines": [min(floors, key=floors.get) for floors in round_floors],
-            "step_routine": used,
-            "images_per_s": n_train / epoch, **fixed,
-            # an epoch in which nothing but the products and Adam's updates take time, Adam's data leaving the
-            # cache between its updates as in training: what the step could reach with its other work free
-            "products_and_adam_s": [a for _, _, a in triples],
-            "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples),
-            # the bytes Adam's update moves per second back to back, and between each step's products
-            "adam_in_step_s": adam_in_step, "adam_gb_per_s": adam_bytes / fixed["adam_s"] / 1e9,
-            "adam_in_step_gb_per_s": adam_bytes / adam_in_step / 1e9 if adam_in_step > 0 else None}
+    def __init__(self, config, device, matmuls):
+        self.config, self.device, self.matmuls = config, device, matmuls
+        self.n_train = config.n_train or 60000
+        self.layers = product_shapes(config)
+        watch = StepThreads()
+        train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None, observers=[watch])
+        self.threads = watch.threads
+        # +adam's products go through the step's own routine (the floor's may differ, and NumPy's BLAS threads,
+        # which wait for work after each product, would fight the OpenMP threads of Adam's loop, as they never do
+        # in training)
+        self.used = step_routine(config, device)
+        self.adam_routine = self.used if self.used in matmuls else "torch.mm"
+        self.for_adam = step_for_adam(config, device)
+        # each round's (epoch, floor, +adam), every routine's floor before its epoch, and the fastest's after it
+        self.triples, self.round_floors, self.floors_after = [], [], []
+        self.step = None  # the step train() used: fused or autograd
+
+    def round(self):
+        """One round: the floors, +adam's epoch, an epoch of train(), and the fastest floor again."""
+        config, device, n_train, layers = self.config, self.device, self.n_train, self.layers
+        with ThreadGovernor(threads=self.threads):  # fixed at that count, torch's own restored after
+            # Every routine in every round, the round's floor the fastest of them: a slow moment of the machine
+            # then costs one round's floor, where a routine chosen once, in that moment, would set every floor.
+            floors = {name: seconds for name, (seconds,) in routine_floors(
+                n_train, config.batch_size, layers, device, self.matmuls, rounds=1, dtype=config.precision).items()}
+            with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1,
+                                            matmul=self.matmuls[self.adam_routine], dtype=config.precision,
+                                            after_step=self.for_adam.adam_step)[0]
+            row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
+            # The fastest routine again, just after the epoch: the round's floor is the mean of its two timings, as
+            # the estimate's is, so that where the machine's speed changes between them the floor moves with the
+            # epoch.
+            fastest = min(floors, key=floors.get)
+            after = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1,
+                                        matmul=self.matmuls[fastest], dtype=config.precision)[0]
+        self.triples.append((row["seconds"], (floors[fastest] + after) / 2, with_adam))
+        self.round_floors.append(floors)
+        self.floors_after.append(after)
+        self.step = row["step"]
+
+    def result(self):
+        """The row of the table and the JSON, from the rounds so far (one at least)."""
+        config, triples, round_floors = self.config, self.triples, self.round_floors
+        least = {name: min(floors[name] for floors in round_floors) for name in self.matmuls}
+        epochs_s, floors_s = [e for e, _, _ in triples], [f for _, f, _ in triples]
+        epoch = statistics.median(epochs_s)
+        n_steps = math.ceil(self.n_train / config.batch_size)
+        with ThreadGovernor(threads=self.threads):
+            fixed = fixed_costs_seconds(config, self.for_adam, self.device, self.n_train)
+        # Adam between the products: +adam's epoch less the same products alone, by the same routine, in the same
+        # round
+        adam_in_step = statistics.median(a - floors[self.adam_routine] for (_, _, a), floors in zip(triples, round_floors))
+        adam_bytes = n_steps * adam_bytes_per_step(self.for_adam.model)
+        return {"threads": self.threads, "dim_z": config.dim_z, "batch_size": config.batch_size,
+                "layers": self.layers, "step": self.step, "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
+                # what a step costs beyond its products: the fixed costs that small batches pay more often
+                "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples),
+                "floor_s": statistics.median(floors_s), "floors_s": floors_s, "floors_after_s": self.floors_after,
+                "ratio": statistics.median(e / f for e, f, _ in triples),
+                # the routine of the least floor, each routine's least, and which was fastest in each round
+                "floor_routine": min(least, key=least.get), "routine_floors_s": least,
+                "floor_routines": [min(floors, key=floors.get) for floors in round_floors],
+                "step_routine": self.used,
+                "images_per_s": self.n_train / epoch, **fixed,
+                # an epoch in which nothing but the products and Adam's updates take time, Adam's data leaving the
+                # cache between its updates as in training: what the step could reach with its other work free
+                "products_and_adam_s": [a for _, _, a in triples],
+                "products_and_adam_ratio": statistics.median(a / f for _, f, a in triples),
+                # the bytes Adam's update moves per second back to back, and between each step's products
+                "adam_in_step_s": adam_in_step, "adam_gb_per_s": adam_bytes / fixed["adam_s"] / 1e9,
+                "adam_in_step_gb_per_s": adam_bytes / adam_in_step / 1e9 if adam_in_step > 0 else None}
 
 
 def routine_floors(n_train, batch_size, layers, device, matmuls, rounds, dtype="fp32"):
