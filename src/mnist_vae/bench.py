@@ -220,9 +220,9 @@ class TrainingRow:
         n_steps = math.ceil(self.n_train / config.batch_size)
         with ThreadGovernor(threads=self.threads):
             fixed = fixed_costs_seconds(config, self.for_adam, self.device, self.n_train)
-        # Adam between the products: +adam's epoch less the same products alone, by the same routine, in the same
-        # round
-        adam_in_step = statistics.median(a - floors[self.adam_routine] for (_, _, a), floors in zip(triples, round_floors))
+        # Adam between the products: +adam's epoch less the same products alone, by the same routine, in the same round
+        adam_in_step = statistics.median(a - floors[self.adam_routine]
+                                         for (_, _, a), floors in zip(triples, round_floors))
         adam_bytes = n_steps * adam_bytes_per_step(self.for_adam.model)
         return {"threads": self.threads, "dim_z": config.dim_z, "batch_size": config.batch_size,
                 "layers": self.layers, "step": self.step, "epoch_s": epoch, "epochs_s": epochs_s, "steps": n_steps,
