@@ -37,6 +37,7 @@ class FakeMachine:
     def __init__(self):
         self.wall = self.machine = self.own = 0.0
         self.readable = True
+        self.distance = 30.0  # ns for a write to pass between two threads: `distance` of the governors it makes
 
     def run(self, seconds, others, own=1.0):
         self.wall += seconds
@@ -44,6 +45,7 @@ class FakeMachine:
         self.machine += (others + own) * seconds
 
     def governor(self, threads=0, cpus=(0, 1), **options):
+        options.setdefault("distance", lambda: self.distance)
         governor = ThreadGovernor(threads, interval=0.9, read=lambda cpus: self.machine if self.readable else None,
                                   clock=lambda: self.wall, own_cpu=lambda: self.own, **options)
         governor.cpus = list(cpus)
@@ -433,6 +435,55 @@ def test_the_ceiling_is_timed_again_at_most_every_half_minute_and_three_times(tw
         assert governor.most == 1
 
 
+def test_the_products_are_timed_again_whenever_the_cores_move_apart_or_together(two_threads):
+    """A virtual machine's host may move its CPUs from cores that share a cache to cores of two dies and back."""
+    machine, answers = FakeMachine(), []
+
+    def probe():
+        answers.append(machine.wall)
+        return 1 if machine.distance > 100 else 2  # one thread is the faster with the cores far apart
+
+    with machine.governor(counts=[1, 2], most=2, probe=probe) as governor:
+        machine.run(1.0, others=0.0, own=2.0)
+        machine.distance = 45.0  # within the factor MOVED: the same placement
+        governor()
+        assert answers == [] and torch.get_num_threads() == 2
+        machine.run(1.0, others=0.0, own=2.0)
+        machine.distance = 180.0
+        governor()
+        assert answers == [2.0] and governor.most == 1 and torch.get_num_threads() == 1
+        for _ in range(5):  # apart for a while: timed once, not at every reading
+            machine.run(1.0, others=0.0, own=1.0)
+            machine.distance = 170.0
+            governor()
+        assert answers == [2.0] and torch.get_num_threads() == 1
+        machine.run(1.0, others=0.9, own=1.0)  # busy: the timing would follow the load, not the cores
+        machine.distance = 30.0
+        governor()
+        assert answers == [2.0]
+        machine.run(1.0, others=0.0, own=1.0)  # quiet again, and the cores are together
+        governor()
+        assert answers == [2.0, 9.0] and governor.most == 2 and torch.get_num_threads() == 2
+        assert governor.moves == 2
+    assert torch.get_num_threads() == 2
+    with machine.governor(threads=2, counts=[1, 2], most=2, probe=probe) as governor:  # a fixed count stays
+        machine.run(1.0, others=0.0, own=2.0)
+        machine.distance = 500.0
+        governor()
+        assert governor.moves == 0 and torch.get_num_threads() == 2
+
+
+def test_the_distance_between_two_threads_is_measured_where_the_c_loops_run_on_several(two_threads):
+    from mnist_vae.fast import kernels
+    if not kernels.available() or not kernels._kernels.openmp or len(os.sched_getaffinity(0)) < 2:
+        assert kernels.core_distance_ns() is None or not kernels.available()
+        pytest.skip("needs the C extension built with OpenMP and two cores")
+    distances = [kernels.core_distance_ns() for _ in range(3)]
+    # a write crosses between two cores in tens to a few hundred nanoseconds; 0 would mean no second thread
+    assert all(d is not None and 1.0 < d < 100_000.0 for d in distances)
+    assert kernels._kernels.core_distance(0) == 0.0
+
+
 def test_a_run_whose_first_timing_chose_one_thread_goes_back_to_two_and_gives_the_same_bits(
         tmp_path, tiny_dataset, matrix_products, two_threads, monkeypatch):
     settings = dict(data_dir=str(tiny_dataset), num_epochs=2, batch_size=32, n_test=64)
@@ -451,7 +502,9 @@ def test_a_run_whose_first_timing_chose_one_thread_goes_back_to_two_and_gives_th
     quiet = lambda cpus: 0.0  # noqa: E731 (the machine's CPU seconds: no other process ever runs)
     monkeypatch.setattr(threads, "machine_cpu_seconds", quiet)
     # the governor reads the machine at every step, where a run this short would not reach its first second
-    monkeypatch.setattr(train_module, "ThreadGovernor", functools.partial(ThreadGovernor, interval=0.0, read=quiet))
+    # and does not time the products again for the host moving the machine's CPUs meanwhile
+    monkeypatch.setattr(train_module, "ThreadGovernor",
+                        functools.partial(ThreadGovernor, interval=0.0, read=quiet, distance=lambda: None))
     logged = []
     train(Config(output=str(tmp_path / "again"), **settings), log=logged.append, observers=[Count()])
     assert "threads: 1 of 2, on which this model's products ran fastest" in logged

@@ -947,6 +947,43 @@ static PyObject *py_with_labels(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* How far apart two of torch's threads run: the mean time, in nanoseconds, for a write by one to reach the other,
+ * from `trips` round trips of one cache line between two threads of one parallel region; 0 where there are not
+ * two (no OpenMP, set_parallel(0), or the runtime gave one thread). On a virtual machine the host may run its two
+ * CPUs on cores that share a last-level cache or on cores of two dies, and move them between the two from one
+ * moment to the next: then every line one thread writes and the other reads crosses between the dies. */
+static PyObject *py_core_distance(PyObject *self, PyObject *args) {
+    long trips;
+    if (!PyArg_ParseTuple(args, "l", &trips))
+        return NULL;
+    double ns = 0.0;
+#ifdef _OPENMP
+    static _Alignas(64) volatile long ball; /* whose turn: an odd value is the second thread's */
+    static _Alignas(64) volatile int ready;
+    if (parallel && trips > 0) {
+        ball = 0;
+        ready = 0;
+#pragma omp parallel num_threads(2)
+        if (omp_get_num_threads() == 2) {
+            int me = omp_get_thread_num();
+            __atomic_add_fetch(&ready, 1, __ATOMIC_SEQ_CST);
+            while (__atomic_load_n(&ready, __ATOMIC_ACQUIRE) < 2)
+                ;
+            double start = omp_get_wtime();
+            for (long i = 0; i < 2 * trips; i += 2) {
+                long mine = i + me;
+                while (__atomic_load_n(&ball, __ATOMIC_ACQUIRE) != mine)
+                    ;
+                __atomic_store_n(&ball, mine + 1, __ATOMIC_RELEASE);
+            }
+            if (me == 0)
+                ns = (omp_get_wtime() - start) * 1e9 / (2.0 * trips);
+        }
+    }
+#endif
+    return PyFloat_FromDouble(ns);
+}
+
 static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "p", &parallel))
         return NULL;
@@ -954,6 +991,7 @@ static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"core_distance", py_core_distance, METH_VARARGS, "core_distance(trips): ns for a write to pass between two threads"},
     {"set_parallel", py_set_parallel, METH_VARARGS, "set_parallel(flag): whether big loops may use several threads"},
     {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},

@@ -62,6 +62,16 @@ def description():
     return "C, OpenMP" if _kernels.openmp else "C, one thread"
 
 
+def core_distance_ns(trips=200, repeats=3):
+    """How far apart two of torch's threads run: the nanoseconds a write by one takes to reach the other, the
+    median of `repeats` timings of `trips` round trips (_kernels.c's core_distance); None where the C loops
+    do not run on several threads (not built, no OpenMP, one runtime too many)."""
+    if not _enabled or not _kernels.openmp:
+        return None
+    timings = sorted(_kernels.core_distance(trips) for _ in range(repeats))
+    return timings[len(timings) // 2] or None
+
+
 def _use_c(*tensors, dtype=torch.float32):
     if not _enabled:
         return False

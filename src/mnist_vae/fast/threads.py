@@ -31,12 +31,25 @@ times the step's own products on those counts, and the governor keeps to the cou
 was fastest: the results, again, do not depend on it. Where that count is below all, the
 governor times them again once the machine is quiet, in case another process's moment of
 work fell on the first timing.
+
+Which count is fastest can also change while a run goes on. A virtual machine's host may run
+its CPUs on cores that share a last-level cache, or on cores of two dies, and move them from
+one placement to the other and back, for seconds or minutes at a time. Across dies, every cache
+line that one thread writes and another reads takes several times as long to arrive, and a
+small model's step, whose threads hand each other their products' outputs and meet at the end
+of every parallel region many times a millisecond, can then run faster on one thread than on
+two. So once a second, while the machine is quiet, the governor also times how long a write
+takes to pass between two of torch's threads (kernels.core_distance_ns, a fraction of a
+millisecond), and where that has doubled or halved since the products were last timed, it times
+them again and keeps to the count they now run fastest on (docs/speed.md, "The cores' placement").
 """
 
 import os
 import time
 
 import torch
+
+from . import kernels
 
 INTERVAL_S = 1.0  # how often the machine's load is read: long enough to average out the scheduler's ticks
 # Fewer threads than all must beat all by this much to be chosen: timings of a fraction of a second move by
@@ -49,6 +62,10 @@ TIMED_S = 0.005  # about how long each timing of the step's products lasts
 QUIET = 0.25
 PROBE_AGAIN_S = 30.0  # after the first quiet interval, at most this often
 PROBES = 3  # and this many times at most
+# The products are timed again where the time for a write to pass between two threads has grown or shrunk by this
+# factor since they were last timed: the two placements of a virtual machine's CPUs differ by several times, the
+# timings within one by a few tens of per cent.
+MOVED = 2.0
 
 
 def machine_cpu_seconds(cpus, path="/proc/stat"):
@@ -215,10 +232,13 @@ class ThreadGovernor:
     `most`, where the count may follow the load, lowers the ceiling (fastest_step_threads'); the count starts
     there. `probe`, a function that gives that count anew (fastest_step_threads on the step's products), is
     called where the ceiling is below all threads and the machine has been quiet, after the first such
-    interval and then every PROBE_AGAIN_S at most, PROBES times at most: the ceiling becomes its answer."""
+    interval and then every PROBE_AGAIN_S at most, PROBES times at most: the ceiling becomes its answer. It is
+    called too, as often as that happens, where an interval was quiet and `distance` (the nanoseconds a write
+    takes to pass between two threads, or None where unknown) has changed by MOVED times or more since the
+    last answer: the host moved the CPUs (the module's docstring)."""
 
     def __init__(self, threads=0, interval=INTERVAL_S, read=machine_cpu_seconds, clock=time.perf_counter,
-                 own_cpu=time.process_time, counts=None, most=None, probe=None):
+                 own_cpu=time.process_time, counts=None, most=None, probe=None, distance=kernels.core_distance_ns):
         self.read, self.clock, self.own_cpu, self.interval = read, clock, own_cpu, interval
         self.cpus = own_cpus()
         self.start = torch.get_num_threads()
@@ -226,6 +246,9 @@ class ThreadGovernor:
         self.fixed = threads > 0 or len(self._under(None)) == 1  # one count: the results would depend on any other
         self._set_ceiling(most)
         self.probe, self.probes_left, self.probed_at = probe, PROBES, None
+        self.distance = distance if probe is not None and not self.fixed else None
+        self.probed_distance = self.distance() if self.distance is not None else None  # when `most` was timed
+        self.moves = 0  # how many times the products were timed again as the distance changed
         if threads > 0:
             torch.set_num_threads(threads)
         elif self.most != self.start:
@@ -253,6 +276,20 @@ class ThreadGovernor:
         self.probes_left -= 1
         self._set_ceiling(self.probe())
         self.probed_at = self.clock()
+        self.probed_distance = self.distance() if self.distance is not None else None
+
+    def _follow_the_cores(self, others):
+        """Time the step's products again where the distance between two threads changed (__init__)."""
+        if self.distance is None or others >= QUIET:
+            return
+        distance = self.distance()
+        if distance is None or self.probed_distance is None:
+            self.probed_distance = distance
+            return
+        if max(distance / self.probed_distance, self.probed_distance / distance) >= MOVED:
+            self._set_ceiling(self.probe())
+            self.probed_distance, self.probed_at = distance, self.clock()  # a quiet timing: not again at once
+            self.moves += 1
 
     def __call__(self):
         if self.last is None or self.clock() - self.last[0] < self.interval:
@@ -264,6 +301,7 @@ class ThreadGovernor:
         others = others_cores(self.last, now)
         self.last = now
         self._probe_again(others, now[0])
+        self._follow_the_cores(others)
         free = round(len(self.cpus) - others)
         threads = max((c for c in self.counts if c <= free), default=self.counts[0])
         if threads != torch.get_num_threads():
