@@ -45,7 +45,7 @@ from .arguments import Parser
 from .config import Config, choice, integer, text
 from .data import load_tensors
 from .evaluation import evaluate, log_likelihood_estimate
-from .fast import machine, products
+from .fast import kernels, machine, products
 from .fast.fused import FusedTrainStep
 from .fast.products import _onednn, onednn_available
 from .fast.threads import ThreadGovernor, product_layers
@@ -186,6 +186,10 @@ class TrainingRow:
         self.for_adam = step_for_adam(config, device)
         # each round's (epoch, floor, +adam), every routine's floor before its epoch, and the fastest's after it
         self.triples, self.round_floors, self.floors_after = [], [], []
+        # each round's floor's thread count (the row's, or one where its products ran faster) and its timing before the
+        # epoch
+        self.floor_threads, self.floors_before = [], []
+        self.distances = []  # ns for a write to pass between two threads, just before each epoch (None: unknown)
         self.step = None  # the step train() used: fused or autograd
 
     def round(self):
@@ -199,17 +203,29 @@ class TrainingRow:
             with_adam = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1,
                                             matmul=self.matmuls[self.adam_routine], dtype=config.precision,
                                             after_step=self.for_adam.adam_step)[0]
+            fastest = min(floors, key=floors.get)
+            before, threads = floors[fastest], self.threads
+            if self.threads > 1:  # training may move to one thread while the CPUs are on two dies (fast/threads.py)
+                alone = self._floor_on(1, fastest)
+                before, threads = min((before, self.threads), (alone, 1))
+            self.distances.append(kernels.core_distance_ns())  # where the host has put the CPUs (fast/threads.py)
             row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
             # The fastest routine again, just after the epoch: the round's floor is the mean of its two timings, as
             # the estimate's is, so that where the machine's speed changes between them the floor moves with the
             # epoch.
-            fastest = min(floors, key=floors.get)
-            after = floor_epoch_seconds(n_train, config.batch_size, layers, device, repeats=1,
-                                        matmul=self.matmuls[fastest], dtype=config.precision)[0]
-        self.triples.append((row["seconds"], (floors[fastest] + after) / 2, with_adam))
+            after = self._floor_on(threads, fastest)
+        self.triples.append((row["seconds"], (before + after) / 2, with_adam))
+        self.floor_threads.append(threads)
+        self.floors_before.append(before)
         self.round_floors.append(floors)
         self.floors_after.append(after)
         self.step = row["step"]
+
+    def _floor_on(self, threads, routine):
+        """The floor by `routine` on `threads` threads, timed once."""
+        with ThreadGovernor(threads=threads):
+            return floor_epoch_seconds(self.n_train, self.config.batch_size, self.layers, self.device, repeats=1,
+                                       matmul=self.matmuls[routine], dtype=self.config.precision)[0]
 
     def result(self):
         """The row of the table and the JSON, from the rounds so far (one at least)."""
@@ -229,6 +245,8 @@ class TrainingRow:
                 # what a step costs beyond its products: the fixed costs that small batches pay more often
                 "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples),
                 "floor_s": statistics.median(floors_s), "floors_s": floors_s, "floors_after_s": self.floors_after,
+                "floor_threads": self.floor_threads, "floors_before_s": self.floors_before,
+                "core_distances_ns": self.distances,
                 "ratio": statistics.median(e / f for e, f, _ in triples),
                 # the routine of the least floor, each routine's least, and which was fastest in each round
                 "floor_routine": min(least, key=least.get), "routine_floors_s": least,
@@ -604,6 +622,7 @@ def format_table(results):
                  " its other work free;\n"
                  " adam GB/s: the bytes Adam's update reads and writes per second, back to back / in +adam's epoch;\n"
                  " thr: the threads the step ran on, and its floor: fewer than all where they were faster)")
+    lines += _placement_lines(results["training"])
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
         bf16 = by_setting["bf16"]
@@ -628,6 +647,28 @@ def format_table(results):
     lines += [f"peak resident memory of a training run: {results['peak_rss_mb']:.0f} MB",
               f"start-up, mnist-vae --help: {results['startup_help_s']:.2f} s"]
     return "\n".join(lines)
+
+
+def _placement_lines(rows):
+    """Where the time for a write to pass between two threads, taken before each epoch, was over twice its least
+    (the host had moved the CPUs apart, docs/speed.md): each row's epochs then and their ratios against the rest's."""
+    distances = [d for row in rows for d in row.get("core_distances_ns", []) if d]
+    if not distances:
+        return []
+    least = min(distances)
+    lines = [f"cores: a write passed between two threads in {least:.0f}-{max(distances):.0f} ns before the epochs; "
+             f"where it took over {2 * least:.0f} ns (the CPUs moved apart):"]
+    for row in rows:
+        ratios = [e / f for e, f in zip(row["epochs_s"], row["floors_s"])]
+        far = [r for r, d in zip(ratios, row.get("core_distances_ns", [])) if d and d > 2 * least]
+        near = [r for r, d in zip(ratios, row.get("core_distances_ns", [])) if d and d <= 2 * least]
+        if far:
+            rest = f", against {statistics.median(near):.2f} for the other {len(near)}" if near else ""
+            lines.append(f"  {row['setting']}: {len(far)} of {len(ratios)} epochs, ratio {statistics.median(far):.2f}"
+                         + rest)
+    if len(lines) == 1:
+        lines[0] = lines[0].replace("; where it took over", ", never over").replace(" (the CPUs moved apart):", "")
+    return lines
 
 
 if __name__ == "__main__":
