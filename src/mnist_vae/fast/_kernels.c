@@ -549,7 +549,7 @@ VECTOR_CLONES static void adam(float *restrict p, const float *restrict g, const
 typedef float v16sf __attribute__((vector_size(64)));
 #define WG_ROWS 4      /* a tile: 4 rows of the weight by up to 4 vectors of 16 columns, its sums in registers */
 #define WG_COLS 64
-#define WG_MAX_ROWS 32 /* of d and x: kernels.WEIGHT_GRAD_ADAM_ROWS */
+#define WG_MAX_ROWS 32 /* of d and x; the module's weight_grad_adam_rows, which kernels.py reads */
 
 /* g = the tile of d' x at d (rows x 4, its columns the tile's rows) and x (rows x 16 n, its columns the tile's):
  * each element summed over the rows in their order, whatever n. The sums are named variables, not an array,
@@ -1033,7 +1033,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
 #else
     int openmp = 0;
 #endif
-    if (m && PyModule_AddIntConstant(m, "openmp", openmp) < 0) { /* 1: the big loops use torch's threads */
+    if (m && (PyModule_AddIntConstant(m, "openmp", openmp) < 0 /* 1: the big loops use torch's threads */
+              || PyModule_AddIntConstant(m, "weight_grad_adam_rows", WG_MAX_ROWS) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -323,10 +323,10 @@ def adam(parameters, grads, exp_avgs, exp_avg_sqs, scalars, weight_copy=None):
     return True
 
 
-# The most rows of weight_grad_adam's operands (WG_MAX_ROWS in _kernels.c): at Burda et al.'s batch of 20 a tile
-# of the gradient costs less to sum than the product's output costs to write out and read back; larger batches,
-# where it has not been measured, keep the product routine.
-WEIGHT_GRAD_ADAM_ROWS = 32
+# The most rows of weight_grad_adam's operands, as _kernels.c defines them (WG_MAX_ROWS): at Burda et al.'s batch of 20
+# a tile of the gradient costs less to sum than the product's output costs to write out and read back; larger
+# batches, where it has not been measured, keep the product routine.
+WEIGHT_GRAD_ADAM_ROWS = getattr(_kernels, "weight_grad_adam_rows", 0)  # 0: not built
 
 
 def weight_grad_adam(d_y, x, parameters, grad_bias, exp_avgs, exp_avg_sqs, scalars):
