@@ -484,6 +484,15 @@ def test_the_distance_between_two_threads_is_measured_where_the_c_loops_run_on_s
     assert kernels._kernels.core_distance(0) == 0.0
 
 
+def test_the_distance_is_not_measured_on_one_core(monkeypatch):
+    """Two threads on one core would take turns at the scheduler's pace: the reading would take seconds."""
+    from mnist_vae.fast import kernels
+    if kernels._kernels is not None:
+        monkeypatch.setattr(kernels._kernels, "core_distance", lambda trips: pytest.fail("measured on one core"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert kernels.core_distance_ns() is None
+
+
 def test_a_run_whose_first_timing_chose_one_thread_goes_back_to_two_and_gives_the_same_bits(
         tmp_path, tiny_dataset, matrix_products, two_threads, monkeypatch):
     settings = dict(data_dir=str(tiny_dataset), num_epochs=2, batch_size=32, n_test=64)

@@ -655,20 +655,21 @@ def _placement_lines(rows):
     distances = [d for row in rows for d in row.get("core_distances_ns", []) if d]
     if not distances:
         return []
-    least = min(distances)
-    lines = [f"cores: a write passed between two threads in {least:.0f}-{max(distances):.0f} ns before the epochs; "
-             f"where it took over {2 * least:.0f} ns (the CPUs moved apart):"]
+    least, most = min(distances), max(distances)
+    apart = []
     for row in rows:
-        ratios = [e / f for e, f in zip(row["epochs_s"], row["floors_s"])]
-        far = [r for r, d in zip(ratios, row.get("core_distances_ns", [])) if d and d > 2 * least]
-        near = [r for r, d in zip(ratios, row.get("core_distances_ns", [])) if d and d <= 2 * least]
+        readings = [(e / f, d) for e, f, d in zip(row["epochs_s"], row["floors_s"], row.get("core_distances_ns", []))
+                    if d]
+        far = [ratio for ratio, d in readings if d > 2 * least]
+        near = [ratio for ratio, d in readings if d <= 2 * least]
         if far:
             rest = f", against {statistics.median(near):.2f} for the other {len(near)}" if near else ""
-            lines.append(f"  {row['setting']}: {len(far)} of {len(ratios)} epochs, ratio {statistics.median(far):.2f}"
-                         + rest)
-    if len(lines) == 1:
-        lines[0] = lines[0].replace("; where it took over", ", never over").replace(" (the CPUs moved apart):", "")
-    return lines
+            apart.append(f"  {row['setting']}: {len(far)} of {len(row['epochs_s'])} epochs, ratio "
+                         f"{statistics.median(far):.2f}" + rest)
+    heading = f"cores: a write passed between two threads in {least:.0f}-{most:.0f} ns before the epochs"
+    if not apart:
+        return [f"{heading}, never over {2 * least:.0f} ns"]
+    return [f"{heading}; where it took over {2 * least:.0f} ns (the CPUs moved apart):", *apart]
 
 
 if __name__ == "__main__":

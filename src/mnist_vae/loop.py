@@ -61,7 +61,7 @@ def train(config, resume=False, overwrite=False, log=print, observers=()):
             run = replan_epochs(run)
             if probe is not None and governor.most != run.step_threads:  # timed again (fast/threads.py)
                 run.log(f"threads: {governor.most} of {governor.start}, on which this model's products ran fastest "
-                        f"when timed again on a quiet machine" + (" after its cores moved" if governor.moves else ""))
+                        f"when timed again on a quiet machine")
                 run = dataclasses.replace(run, step_threads=governor.most)
             for observer in observers:
                 observer.on_epoch_end(run, row)

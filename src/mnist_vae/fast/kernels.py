@@ -65,8 +65,10 @@ def description():
 def core_distance_ns(trips=200, repeats=3):
     """How far apart two of torch's threads run: the nanoseconds a write by one takes to reach the other, the
     median of `repeats` timings of `trips` round trips (_kernels.c's core_distance); None where the C loops
-    do not run on several threads (not built, no OpenMP, one runtime too many)."""
-    if not _enabled or not _kernels.openmp:
+    do not run on several threads (not built, no OpenMP, one runtime too many) or the process has one core,
+    where the two threads would take turns on it and each trip would wait for the scheduler."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not _enabled or not _kernels.openmp or cores < 2:
         return None
     timings = sorted(_kernels.core_distance(trips) for _ in range(repeats))
     return timings[len(timings) // 2] or None

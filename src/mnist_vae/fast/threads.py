@@ -268,22 +268,23 @@ class ThreadGovernor:
     def _sample(self):
         return load_sample(self.cpus, self.read, self.clock, self.own_cpu)
 
-    def _probe_again(self, others, now):
-        """Time the step's products again where the ceiling is below all and the machine was quiet (__init__)."""
+    def _probe_again(self, others, now, distance):
+        """Time the step's products again where the ceiling is below all and the machine was quiet (__init__);
+        `distance` is this interval's reading, kept as the one the timing was taken at."""
         if (self.probe is None or not self.probes_left or others >= QUIET or self.most >= self.allowed[-1]
                 or (self.probed_at is not None and now - self.probed_at < PROBE_AGAIN_S)):
             return
         self.probes_left -= 1
         self._set_ceiling(self.probe())
         self.probed_at = self.clock()
-        self.probed_distance = self.distance() if self.distance is not None else None
+        self.probed_distance = distance
 
-    def _follow_the_cores(self, others):
-        """Time the step's products again where the distance between two threads changed (__init__)."""
-        if self.distance is None or others >= QUIET:
+    def _follow_the_cores(self, distance):
+        """Time the step's products again where `distance`, this quiet interval's reading of the time between two
+        threads (None: not read or unknown), changed by MOVED times since they were last timed (__init__)."""
+        if distance is None:
             return
-        distance = self.distance()
-        if distance is None or self.probed_distance is None:
+        if self.probed_distance is None:
             self.probed_distance = distance
             return
         if max(distance / self.probed_distance, self.probed_distance / distance) >= MOVED:
@@ -300,8 +301,10 @@ class ThreadGovernor:
             return
         others = others_cores(self.last, now)
         self.last = now
-        self._probe_again(others, now[0])
-        self._follow_the_cores(others)
+        # one reading of where the cores are, on a quiet machine only, for both reasons to time the products again
+        distance = self.distance() if self.distance is not None and others < QUIET else None
+        self._probe_again(others, now[0], distance)
+        self._follow_the_cores(distance)
         free = round(len(self.cpus) - others)
         threads = max((c for c in self.counts if c <= free), default=self.counts[0])
         if threads != torch.get_num_threads():
