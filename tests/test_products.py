@@ -18,6 +18,7 @@ def test_the_rule_picks_onednn_on_amd_with_avx512_only(tmp_path, monkeypatch):
     assert not products._amd_with_avx512(_cpuinfo(tmp_path, "GenuineIntel", ["avx2", "avx512f"]))
     assert not products._amd_with_avx512(str(tmp_path / "no-such-file"))
     monkeypatch.setattr(products, "_amd_with_avx512", lambda: True)
+    monkeypatch.setattr(products, "small_step", lambda: products.SMALL_STEP)
     expected = "oneDNN" if products.onednn_available(torch.device("cpu")) else "torch.mm"
     assert products.rule(torch.device("cpu")) == expected
     assert products.rule(torch.device("cpu"), products.SMALL_STEP) == expected
@@ -26,6 +27,20 @@ def test_the_rule_picks_onednn_on_amd_with_avx512_only(tmp_path, monkeypatch):
     assert products.rule(torch.device("meta")) == "torch.mm"  # not a CPU: never oneDNN
     monkeypatch.setattr(products, "_amd_with_avx512", lambda: False)
     assert products.rule(torch.device("cpu")) == "torch.mm"
+
+
+def test_a_step_is_small_by_the_cpu_family_s_own_bound(tmp_path):
+    """A Zen 4 (AMD family 25) takes MKL for steps up to 40 million multiply-adds, so that Burda et al.'s IWAE at
+    batch 20 (25 million) goes through it; other families keep SMALL_STEP; a CPU that names no family too."""
+    def cpuinfo(family):
+        path = tmp_path / f"cpuinfo-{family}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\n"
+                        f"flags\t\t: avx2 avx512f\n\n")
+        return str(path)
+
+    assert products.small_step(cpuinfo(25)) == products.SMALL_STEP_BY_FAMILY[25] > 25_000_000
+    assert products.small_step(cpuinfo(26)) == products.SMALL_STEP
+    assert products.small_step(str(tmp_path / "no-such-file")) == products.SMALL_STEP
 
 
 def test_use_overrides_the_rule_and_refuses_unknown_names():
@@ -79,7 +94,8 @@ def test_the_cpu_is_described_as_lscpu_does(tmp_path):
 def test_the_training_step_tells_the_rule_the_size_of_its_products(monkeypatch):
     """make_step's fused step counts its forward pass's multiply-adds from the model, the batch and the draws
     of z: the defaults take oneDNN where the rule gives it, Burda et al.'s model at batch 20 torch.mm, and its
-    IWAE at batch 20 (the decoder on 5 draws per image) oneDNN again."""
+    IWAE at batch 20 (the decoder on 5 draws per image) oneDNN again, where the CPU family bounds small steps at
+    SMALL_STEP."""
     from dataclasses import replace
 
     from mnist_vae.config import Config
@@ -87,6 +103,7 @@ def test_the_training_step_tells_the_rule_the_size_of_its_products(monkeypatch):
     from mnist_vae.step import make_step
 
     monkeypatch.setattr(products, "_amd_with_avx512", lambda: True)
+    monkeypatch.setattr(products, "small_step", lambda: products.SMALL_STEP)
     large = "oneDNN" if products.onednn_available(torch.device("cpu")) else "torch.mm"
     burda = dict(dim_z=50, n_hidden=200, activation="tanh", dropout=0.0, batch_size=20)
     for changes, expected in (({}, large), (burda, "torch.mm"), (dict(burda, objective="iwae", k_train=5), large)):

@@ -6,7 +6,7 @@ through torch.ops.mkldnn._linear_pointwise) did this model's products about twic
 fast, while on an AMD EPYC with AVX2 only the two are within a few per cent of each
 other (docs/speed.md, from `mnist-vae bench`). The choice is a rule, not a
 timing taken at start-up, so that one seed on one machine always gives the same bits:
-oneDNN on an AMD CPU with AVX-512 for all but the smallest steps (SMALL_STEP), torch.mm
+oneDNN on an AMD CPU with AVX-512 for all but the smallest steps (small_step), torch.mm
 everywhere else (other CPUs, CUDA, MPS, a torch without oneDNN). `mnist-vae bench` times
 every routine and says whether the rule picked the fastest one on the machine it runs on.
 `use(name)` overrides it (the tests train through both).
@@ -115,15 +115,24 @@ def check_precision(precision, device):
 
 
 # Below this many multiply-adds in the forward pass of a step, oneDNN's cost per call outweighs its faster
-# arithmetic, and MKL is the faster on an AMD CPU with AVX-512 too: in mnist-vae bench's floors, Burda et
-# al.'s model at batch 20 (8.5 million) against their IWAE at batch 20 (25 million; docs/speed.md).
+# arithmetic, and MKL is the faster on an AMD CPU with AVX-512 too: in mnist-vae bench's floors on a Zen 5,
+# Burda et al.'s model at batch 20 (8.5 million) against their IWAE at batch 20 (25 million; docs/speed.md).
 SMALL_STEP = 20_000_000
+# Where the CPU family's steps cross over elsewhere: on a Zen 4 (family 25; its parts with AVX-512 are all
+# Zen 4) that IWAE's whole step ran faster through MKL, whose small weight gradients also go straight into
+# Adam's update, and the defaults at batch 64 (66 million) through either alike (docs/speed.md).
+SMALL_STEP_BY_FAMILY = {25: 40_000_000}
+
+
+def small_step(cpuinfo="/proc/cpuinfo"):
+    """SMALL_STEP for this CPU's family."""
+    return SMALL_STEP_BY_FAMILY.get(cpu(cpuinfo)["family"], SMALL_STEP)
 
 
 def rule(device, multiply_adds=None):
     """The routine the rule picks for `device`, for a step whose forward pass takes `multiply_adds` (None:
     products of any size, as the estimate's chunks of draws are)."""
-    if onednn_available(device) and _amd_with_avx512() and (multiply_adds is None or multiply_adds >= SMALL_STEP):
+    if onednn_available(device) and _amd_with_avx512() and (multiply_adds is None or multiply_adds >= small_step()):
         return "oneDNN"
     return "torch.mm"
 
