@@ -386,7 +386,8 @@ def test_adam_in_c_is_torchs_fused_adam(shapes, weight_decay, beta1):
 
 
 @needs_c
-@pytest.mark.parametrize("out, in_features, rows", [(784, 200, 20), (100, 200, 20), (50, 200, 32), (7, 3, 1), (13, 70, 5)])
+@pytest.mark.parametrize("out, in_features, rows", [(784, 200, 20), (100, 200, 20), (50, 200, 32), (200, 50, 100),
+                                                     (10, 500, 128), (7, 3, 1), (13, 70, 5)])
 def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, rows):
     """kernels.weight_grad_adam: Adam's update from the weight gradient d' x, which it sums tile by tile and never
     writes out, is kernels.adam's from that product (within the rounding of a sum in another order), for shapes

@@ -549,7 +549,7 @@ VECTOR_CLONES static void adam(float *restrict p, const float *restrict g, const
 typedef float v16sf __attribute__((vector_size(64)));
 #define WG_ROWS 4      /* a tile: 4 rows of the weight by up to 4 vectors of 16 columns, its sums in registers */
 #define WG_COLS 64
-#define WG_MAX_ROWS 32 /* of d and x; the module's weight_grad_adam_rows, which kernels.py reads */
+#define WG_MAX_ROWS 128 /* of d and x; the module's weight_grad_adam_rows, which kernels.py reads */
 
 /* g = the tile of d' x at d (rows x 4, its columns the tile's rows) and x (rows x 16 n, its columns the tile's):
  * each element summed over the rows in their order, whatever n. The sums are named variables, not an array,
@@ -602,7 +602,7 @@ VECTOR_CLONES static void weight_grad_adam(const float *restrict d, const float 
           x_edge[WG_MAX_ROWS * 16] __attribute__((aligned(64)));
     long in_vectors = in / 16 * 16;
     if (in_vectors < in) {
-        memset(x_edge, 0, sizeof(x_edge));
+        memset(x_edge, 0, (size_t)rows * 16 * sizeof(float));
         for (long r = 0; r < rows; r++)
             memcpy(x_edge + r * 16, x + r * in + in_vectors, (size_t)(in - in_vectors) * sizeof(float));
     }
@@ -610,7 +610,7 @@ VECTOR_CLONES static void weight_grad_adam(const float *restrict d, const float 
         long n_o = o1 - o < WG_ROWS ? o1 - o : WG_ROWS, d_stride = out;
         const float *d_tile = d + o;
         if (n_o < WG_ROWS) {
-            memset(d_edge, 0, sizeof(d_edge));
+            memset(d_edge, 0, (size_t)rows * WG_ROWS * sizeof(float));
             for (long r = 0; r < rows; r++)
                 memcpy(d_edge + r * WG_ROWS, d + r * out + o, (size_t)n_o * sizeof(float));
             d_tile = d_edge;
