@@ -169,7 +169,9 @@ class TrainingRow:
     then an epoch of train() itself (the real loop), then the floor by the round's fastest routine again; then
     `result`: medians, and the ratios of each epoch to its round's floor, the mean of the least floor before it
     and that routine's after it. Built, it trains one warm-up epoch, whose step's thread count (fewer than all
-    where its products ran faster on fewer) the rounds and their floors keep to."""
+    where its products ran faster on fewer) the floors are timed on, and on one thread too where that is more;
+    each round's epoch trains as a user's run does, from torch's thread count, its governor choosing the count
+    and following the cores' placement (fast/threads.py)."""
 
     def __init__(self, config, device, matmuls):
         self.config, self.device, self.matmuls = config, device, matmuls
@@ -190,6 +192,7 @@ class TrainingRow:
         # epoch
         self.floor_threads, self.floors_before = [], []
         self.distances = []  # ns for a write to pass between two threads, just before each epoch (None: unknown)
+        self.epoch_threads = []  # the count each epoch's step ended on
         self.step = None  # the step train() used: fused or autograd
 
     def round(self):
@@ -208,12 +211,15 @@ class TrainingRow:
             if self.threads > 1:  # training may move to one thread while the CPUs are on two dies (fast/threads.py)
                 alone = self._floor_on(1, fastest)
                 before, threads = min((before, self.threads), (alone, 1))
-            self.distances.append(kernels.core_distance_ns())  # where the host has put the CPUs (fast/threads.py)
-            row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None)
-            # The fastest routine again, just after the epoch: the round's floor is the mean of its two timings, as
-            # the estimate's is, so that where the machine's speed changes between them the floor moves with the
-            # epoch.
-            after = self._floor_on(threads, fastest)
+        self.distances.append(kernels.core_distance_ns())  # where the host has put the CPUs (fast/threads.py)
+        # Not held at the warm-up's count: a warm-up that fell while the CPUs were apart would keep every round on
+        # one thread, where training goes back to two once they are together.
+        watch = StepThreads()
+        row = train(replace(config, num_epochs=1), overwrite=True, log=lambda *a: None, observers=[watch])
+        # The fastest routine again, just after the epoch: the round's floor is the mean of its two timings, as
+        # the estimate's is, so that where the machine's speed changes between them the floor moves with the epoch.
+        after = self._floor_on(threads, fastest)
+        self.epoch_threads.append(watch.threads)
         self.triples.append((row["seconds"], (before + after) / 2, with_adam))
         self.floor_threads.append(threads)
         self.floors_before.append(before)
@@ -246,6 +252,7 @@ class TrainingRow:
                 "over_floor_us_per_step": statistics.median((e - f) / n_steps * 1e6 for e, f, _ in triples),
                 "floor_s": statistics.median(floors_s), "floors_s": floors_s, "floors_after_s": self.floors_after,
                 "floor_threads": self.floor_threads, "floors_before_s": self.floors_before,
+                "epoch_threads": self.epoch_threads,
                 "core_distances_ns": self.distances,
                 "ratio": statistics.median(e / f for e, f, _ in triples),
                 # the routine of the least floor, each routine's least, and which was fastest in each round
@@ -570,6 +577,13 @@ def _rounds(row):
     return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
+def _threads(row, machine_threads):
+    """The threads a training row's epochs ended on, as "2", or "1-2" where they differed; where a row does not
+    list them, the count it was held at."""
+    counts = row.get("epoch_threads") or [row.get("threads", machine_threads)]
+    return f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
 def _adam_speeds(row):
     """Adam's GB/s back to back and between the products, as "190/80"; "-" for what a row lacks."""
     speeds = [row.get("adam_gb_per_s"), row.get("adam_in_step_gb_per_s")]
@@ -603,7 +617,7 @@ def format_table(results):
              f"{'adam GB/s':>9}  floor by"]
     for row in results["training"]:
         lines.append(f"{row['setting']:<16} {row['step']:<8} {row['dim_z']:>5} {row['batch_size']:>5} "
-                     f"{row.get('threads', m['threads']):>3} {row['epoch_s']:>8.2f} "
+                     f"{_threads(row, m['threads']):>3} {row['epoch_s']:>8.2f} "
                      f"{row['floor_s']:>8.2f} {row['ratio']:>6.2f} {_rounds(row):>9} {row['images_per_s']:>9.0f}"
                      f" {row['adam_s']:>7.2f} {row['masks_s']:>8.2f} {row.get('over_floor_us_per_step', math.nan):>12.0f}"
                      f" {row.get('products_and_adam_ratio', math.nan):>6.2f} {_adam_speeds(row):>9}"
@@ -621,7 +635,8 @@ def format_table(results):
                  " update, over the floor (medians; each timed just after its floor): what the step would take with\n"
                  " its other work free;\n"
                  " adam GB/s: the bytes Adam's update reads and writes per second, back to back / in +adam's epoch;\n"
-                 " thr: the threads the step ran on, and its floor: fewer than all where they were faster)")
+                 " thr: the threads the step ran on (the least and the most of its epochs'), and its floor: fewer\n"
+                 " than all where they were faster)")
     lines += _placement_lines(results["training"])
     by_setting = {row["setting"]: row for row in results["training"]}
     if "bf16" in by_setting:
