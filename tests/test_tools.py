@@ -162,8 +162,9 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert distance is None or (distance > 0 and "cores: a write passed between two threads in" in result.stdout)
     (before,) = row["floors_before_s"]
     assert row["floors_s"] == [pytest.approx((before + after) / 2)]
-    # on the row's threads, or on one where the fastest routine ran faster there (the CPUs on two dies)
-    assert row["floor_threads"] in ([row["threads"]], [1])
+    # on the row's threads, or on one or torch's count where the fastest routine ran faster there (the CPUs on two
+    # dies, or together again after a warm-up that ended on one)
+    assert row["floor_threads"][0] in {row["threads"], 1, results["machine"]["threads"]}
     if row["floor_threads"] == [row["threads"]]:
         assert before == min(row["routine_floors_s"].values())
     else:

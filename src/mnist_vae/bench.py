@@ -169,7 +169,7 @@ class TrainingRow:
     then an epoch of train() itself (the real loop), then the floor by the round's fastest routine again; then
     `result`: medians, and the ratios of each epoch to its round's floor, the mean of the least floor before it
     and that routine's after it. Built, it trains one warm-up epoch, whose step's thread count (fewer than all
-    where its products ran faster on fewer) the floors are timed on, and on one thread too where that is more;
+    where its products ran faster on fewer) the floors are timed on, and on one thread and torch's count too;
     each round's epoch trains as a user's run does, from torch's thread count, its governor choosing the count
     and following the cores' placement (fast/threads.py)."""
 
@@ -198,6 +198,7 @@ class TrainingRow:
     def round(self):
         """One round: the floors, +adam's epoch, an epoch of train(), and the fastest floor again."""
         config, device, n_train, layers = self.config, self.device, self.n_train, self.layers
+        most = torch.get_num_threads()  # the count each epoch starts from
         with ThreadGovernor(threads=self.threads):  # fixed at that count, torch's own restored after
             # Every routine in every round, the round's floor the fastest of them: a slow moment of the machine
             # then costs one round's floor, where a routine chosen once, in that moment, would set every floor.
@@ -208,9 +209,12 @@ class TrainingRow:
                                             after_step=self.for_adam.adam_step)[0]
             fastest = min(floors, key=floors.get)
             before, threads = floors[fastest], self.threads
-            if self.threads > 1:  # training may move to one thread while the CPUs are on two dies (fast/threads.py)
-                alone = self._floor_on(1, fastest)
-                before, threads = min((before, self.threads), (alone, 1))
+            # Training may move to one thread while the CPUs are on two dies, and back to torch's count once they are
+            # together (fast/threads.py): the floor is the fastest of the three counts; in bfloat16 or with --threads
+            # the count stays where it is.
+            governed = config.precision == "fp32" and config.threads == 0
+            for count in sorted({1, most} - {self.threads}) if governed else ():
+                before, threads = min((before, threads), (self._floor_on(count, fastest), count))
         self.distances.append(kernels.core_distance_ns())  # where the host has put the CPUs (fast/threads.py)
         # Not held at the warm-up's count: a warm-up that fell while the CPUs were apart would keep every round on
         # one thread, where training goes back to two once they are together.
