@@ -325,10 +325,10 @@ def adam(parameters, grads, exp_avgs, exp_avg_sqs, scalars, weight_copy=None):
     return True
 
 
-# The most rows of weight_grad_adam's operands, as _kernels.c defines them (WG_MAX_ROWS): up to 128 rows (the default
-# batch) a tile of the gradient cost no more to sum than MKL's product followed by Adam on an AMD EPYC Zen 4, and
-# less at Burda et al.'s batch of 20 and on the 100 rows of their IWAE's decoder (docs/speed.md); larger
-# batches, where it has not been measured, keep the product routine.
+# The most rows of weight_grad_adam's operands, as _kernels.c defines them (WG_MAX_ROWS): a tile of the gradient costs
+# less to sum than the product's output costs to write out and read back, at Burda et al.'s batch of 20 and on the
+# 100 rows of their IWAE's decoder, and no more at the default batch of 128 (on an AMD EPYC Zen 4); larger batches,
+# where it has not been measured, keep the product routine.
 WEIGHT_GRAD_ADAM_ROWS = getattr(_kernels, "weight_grad_adam_rows", 0)  # 0: not built
 
 
