@@ -50,7 +50,7 @@ from .fast.fused import FusedTrainStep
 from .fast.products import _onednn, onednn_available
 from .fast.threads import ThreadGovernor, product_layers
 from .layers import dropout_bits
-from .loop import make_model, train
+from .loop import make_model, threads_may_move, train
 from .machine import resolve_device
 from .model import build
 from .outputs import Observer
@@ -188,8 +188,8 @@ class TrainingRow:
         self.for_adam = step_for_adam(config, device)
         # each round's (epoch, floor, +adam), every routine's floor before its epoch, and the fastest's after it
         self.triples, self.round_floors, self.floors_after = [], [], []
-        # each round's floor's thread count (the row's, or one where its products ran faster) and its timing before the
-        # epoch
+        # each round's floor's thread count (the row's, or one or torch's where its products ran faster there) and its
+        # timing before the epoch
         self.floor_threads, self.floors_before = [], []
         self.distances = []  # ns for a write to pass between two threads, just before each epoch (None: unknown)
         self.epoch_threads = []  # the count each epoch's step ended on
@@ -210,10 +210,8 @@ class TrainingRow:
             fastest = min(floors, key=floors.get)
             before, threads = floors[fastest], self.threads
             # Training may move to one thread while the CPUs are on two dies, and back to torch's count once they are
-            # together (fast/threads.py): the floor is the fastest of the three counts; in bfloat16 or with --threads
-            # the count stays where it is.
-            governed = config.precision == "fp32" and config.threads == 0
-            for count in sorted({1, most} - {self.threads}) if governed else ():
+            # together (fast/threads.py): the floor is the fastest of the three counts, where the count may move.
+            for count in sorted({1, most} - {self.threads}) if threads_may_move(config, device) else ():
                 before, threads = min((before, threads), (self._floor_on(count, fastest), count))
         self.distances.append(kernels.core_distance_ns())  # where the host has put the CPUs (fast/threads.py)
         # Not held at the warm-up's count: a warm-up that fell while the CPUs were apart would keep every round on

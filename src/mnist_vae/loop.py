@@ -205,13 +205,19 @@ def restore(run, saved):
     run.log(f"resuming {run.out} at epoch {progress.epoch + 1}, step {progress.step}")
 
 
+def threads_may_move(config, device):
+    """Whether a run of `config` on `device` may move among thread counts (run_thread_counts): not with
+    --threads N, off the CPU, or in bfloat16."""
+    return config.threads == 0 and device.type == "cpu" and config.precision == "fp32"
+
+
 def run_thread_counts(run):
     """The thread counts the run may move among as the machine's load changes: those on which every product
-    of its step gives the same bits (threads.invariant_counts); all alone with --threads N, off the CPU, or
-    in bfloat16. (The autograd step's products are torch's, on k draws of z per image
+    of its step gives the same bits (threads.invariant_counts); all alone where it may not move
+    (threads_may_move). (The autograd step's products are torch's, on k draws of z per image
     with --objective iwae.)"""
     config, n_train, batch_size = run.config, len(run.tensors.train), run.config.batch_size
-    if config.threads != 0 or run.device.type != "cpu" or config.precision != "fp32":
+    if not threads_may_move(config, run.device):
         return [torch.get_num_threads()]
     rows = {n * k for n in (batch_size, n_train - batch_size * (run.n_steps - 1)) for k in (1, config.z_per_image)}
     return invariant_counts(run.model, rows, products_of_step(run))
