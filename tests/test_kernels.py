@@ -386,6 +386,26 @@ def test_adam_in_c_is_torchs_fused_adam(shapes, weight_decay, beta1):
 
 
 @needs_c
+@pytest.mark.parametrize("count", [7, 1000, 16000, 40000])
+def test_adam_in_c_divides_by_the_bias_correction_as_torch_does_far_into_training_and_past_overflow(count):
+    """The C loop divides by the bias correction's square root through its reciprocal: the same bits as
+    torch._fused_adam_ at step counts where that root is another float (and from 16,628 on, 1), on gradients of
+    every size, with a gradient whose square overflows (an infinite second moment) and a NaN."""
+    generator = torch.Generator().manual_seed(count)
+    (c,), (reference,) = _adam_pair([(64, 160)], generator)
+    grad = torch.randn(64, 160, generator=generator) * torch.logspace(-12, 12, 160)
+    grad[3, :16], grad[5, :16] = 1e30, float("nan")
+    options = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    torch._fused_adam_([reference[0]], [grad], [reference[1]], [reference[2]], [], [torch.tensor(float(count))],
+                       amsgrad=False, maximize=False, **options)
+    assert kernels.adam([c[0], torch.zeros(16)], [grad, torch.zeros(16)], [c[1], torch.zeros(16)],
+                        [c[2], torch.zeros(16)], kernels.adam_scalars(float(count), *options.values()))
+    assert torch.isinf(c[2][3, :16]).all() and torch.isnan(c[0][5, :16]).all()
+    for ours, theirs in zip(c, reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_c
 @pytest.mark.parametrize("out, in_features, rows", [(784, 200, 20), (100, 200, 20), (50, 200, 32), (200, 50, 100),
                                                      (10, 500, 128), (7, 3, 1), (13, 70, 5)])
 def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, rows):

@@ -506,13 +506,22 @@ VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long 
  * that on a vector of parameters the two agree to the bit (torch's scalar loop over the last few elements
  * of a tensor rounds otherwise, by an ulp). The scalars are torch's, computed in double by the caller and
  * rounded to float as torch rounds them. The first moment is torch's lerp toward the gradient by
- * c1 = 1 - beta1, from the nearer end. */
+ * c1 = 1 - beta1, from the nearer end.
+ *
+ * Of the three operations that one divider does (a square root, two divisions), the division by the step's
+ * constant bc2_sqrt is done without it, by Markstein's correction: with y the correctly rounded reciprocal,
+ * the remainder s - bc2_sqrt q of q = s y is exact in a fused multiply-add, and q + remainder y rounds to the
+ * correctly rounded quotient (Markstein 1990; Muller et al., Handbook of Floating-Point Arithmetic, on
+ * division with an FMA); an infinite s, whose remainder is NaN, keeps q. So
+ * the bits are the divider's, which the tests check against torch's Adam, and one of the three operations
+ * of the CPU's slowest unit is gone from a loop it bounds where the data are in the cache (docs/speed.md). */
 static inline __attribute__((always_inline)) void adam_loop(
         int bf16, float *restrict p, const float *restrict g, const uint16_t *restrict g16, uint16_t *restrict p16,
         float *restrict m, float *restrict v, long n, float c1, float beta2, float c2, float bc2_sqrt, float eps,
         float neg_step_size, float weight_decay) {
     int small = fabsf(c1) < 0.5f;
     float coefficient = small ? c1 : c1 - 1.0f;
+    float y = 1.0f / bc2_sqrt;
     for (long i = 0; i < n; i++) {
         float grad = bf16 ? bf16_float(g16[i]) : g[i];
         grad = weight_decay != 0.0f ? fmaf(p[i], weight_decay, grad) : grad;
@@ -520,7 +529,9 @@ static inline __attribute__((always_inline)) void adam_loop(
         float vi = fmaf(c2 * grad, grad, v[i] * beta2);
         m[i] = mi;
         v[i] = vi;
-        float pi = p[i] + neg_step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        float s = sqrtf(vi), q = s * y, remainder = fmaf(-bc2_sqrt, q, s);
+        float corrected = remainder == remainder ? fmaf(remainder, y, q) : q; /* s / bc2_sqrt */
+        float pi = p[i] + neg_step_size * mi / (corrected + eps);
         p[i] = pi;
         if (bf16)
             p16[i] = float_bf16(pi);
