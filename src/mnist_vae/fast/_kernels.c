@@ -512,9 +512,9 @@ VECTOR_CLONES static void splitmix64(uint64_t *restrict out, uint64_t key, long 
  * constant bc2_sqrt is done without it, by Markstein's correction: with y the correctly rounded reciprocal,
  * the remainder s - bc2_sqrt q of q = s y is exact in a fused multiply-add, and q + remainder y rounds to the
  * correctly rounded quotient (Markstein 1990; Muller et al., Handbook of Floating-Point Arithmetic, on
- * division with an FMA); an infinite s, whose remainder is NaN, keeps q. So
- * the bits are the divider's, which the tests check against torch's Adam, and one of the three operations
- * of the CPU's slowest unit is gone from a loop it bounds where the data are in the cache (docs/speed.md). */
+ * division with an FMA); an infinite s, whose remainder is NaN, keeps q. So the bits are the divider's,
+ * which the tests check against torch's Adam, and one of the three operations of the CPU's slowest unit is
+ * gone from a loop it bounds where the data are in the cache (docs/speed.md). */
 static inline __attribute__((always_inline)) void adam_loop(
         int bf16, float *restrict p, const float *restrict g, const uint16_t *restrict g16, uint16_t *restrict p16,
         float *restrict m, float *restrict v, long n, float c1, float beta2, float c2, float bc2_sqrt, float eps,
