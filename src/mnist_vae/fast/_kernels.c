@@ -33,12 +33,19 @@
 #define VECTOR_CLONES
 #endif
 
-/* The two big loops (an activation layer, the loss) split their rows between threads. Built with
+/* The loops split their rows (Adam its parameters, weight_grad_adam its tiles) between threads. Built with
  * -fopenmp on Linux, this module then needs libgomp.so.1; torch has loaded its own copy by then, and
  * the loader reuses it, so these threads are torch's intra-op threads, as many as
- * torch.get_num_threads(), never more. Smaller loops stay on one thread, as waking the others costs
- * more than they save (torch uses the same grain size). */
+ * torch.get_num_threads(), never more. A small loop stays on one thread, as waking the others costs
+ * more than they save; how small depends on the work an element takes. A light pass (a product by the
+ * factor, a sum) shares from PARALLEL_MIN elements, torch's grain size; a loop that evaluates an
+ * exponential or a logarithm for each element (an activation layer with its dropout bits, the loss) from
+ * PARALLEL_MIN_EXP; Adam's update, a square root and two divisions a parameter, from PARALLEL_MIN_ADAM
+ * parameters; and weight_grad_adam, rows multiply-adds and Adam's update a parameter, from PARALLEL_MIN
+ * multiply-adds. None of them changes a bit with the number of threads. */
 #define PARALLEL_MIN 32768
+#define PARALLEL_MIN_EXP 4096
+#define PARALLEL_MIN_ADAM 8192
 static int parallel = 1; /* set_parallel(0): one thread, where torch's OpenMP runtime is not ours */
 
 static void my_share(long n, long *begin, long *end) { /* this thread's part of 0..n */
@@ -666,7 +673,7 @@ static PyObject *py_activation(PyObject *args, int kind) {
     float *h = (float *)(uintptr_t)a, *f = (float *)(uintptr_t)factor;
     const uint16_t *in16 = (const uint16_t *)(uintptr_t)a16;
     uint16_t *out16 = (uint16_t *)(uintptr_t)h16;
-#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
+#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN_EXP)
     {
         long begin, end;
         if (bits) { /* outputs begin.. of SplitMix64 from key are those of the state key + begin gamma */
@@ -695,7 +702,7 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKKKflll", &logits, &bias, &target, &rows_out, &d_logits, &scale, &target_rows, &rows,
                           &cols))
         return NULL;
-#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
+#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN_EXP)
     {
         long begin, end, offset;
         my_share(rows, &begin, &end);
@@ -771,7 +778,7 @@ static PyObject *py_bernoulli_log_p(PyObject *self, PyObject *args) {
     long n, rows, cols;
     if (!PyArg_ParseTuple(args, "KKKKlll", &logits, &bias, &images, &out, &n, &rows, &cols))
         return NULL;
-#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN)
+#pragma omp parallel if (parallel && rows * cols >= PARALLEL_MIN_EXP)
     {
         long begin, end;
         my_share(rows, &begin, &end);
@@ -856,7 +863,7 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
         const uint16_t *G16 = bf16 ? (const uint16_t *)(uintptr_t)t[j][1] : NULL;
         uint16_t *P16 = bf16 ? (uint16_t *)(uintptr_t)copy : NULL;
         long size = n[j];
-#pragma omp parallel if (parallel && size >= PARALLEL_MIN)
+#pragma omp parallel if (parallel && size >= PARALLEL_MIN_ADAM)
         {
             long begin, end;
             my_share((size + 15) / 16, &begin, &end); /* whole cache lines to each thread */
@@ -884,7 +891,7 @@ static PyObject *py_weight_grad_adam(PyObject *self, PyObject *args) {
         return NULL;
     }
     long tiles = (out + WG_ROWS - 1) / WG_ROWS;
-#pragma omp parallel if (parallel && tiles > 1 && out * in >= PARALLEL_MIN)
+#pragma omp parallel if (parallel && tiles > 1 && rows * out * in >= PARALLEL_MIN)
     {
         long begin, end;
         my_share(tiles, &begin, &end);
