@@ -157,11 +157,13 @@ def test_the_activation_loops_drop_the_units_of_dropout_bits(implementation, sha
 
 
 @needs_c
-def test_the_c_loops_give_the_same_on_any_number_of_threads():
-    """Big loops split their rows, and their dropout bits, between torch's threads: uneven splits
-    (3 threads over 131 rows) must give what one thread gives."""
-    a, bias = inputs(131, 501)
-    target = torch.rand(131, 501)
+@pytest.mark.parametrize("shape", [(131, 501), (7, 701)])
+def test_the_c_loops_give_the_same_on_any_number_of_threads(shape):
+    """The loops split their rows, and their dropout bits, between torch's threads, the activation and the loss
+    from a few thousand elements: uneven splits (3 threads over 131 rows, or over 7) must give what one
+    thread gives."""
+    a, bias = inputs(*shape)
+    target = torch.rand(*shape)
     key = layers.dropout_key()
     results = {}
     threads_before = torch.get_num_threads()
