@@ -228,7 +228,7 @@ def test_the_kl_of_each_std_alone_is_within_float32_rounding(implementation):
         assert abs(kl.item() - expected.item()) <= tolerance, (s.item(), kl.item(), expected.item())
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (20, 200), (128, 500), (640, 37)])
+@pytest.mark.parametrize("shape", [(1, 1), (20, 200), (64, 500), (100, 200), (128, 500), (640, 37)])
 def test_the_backward_pass_through_a_hidden_layer_and_its_bias(implementation, shape):
     """factor_bias_grad: d times the factor, in place, and its sum over the rows, the bias's gradient; and the
     sum alone for the last layer (no factor). The same bits on one thread as on two."""
@@ -255,7 +255,7 @@ def test_the_backward_pass_through_a_hidden_layer_and_its_bias(implementation, s
     assert torch.equal(one, again)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (20, 200), (17, 33), (128, 500), (130, 784)])
+@pytest.mark.parametrize("shape", [(1, 1), (20, 200), (17, 33), (64, 500), (100, 200), (128, 500), (130, 784)])
 @pytest.mark.parametrize("with_factor", [True, False])
 def test_the_backward_pass_also_writes_d_transposed(implementation, shape, with_factor):
     """factor_bias_grad(transposed=True): the same d and bias gradient as without, and d' as a contiguous

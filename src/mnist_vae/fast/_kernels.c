@@ -37,14 +37,17 @@
  * -fopenmp on Linux, this module then needs libgomp.so.1; torch has loaded its own copy by then, and
  * the loader reuses it, so these threads are torch's intra-op threads, as many as
  * torch.get_num_threads(), never more. A small loop stays on one thread, as waking the others costs
- * more than they save; how small depends on the work an element takes. A light pass (a product by the
- * factor, a sum) shares from PARALLEL_MIN elements, torch's grain size; a loop that evaluates an
- * exponential or a logarithm for each element (an activation layer with its dropout bits, the loss) from
- * PARALLEL_MIN_EXP; Adam's update, a square root and two divisions a parameter, from PARALLEL_MIN_ADAM
- * parameters; and weight_grad_adam, rows multiply-adds and Adam's update a parameter, from PARALLEL_MIN
- * multiply-adds. None of them changes a bit with the number of threads. */
+ * more than they save; how small depends on the work an element takes. A loop that evaluates an
+ * exponential or a logarithm for each element (an activation layer with its dropout bits, the loss) shares
+ * from PARALLEL_MIN_EXP elements; the backward pass through a layer's activation and bias (a product by the
+ * factor, a column sum, and a copy written transposed or in bfloat16), whose input the product before left
+ * half in the other core's cache, from PARALLEL_MIN_BACKWARD; Adam's update, a square root and two divisions
+ * a parameter, from PARALLEL_MIN_ADAM parameters; and weight_grad_adam, rows multiply-adds and Adam's update
+ * a parameter, from PARALLEL_MIN multiply-adds, torch's grain size. None of them changes a bit with the
+ * number of threads. */
 #define PARALLEL_MIN 32768
 #define PARALLEL_MIN_EXP 4096
+#define PARALLEL_MIN_BACKWARD 8192
 #define PARALLEL_MIN_ADAM 8192
 static int parallel = 1; /* set_parallel(0): one thread, where torch's OpenMP runtime is not ours */
 
@@ -717,8 +720,9 @@ static PyObject *py_bernoulli_loss(PyObject *self, PyObject *args) {
 /* The backward loops (factor_bias_grad, factor_bias_grad_bf16) with the rows in blocks of SUM_ROWS, shared among
  * the threads, each block's column sums apart, then the blocks' sums added in block order: the bits depend on the
  * batch, not on the thread count. (Two threads splitting the columns instead write the same cache lines wherever
- * a row's length is not a multiple of 16 floats, which made the loop 6 times slower than on one thread.) */
-#define SUM_ROWS 64
+ * a row's length is not a multiple of 16 floats, which made the loop 6 times slower than on one thread.) Blocks
+ * of 32 rows give a batch of 64 a block for each of two threads. */
+#define SUM_ROWS 32
 typedef struct { /* one loop's operands: float32 d, factor, dt; or bfloat16 d16 (or float32 d32), factor, out */
     int bf16;
     float *d, *dt;
@@ -742,7 +746,7 @@ static PyObject *backward_in_blocks(const Backward *a, float *grad_bias, long ro
     float *sums = blocks > 1 ? malloc(blocks * cols * sizeof(float)) : grad_bias;
     if (!sums)
         return PyErr_NoMemory();
-#pragma omp parallel if (parallel && blocks > 1 && rows * cols >= PARALLEL_MIN)
+#pragma omp parallel if (parallel && blocks > 1 && rows * cols >= PARALLEL_MIN_BACKWARD)
     {
         long begin, end;
         my_share(blocks, &begin, &end);

@@ -194,7 +194,7 @@ def factor_bias_grad(d, factor, grad_bias, transposed=False):
     (None: the last layer, which has no activation), and d summed over the rows into grad_bias; return d, and
     with `transposed` also d' as a contiguous tensor, the weight gradient's first operand as oneDNN reads it
     (given a transposed view, it copies it, at twice the time of this loop's writes).
-    In C one pass does it all, the rows in blocks of 64 shared among the threads, each column summed in row order
+    In C one pass does it all, the rows in blocks of 32 shared among the threads, each column summed in row order
     within a block and the blocks' sums in block order (the same bits on any number of threads); torch's sum is
     faster only on a d larger than SUM_IN_C where there is nothing else to do (the last layers')."""
     if ((factor is not None or transposed or d.numel() <= SUM_IN_C) and _use_c(d, grad_bias)
