@@ -40,8 +40,8 @@
  * more than they save; how small depends on the work an element takes. A loop that evaluates an
  * exponential or a logarithm for each element (an activation layer with its dropout bits, the loss) shares
  * from PARALLEL_MIN_EXP elements; the backward pass through a layer's activation and bias (a product by the
- * factor, a column sum, and a copy written transposed or in bfloat16), whose input the product before left
- * half in the other core's cache, from PARALLEL_MIN_BACKWARD; Adam's update, a square root and two divisions
+ * factor, a column sum, and a copy written transposed or in bfloat16: three or four memory streams an
+ * element) from PARALLEL_MIN_BACKWARD; Adam's update, a square root and two divisions
  * a parameter, from PARALLEL_MIN_ADAM parameters; and weight_grad_adam, rows multiply-adds and Adam's update
  * a parameter, from PARALLEL_MIN multiply-adds, torch's grain size. None of them changes a bit with the
  * number of threads. */
