@@ -100,14 +100,17 @@ def assert_one_line_error(result, *needles, code=None):
 
 
 def main(capsys, *args):
-    """mnist_vae.cli.main in-process, with its exit status and captured output, like a CompletedProcess."""
+    """mnist_vae.cli.main in-process, with its exit status and captured output, like a CompletedProcess. Given
+    capsysbinary, the output is read as the bytes it is and decoded as a process's output with a name that is
+    not UTF-8 is read (surrogateescape)."""
     from mnist_vae import cli
 
     try:
         code = cli.main([str(arg) for arg in args], prog="mnist-vae")
     except SystemExit as e:  # argparse's way out of a usage error
         code = e.code
-    out, err = capsys.readouterr()
+    out, err = (text.decode(errors="surrogateescape") if isinstance(text, bytes) else text
+                for text in capsys.readouterr())
     return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 

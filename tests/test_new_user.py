@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -222,16 +221,6 @@ def run_with_bytes(*args):
                           text=True, errors="surrogateescape", timeout=300)
 
 
-def main_with_bytes(capsysbinary, *args):
-    """mnist_vae.cli.main in-process, as conftest's main, its output read as bytes are: the same as
-    run_with_bytes gives, without a process's start-up."""
-    from mnist_vae import cli
-
-    code = cli.main([os.fspath(arg) for arg in args], prog="mnist-vae")
-    out, err = (stream.decode(errors="surrogateescape") for stream in capsysbinary.readouterr())
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-
 def test_a_run_in_a_folder_whose_name_is_not_utf8_works_everywhere(tmp_path, data, capsysbinary):
     """A folder named b"bad\\xff" made every command call its good checkpoint "truncated or corrupt". The
     training and `sample`, which prints the name, run as processes given the name's bytes; the other commands
@@ -243,7 +232,7 @@ def test_a_run_in_a_folder_whose_name_is_not_utf8_works_everywhere(tmp_path, dat
                 ["--resume", run, "--num_epochs", "2"]]
     if not export_missing():
         commands.append(["export", run])
-    results = [run_with_bytes(*command) if command[0] == "sample" else main_with_bytes(capsysbinary, *command)
+    results = [run_with_bytes(*command) if command[0] == "sample" else main(capsysbinary, *command)
                for command in commands]
     for command, result in zip(commands, results):
         assert result.returncode == 0 and "corrupt" not in result.stderr, (command, result.stderr)
