@@ -141,7 +141,10 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert 0 < row["adam_s"] < row["epoch_s"] and 0 < row["masks_s"] < row["epoch_s"]
     # +adam: the products with Adam's update after each step's, measured, not the sum of the two timed apart
     assert row["products_and_adam_ratio"] == pytest.approx(row["products_and_adam_s"][0] / row["floors_s"][0])
-    assert re.search(rf" {row['products_and_adam_ratio']:.2f} +[-0-9]+/[-0-9]+  {re.escape(row['floor_routine'])}\n\(floor s: ",
+    # the last column: the routine of the floor, and the step's own where the floor's was another
+    floor_by = row["floor_routine"] + ("" if row["step_routine"] == row["floor_routine"]
+                                       else f" (the step's: {row['step_routine']})")
+    assert re.search(rf" {row['products_and_adam_ratio']:.2f} +[-0-9]+/[-0-9]+  {re.escape(floor_by)}\n\(floor s: ",
                      result.stdout), result.stdout
     # Every routine is timed, the floors use the fastest, and the table says which the step uses.
     by_name = {r["routine"]: r for r in results["routines"]}
