@@ -1,8 +1,11 @@
 """The training loop's observers: one a caller adds is told of every epoch with its row, after the run's
 own (the checkpoint already holds the epoch), of a signal mid-epoch or as an epoch ends, and of the end of
-training; loss_curves.png's drawings; and the step results read by name."""
+training; loss_curves.png's drawings; the step results read by name; the batches; and Adam built without
+torch's compiler."""
 
 import signal
+import subprocess
+import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -151,3 +154,26 @@ def test_batches_are_the_rows_of_the_order_whatever_is_gathered_at_once(monkeypa
             assert x.is_contiguous()
     x, y = loop.Batches(order, images, None, batch_size)(steps - 1)
     assert y is None and len(x) == n - (steps - 1) * batch_size
+
+
+def test_building_adam_imports_no_compiler_and_leaves_torchs_wrapper_as_it_was():
+    """make_model's Adam is torch's fused Adam, built without torch._dynamo's import (a second of every run's
+    start); the wrapper that would import it is left as torch made it, in a process of its own where nothing
+    else has imported it yet, and in this one, where it may have built its function already."""
+    script = ("import sys, torch\n"
+              "from mnist_vae.config import Config\n"
+              "from mnist_vae.loop import DYNAMO_DISABLE, make_model\n"
+              "model, optimizer = make_model(Config(n_hidden=8), torch.device('cpu'))\n"
+              "wrapped = torch.optim.Optimizer.add_param_group.__wrapped__\n"
+              "print(type(optimizer).__name__, optimizer.defaults['fused'], 'torch._dynamo' in sys.modules,\n"
+              "      hasattr(wrapped, DYNAMO_DISABLE))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["Adam", "True", "False", "False"]
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch's wrapper builds its function, as it does
+    wrapped = torch.optim.Optimizer.add_param_group.__wrapped__
+    built = getattr(wrapped, loop.DYNAMO_DISABLE)
+    assert built is not wrapped
+    model, optimizer = loop.make_model(Config(n_hidden=8), torch.device("cpu"))
+    assert getattr(wrapped, loop.DYNAMO_DISABLE) is built
+    assert optimizer.param_groups[0]["params"] == list(model.parameters())

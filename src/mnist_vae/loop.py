@@ -5,6 +5,7 @@ final config, or all of them restored from a checkpoint), then for each epoch ru
 and tell the observers (outputs.py: the log line, the pictures, metrics.csv, TensorBoard, the checkpoint).
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -273,11 +274,37 @@ def prepare_output(folder, resume=False, overwrite=False):
 
 def make_model(config, device):
     model = build(config).to(device)
-    try:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps, fused=True)
-    except RuntimeError:  # a device without a fused Adam kernel
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps)
+    with called_as_it_is(torch.optim.Optimizer.add_param_group):  # which Adam's constructor calls
+        try:
+            optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps,
+                                         fused=True)
+        except RuntimeError:  # a device without a fused Adam kernel
+            optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_eps)
     return model, optimizer
+
+
+# The attribute in which torch._disable_dynamo's wrapper keeps the function it calls (torch/_compile.py).
+DYNAMO_DISABLE = "__dynamo_disable"
+
+
+@contextlib.contextmanager
+def called_as_it_is(method):
+    """Within this block, `method`, a function of torch wrapped by torch._disable_dynamo, calls the function it
+    wraps directly. The wrapper keeps torch.compile from tracing into the function, and at its first call it
+    imports torch._dynamo to build the function it then calls: about a second, as long as importing torch
+    itself, at the start of every training run, for a compiler no step here uses. Outside torch.compile the
+    two calls compute the same. Where `method` is not such a wrapper (another torch) or has built its
+    function already, nothing changes; afterwards the wrapper is as it was, so that a program that
+    compiles later gets torch's behaviour."""
+    function = getattr(method, "__wrapped__", None)
+    set_here = function is not None and getattr(function, DYNAMO_DISABLE, None) is None
+    if set_here:
+        setattr(function, DYNAMO_DISABLE, function)
+    try:
+        yield
+    finally:
+        if set_here:
+            delattr(function, DYNAMO_DISABLE)
 
 
 def plan_epochs(config, tensors, n_steps, device, log=print):
