@@ -291,11 +291,11 @@ DYNAMO_DISABLE = "__dynamo_disable"
 def called_as_it_is(method):
     """Within this block, `method`, a function of torch wrapped by torch._disable_dynamo, calls the function it
     wraps directly. The wrapper keeps torch.compile from tracing into the function, and at its first call it
-    imports torch._dynamo to build the function it then calls: about a second, as long as importing torch
-    itself, at the start of every training run, for a compiler no step here uses. Outside torch.compile the
-    two calls compute the same. Where `method` is not such a wrapper (another torch) or has built its
-    function already, nothing changes; afterwards the wrapper is as it was, so that a program that
-    compiles later gets torch's behaviour."""
+    imports torch._dynamo to build the function it then calls, which delays the start of every training run
+    about as much again as importing torch (docs/speed.md, start-up), for a compiler no step here uses.
+    Outside torch.compile the two calls compute the same. Where `method` is not such a wrapper (another
+    torch) or has built its function already, nothing changes; afterwards the wrapper is as it was, so that
+    a program that compiles later gets torch's behaviour."""
     function = getattr(method, "__wrapped__", None)
     set_here = function is not None and getattr(function, DYNAMO_DISABLE, None) is None
     if set_here:
