@@ -245,7 +245,9 @@ def test_ctrl_c_while_exporting_writes_nothing_and_exits_130(tmp_path, capsys, m
     result = main(capsys, "export", "pretrained", "--out", out)
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # nothing of the export's, not even a temporary folder; ONNX Runtime, where this process loads it first,
+    # keeps a device id of its own in the cache folder conftest's isolated_cache points it to
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name != "xdg-cache"] == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
 
 
