@@ -68,8 +68,10 @@ def mnist_dir():
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Keep every test away from the user's real download cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    """Keep every test away from the user's real download cache; the folder that stands for it."""
+    cache = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
 
 
 def run_cli(*args, cwd=None, timeout=300, env=None):
