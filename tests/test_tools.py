@@ -181,7 +181,7 @@ def test_bench_quick_measures_and_writes_json(tmp_path):
     assert row["adam_gb_per_s"] == pytest.approx(adam_bytes / row["adam_s"] / 1e9)
     if row["adam_in_step_s"] > 0:
         assert row["adam_in_step_gb_per_s"] == pytest.approx(adam_bytes / row["adam_in_step_s"] / 1e9)
-    assert re.search(rf" {row['adam_gb_per_s']:.0f}/[-0-9]+  {re.escape(row['floor_routine'])}\n", result.stdout)
+    assert re.search(rf" {row['adam_gb_per_s']:.0f}/[-0-9]+  {re.escape(floor_by)}\n", result.stdout), result.stdout
     memory = results["memory"]
     cache = memory["last_level_cache_bytes"]
     assert cache is None or [copy["bytes"] for copy in memory["copies"]] == [cache // 4, cache * 8]
