@@ -14,6 +14,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+# The suite runs in two worker processes (pyproject.toml) on machines of two cores: OpenMP threads that spin
+# while they wait for work, as libgomp's do by default, would hold both cores and starve the other worker's
+# threads. Set before torch loads libgomp, which reads it then; the command line's processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 from mnist_vae import layers
