@@ -149,8 +149,8 @@ class Page:
         started = time.perf_counter()
         self.page.goto(self.url)
         # Polled from here: Playwright's wait_for_function evaluates its predicate with eval() on every poll
-        # after the first, which the page's Content-Security-Policy refuses (as it should: the page needs no
-        # eval), so it failed whenever the page was not ready at once, as on a loaded machine.
+        # after the first, which the page's Content-Security-Policy refuses (the page needs no eval), so it
+        # can wait only for a page that is ready at its first check.
         while not self.js("Boolean(window.explore && window.explore.ready)"):
             assert time.perf_counter() - started < 10, f"the page did not become ready: {self.errors}"
             time.sleep(0.02)
