@@ -250,25 +250,29 @@ def test_fused_step_matches_autograd_step_after_step_for_every_family(mnist_batc
 @pytest.mark.parametrize("loss_options", [{}, dict(objective="iwae", k=5)], ids=["elbo", "iwae k=5"])
 def test_fused_step_matches_autograd_at_a_small_batch(mnist_batches, routine, monkeypatch, loss_options):
     """Burda et al.'s model (narrower) at their batch of 20, and their IWAE (the decoder on 100 rows), where the
-    weight gradients through torch.mm go straight into Adam's update (kernels.weight_grad_adam): 300 steps as
-    autograd trains them, through each product routine; the IWAE's 100: at about step 115 of these batches its
-    terms jump ten times further apart through either routine, past the tolerance through oneDNN on an AMD EPYC
-    with AVX2 only."""
-    monkeypatch.setattr(fused, "has_avx512", lambda: True)  # on any CPU; the step takes it where it has AVX-512
-    summed = []  # (rows, whether weight_grad_adam took them)
+    weight gradients through torch.mm go straight into Adam's update (kernels.weight_grad_adam), in AVX-512's tiles
+    and in AVX2's: 300 steps as autograd trains them, through each product routine; the IWAE's 100: at about step
+    115 of these batches its terms jump ten times further apart through either routine, past the tolerance through
+    oneDNN on an AMD EPYC with AVX2 only."""
+    monkeypatch.setattr(fused, "has_avx2", lambda: True)  # on any CPU; the step takes the tiles that fit the CPU
     weight_grad_adam = kernels.weight_grad_adam
-    monkeypatch.setattr(kernels, "weight_grad_adam",
-                        lambda d_y, *args: summed.append((d_y.shape[0], weight_grad_adam(d_y, *args))) or summed[-1][1])
-    model_options = dict(n_hidden=64, activation="tanh", dropout=0.0)
-    reference, fast, reference_terms, fast_terms = train_both(
-        small_data(mnist_batches), steps=100 if loss_options else 300, batch_size=20, dim_z=8,
-        model_options=model_options, **loss_options)
-    assert fast_step_routine(fast) == routine
-    taken = {rows for rows, done in summed if done}
-    assert taken == ({20, 20 * loss_options.get("k", 1)} if routine == "torch.mm" and kernels.available() else set())
-    assert reference_terms[-20:, 3].mean() < reference_terms[:20, 3].mean() - 30
-    torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
-    assert_weights_close(fast, reference, weight_atol(routine))
+    # oneDNN's weight gradients go to Adam as it gives them, whatever the vector registers
+    for avx512 in ([True, False] if routine == "torch.mm" else [True]):
+        monkeypatch.setattr(fused, "has_avx512", lambda: avx512)
+        summed = []  # (rows, whether weight_grad_adam took them, in which tiles)
+        monkeypatch.setattr(kernels, "weight_grad_adam", lambda d_y, *args, narrow: summed.append(
+            (d_y.shape[0], weight_grad_adam(d_y, *args, narrow=narrow), narrow)) or summed[-1][1])
+        model_options = dict(n_hidden=64, activation="tanh", dropout=0.0)
+        reference, fast, reference_terms, fast_terms = train_both(
+            small_data(mnist_batches), steps=100 if loss_options else 300, batch_size=20, dim_z=8,
+            model_options=model_options, **loss_options)
+        assert fast_step_routine(fast) == routine
+        taken = {(rows, narrow) for rows, done, narrow in summed if done}
+        rows = {20, 20 * loss_options.get("k", 1)}
+        assert taken == ({(n, not avx512) for n in rows} if routine == "torch.mm" and kernels.available() else set())
+        assert reference_terms[-20:, 3].mean() < reference_terms[:20, 3].mean() - 30
+        torch.testing.assert_close(fast_terms, reference_terms, rtol=2e-4, atol=2e-3)
+        assert_weights_close(fast, reference, weight_atol(routine))
 
 
 @pytest.mark.parametrize("family", GRADIENT_FAMILIES)

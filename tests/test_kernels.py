@@ -408,13 +408,14 @@ def test_adam_in_c_divides_by_the_bias_correction_as_torch_does_far_into_trainin
 
 
 @needs_c
-@pytest.mark.parametrize("out, in_features, rows", [(784, 200, 20), (100, 200, 20), (50, 200, 32), (200, 50, 100),
-                                                     (10, 500, 128), (7, 3, 1), (13, 70, 5)])
-def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, rows):
+@pytest.mark.parametrize("out, in_features, rows", [(784, 200, 20), (200, 784, 20), (100, 200, 20), (50, 200, 32),
+                                                     (200, 50, 100), (10, 500, 128), (7, 3, 1), (13, 70, 5)])
+@pytest.mark.parametrize("narrow", [False, True], ids=["AVX-512 tiles", "AVX2 tiles"])
+def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, rows, narrow):
     """kernels.weight_grad_adam: Adam's update from the weight gradient d' x, which it sums tile by tile and never
     writes out, is kernels.adam's from that product (within the rounding of a sum in another order), for shapes
-    with and without leftover rows and columns of tiles; the same bits on one thread as on two; the bias as adam
-    updates it. (On any CPU: the step takes it where the CPU has AVX-512.)"""
+    with and without leftover rows and columns of tiles, with either shape of tile; the same bits on one thread as on
+    two; the bias as adam updates it. (On any CPU: the step takes the tiles that fit the CPU.)"""
     generator = torch.Generator().manual_seed(5)
     tensors, references = _adam_pair([(out, in_features), (out,)], generator)
     c, reference = list(tensors[0]) + list(tensors[1]), list(references[0]) + list(references[1])  # p, m, v each
@@ -426,11 +427,11 @@ def test_weight_gradient_into_adam_is_the_product_then_adam(out, in_features, ro
         product = (d.double().t() @ x.double()).float()
         assert kernels.adam(reference[0::3], [product, grad_bias], reference[1::3], reference[2::3], scalars)
         before = [t.clone() for t in c]
-        assert kernels.weight_grad_adam(d, x, c[0::3], grad_bias, c[1::3], c[2::3], scalars)
+        assert kernels.weight_grad_adam(d, x, c[0::3], grad_bias, c[1::3], c[2::3], scalars, narrow)
     threads = torch.get_num_threads()
     try:  # the last step once more, from the same state, on one thread
         torch.set_num_threads(1)
-        assert kernels.weight_grad_adam(d, x, before[0::3], grad_bias, before[1::3], before[2::3], scalars)
+        assert kernels.weight_grad_adam(d, x, before[0::3], grad_bias, before[1::3], before[2::3], scalars, narrow)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(before, c))

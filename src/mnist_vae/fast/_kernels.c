@@ -566,19 +566,24 @@ VECTOR_CLONES static void adam(float *restrict p, const float *restrict g, const
  * back by Adam, is most of its cost; here each tile of the gradient is summed in registers and applied while
  * it is in the L1 cache. Rows o0..o1 of the weight (out x in), d (rows x out) and x (rows x in) row-major. Each
  * element is summed over the rows in their order and the tiles are fixed by the shape alone, so its bits do not
- * depend on how the rows of the weight are split between threads. */
+ * depend on how the rows of the weight are split between threads.
+ *
+ * A tile's sums fill the vector registers but for the few that one row of x and one element of d take: with
+ * AVX-512's 32 registers of 16 floats, 4 rows of the weight by 4 vectors (16 sums); with AVX2's 16 registers
+ * of 8 floats, 6 rows by 2 vectors (12 sums, 2 loads of x, one broadcast of d). The wide tile on AVX2 would
+ * keep half its sums in memory. */
 typedef float v16sf __attribute__((vector_size(64)));
-#define WG_ROWS 4      /* a tile: 4 rows of the weight by up to 4 vectors of 16 columns, its sums in registers */
-#define WG_COLS 64
+typedef float v8sf __attribute__((vector_size(32)));
 #define WG_MAX_ROWS 128 /* of d and x; the module's weight_grad_adam_rows, which kernels.py reads */
+#define WG_MAX_BAND (6 * 512) /* the most elements of a band of tiles, either shape */
 
-/* g = the tile of d' x at d (rows x 4, its columns the tile's rows) and x (rows x 16 n, its columns the tile's):
- * each element summed over the rows in their order, whatever n. The sums are named variables, not an array,
- * so that the compiler keeps them in registers rather than storing them on every row. */
+/* g = the tile of d' x at d (rows x its n_o columns, the tile's rows) and x (rows x its columns, the tile's),
+ * each element summed over the rows in their order. The sums are named variables, not an array, so that the
+ * compiler keeps them in registers rather than storing them on every row. */
 #define WG_SUM_ROW(k, c) s##k##c += d_r[k] * x##c
-static inline __attribute__((always_inline)) void weight_grad_tile4(const float *restrict d, long d_stride,
-                                                                     const float *restrict x, long x_stride,
-                                                                     long rows, float *restrict g) {
+static inline __attribute__((always_inline)) void weight_grad_tile_4x64(const float *restrict d, long d_stride,
+                                                                         const float *restrict x, long x_stride,
+                                                                         long rows, float *restrict g, long g_stride) {
     v16sf s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0},
           s20 = {0}, s21 = {0}, s22 = {0}, s23 = {0}, s30 = {0}, s31 = {0}, s32 = {0}, s33 = {0};
     for (long r = 0; r < rows; r++) {
@@ -594,12 +599,13 @@ static inline __attribute__((always_inline)) void weight_grad_tile4(const float 
         WG_SUM_ROW(3, 0); WG_SUM_ROW(3, 1); WG_SUM_ROW(3, 2); WG_SUM_ROW(3, 3);
     }
     v16sf all[16] = {s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33};
-    memcpy(g, all, sizeof(all));
+    for (int r = 0; r < 4; r++) /* row r of the tile */
+        memcpy(g + r * g_stride, all + r * 4, 4 * sizeof(v16sf));
 }
 
-static inline __attribute__((always_inline)) void weight_grad_tile1(const float *restrict d, long d_stride,
-                                                                     const float *restrict x, long x_stride,
-                                                                     long rows, float *restrict g) {
+static inline __attribute__((always_inline)) void weight_grad_tile_4x16(const float *restrict d, long d_stride,
+                                                                         const float *restrict x, long x_stride,
+                                                                         long rows, float *restrict g, long g_stride) {
     v16sf s00 = {0}, s10 = {0}, s20 = {0}, s30 = {0};
     for (long r = 0; r < rows; r++) {
         const float *d_r = d + r * d_stride;
@@ -607,52 +613,117 @@ static inline __attribute__((always_inline)) void weight_grad_tile1(const float 
         memcpy(&x0, x + r * x_stride, sizeof(x0));
         WG_SUM_ROW(0, 0); WG_SUM_ROW(1, 0); WG_SUM_ROW(2, 0); WG_SUM_ROW(3, 0);
     }
-    memcpy(g, &s00, sizeof(v16sf));
-    memcpy(g + WG_COLS, &s10, sizeof(v16sf));
-    memcpy(g + 2 * WG_COLS, &s20, sizeof(v16sf));
-    memcpy(g + 3 * WG_COLS, &s30, sizeof(v16sf));
+    v16sf all[4] = {s00, s10, s20, s30};
+    for (int r = 0; r < 4; r++) /* row r of the tile */
+        memcpy(g + r * g_stride, all + r * 1, 1 * sizeof(v16sf));
 }
 
-VECTOR_CLONES static void weight_grad_adam(const float *restrict d, const float *restrict x, long rows, long out,
-                                           long in, long o0, long o1, float *restrict p, float *restrict m,
-                                           float *restrict v, float c1, float beta2, float c2, float bc2_sqrt,
-                                           float eps, float neg_step_size, float weight_decay) {
-    float g[WG_ROWS * WG_COLS] __attribute__((aligned(64)));
-    /* The weight's last rows and columns, short of a whole tile or vector, are summed from copies padded with 0. */
-    float d_edge[WG_MAX_ROWS * WG_ROWS] __attribute__((aligned(64))),
-          x_edge[WG_MAX_ROWS * 16] __attribute__((aligned(64)));
-    long in_vectors = in / 16 * 16;
-    if (in_vectors < in) {
-        memset(x_edge, 0, (size_t)rows * 16 * sizeof(float));
-        for (long r = 0; r < rows; r++)
-            memcpy(x_edge + r * 16, x + r * in + in_vectors, (size_t)(in - in_vectors) * sizeof(float));
+static inline __attribute__((always_inline)) void weight_grad_tile_6x16(const float *restrict d, long d_stride,
+                                                                         const float *restrict x, long x_stride,
+                                                                         long rows, float *restrict g, long g_stride) {
+    v8sf s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0}, s40 = {0},
+         s41 = {0}, s50 = {0}, s51 = {0};
+    for (long r = 0; r < rows; r++) {
+        const float *d_r = d + r * d_stride, *x_r = x + r * x_stride;
+        v8sf x0, x1;
+        memcpy(&x0, x_r, sizeof(x0));
+        memcpy(&x1, x_r + 8, sizeof(x1));
+        WG_SUM_ROW(0, 0); WG_SUM_ROW(0, 1); WG_SUM_ROW(1, 0); WG_SUM_ROW(1, 1); WG_SUM_ROW(2, 0); WG_SUM_ROW(2, 1);
+        WG_SUM_ROW(3, 0); WG_SUM_ROW(3, 1); WG_SUM_ROW(4, 0); WG_SUM_ROW(4, 1); WG_SUM_ROW(5, 0); WG_SUM_ROW(5, 1);
     }
-    for (long o = o0; o < o1; o += WG_ROWS) {
-        long n_o = o1 - o < WG_ROWS ? o1 - o : WG_ROWS, d_stride = out;
+    v8sf all[12] = {s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51};
+    for (int r = 0; r < 6; r++) /* row r of the tile */
+        memcpy(g + r * g_stride, all + r * 2, 2 * sizeof(v8sf));
+}
+
+static inline __attribute__((always_inline)) void weight_grad_tile_6x8(const float *restrict d, long d_stride,
+                                                                        const float *restrict x, long x_stride,
+                                                                        long rows, float *restrict g, long g_stride) {
+    v8sf s00 = {0}, s10 = {0}, s20 = {0}, s30 = {0}, s40 = {0}, s50 = {0};
+    for (long r = 0; r < rows; r++) {
+        const float *d_r = d + r * d_stride;
+        v8sf x0;
+        memcpy(&x0, x + r * x_stride, sizeof(x0));
+        WG_SUM_ROW(0, 0); WG_SUM_ROW(1, 0); WG_SUM_ROW(2, 0); WG_SUM_ROW(3, 0); WG_SUM_ROW(4, 0); WG_SUM_ROW(5, 0);
+    }
+    v8sf all[6] = {s00, s10, s20, s30, s40, s50};
+    for (int r = 0; r < 6; r++) /* row r of the tile */
+        memcpy(g + r * g_stride, all + r * 1, 1 * sizeof(v8sf));
+}
+
+/* The tiles of the weight's rows o0..o1 and Adam's update from them, with the wide tiles (4 rows by 4 vectors of
+ * 16) or the narrow (6 rows by 2 vectors of 8): a tile of the weight's columns is whole vectors, or one vector,
+ * and the last rows and columns, short of a whole tile or vector, are summed from copies padded with 0. Adam
+ * takes a band of tiles side by side at once, a tile's rows of up to `band` columns (each band of the gradient
+ * stays in the L1 cache): the narrow tiles are short, and one call of adam_loop for each of their rows would cost
+ * as much as its arithmetic. Both shapes are inlined and `narrow` is a constant in each caller, so each caller
+ * keeps one. */
+static inline __attribute__((always_inline)) void weight_grad_adam_tiles(
+        int narrow, const float *restrict d, const float *restrict x, long rows, long out, long in, long o0, long o1,
+        float *restrict p, float *restrict m, float *restrict v, float c1, float beta2, float c2, float bc2_sqrt,
+        float eps, float neg_step_size, float weight_decay) {
+    const long tile_rows = narrow ? 6 : 4, tile_cols = narrow ? 16 : 64, vector = narrow ? 8 : 16,
+               band = narrow ? 512 : 64;
+    float g[WG_MAX_BAND] __attribute__((aligned(64)));
+    float d_edge[WG_MAX_ROWS * 6] __attribute__((aligned(64))), x_edge[WG_MAX_ROWS * 16] __attribute__((aligned(64)));
+    long in_vectors = in / vector * vector;
+    if (in_vectors < in) {
+        memset(x_edge, 0, (size_t)(rows * vector) * sizeof(float));
+        for (long r = 0; r < rows; r++)
+            memcpy(x_edge + r * vector, x + r * in + in_vectors, (size_t)(in - in_vectors) * sizeof(float));
+    }
+    for (long o = o0; o < o1; o += tile_rows) {
+        long n_o = o1 - o < tile_rows ? o1 - o : tile_rows, d_stride = out;
         const float *d_tile = d + o;
-        if (n_o < WG_ROWS) {
-            memset(d_edge, 0, (size_t)rows * WG_ROWS * sizeof(float));
+        if (n_o < tile_rows) {
+            memset(d_edge, 0, (size_t)(rows * tile_rows) * sizeof(float));
             for (long r = 0; r < rows; r++)
-                memcpy(d_edge + r * WG_ROWS, d + r * out + o, (size_t)n_o * sizeof(float));
+                memcpy(d_edge + r * tile_rows, d + r * out + o, (size_t)n_o * sizeof(float));
             d_tile = d_edge;
-            d_stride = WG_ROWS;
+            d_stride = tile_rows;
         }
-        for (long i = 0; i < in;) {
-            long n_i = in - i >= WG_COLS ? WG_COLS : (in - i >= 16 ? 16 : in - i);
-            if (n_i == WG_COLS)
-                weight_grad_tile4(d_tile, d_stride, x + i, in, rows, g);
-            else if (n_i == 16)
-                weight_grad_tile1(d_tile, d_stride, x + i, in, rows, g);
-            else
-                weight_grad_tile1(d_tile, d_stride, x_edge, 16, rows, g);
+        for (long i0 = 0; i0 < in; i0 += band) {
+            long i1 = in - i0 < band ? in : i0 + band;
+            for (long i = i0; i < i1;) {
+                long n_i = i1 - i >= tile_cols ? tile_cols : (i1 - i >= vector ? vector : i1 - i);
+                const float *x_tile = n_i < vector ? x_edge : x + i;
+                long x_stride = n_i < vector ? vector : in;
+                if (narrow && n_i == tile_cols)
+                    weight_grad_tile_6x16(d_tile, d_stride, x_tile, x_stride, rows, g + (i - i0), band);
+                else if (narrow)
+                    weight_grad_tile_6x8(d_tile, d_stride, x_tile, x_stride, rows, g + (i - i0), band);
+                else if (n_i == tile_cols)
+                    weight_grad_tile_4x64(d_tile, d_stride, x_tile, x_stride, rows, g + (i - i0), band);
+                else
+                    weight_grad_tile_4x16(d_tile, d_stride, x_tile, x_stride, rows, g + (i - i0), band);
+                i += n_i;
+            }
             for (long k = 0; k < n_o; k++) {
-                long at = (o + k) * in + i;
-                adam_loop(0, p + at, g + k * WG_COLS, NULL, NULL, m + at, v + at, n_i, c1, beta2, c2, bc2_sqrt, eps,
+                long at = (o + k) * in + i0;
+                adam_loop(0, p + at, g + k * band, NULL, NULL, m + at, v + at, i1 - i0, c1, beta2, c2, bc2_sqrt, eps,
                           neg_step_size, weight_decay);
             }
-            i += n_i;
         }
     }
+}
+
+VECTOR_CLONES static void weight_grad_adam_wide(const float *restrict d, const float *restrict x, long rows, long out,
+                                                long in, long o0, long o1, float *restrict p, float *restrict m,
+                                                float *restrict v, float c1, float beta2, float c2, float bc2_sqrt,
+                                                float eps, float neg_step_size, float weight_decay) {
+    weight_grad_adam_tiles(0, d, x, rows, out, in, o0, o1, p, m, v, c1, beta2, c2, bc2_sqrt, eps, neg_step_size,
+                           weight_decay);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2,fma")))
+#endif
+static void weight_grad_adam_narrow(const float *restrict d, const float *restrict x, long rows, long out, long in,
+                                    long o0, long o1, float *restrict p, float *restrict m, float *restrict v,
+                                    float c1, float beta2, float c2, float bc2_sqrt, float eps, float neg_step_size,
+                                    float weight_decay) {
+    weight_grad_adam_tiles(1, d, x, rows, out, in, o0, o1, p, m, v, c1, beta2, c2, bc2_sqrt, eps, neg_step_size,
+                           weight_decay);
 }
 
 /* ---- Python bindings: addresses come as integers from Tensor.data_ptr(). */
@@ -881,28 +952,31 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
 }
 
 /* The weight gradient of one layer, d' x, and Adam's update of its weight and bias (the bias's gradient already
- * summed), as weight_grad_adam above: (d, x, rows, weight, exp_avg, exp_avg_sq, out, in) and (bias, grad_bias,
- * exp_avg, exp_avg_sq, n) with Adam's scalars. Threads take whole tiles of the weight's rows. */
+ * summed), as weight_grad_adam_tiles above: (d, x, rows, weight, exp_avg, exp_avg_sq, out, in) and (bias, grad_bias,
+ * exp_avg, exp_avg_sq, n) with Adam's scalars, and whether to take the narrow tiles (AVX2's) or the wide
+ * (AVX-512's). Threads take whole tiles of the weight's rows. */
 static PyObject *py_weight_grad_adam(PyObject *self, PyObject *args) {
     unsigned long long d, x, w, mw, vw, b, gb, mb, vb;
     long rows, out, in, n;
     float c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay;
-    if (!PyArg_ParseTuple(args, "KKlKKKllKKKKlfffffff", &d, &x, &rows, &w, &mw, &vw, &out, &in, &b, &gb, &mb, &vb,
-                          &n, &c1, &beta2, &c2, &bc2_sqrt, &eps, &neg_step_size, &weight_decay))
+    int narrow;
+    if (!PyArg_ParseTuple(args, "KKlKKKllKKKKlpfffffff", &d, &x, &rows, &w, &mw, &vw, &out, &in, &b, &gb, &mb, &vb,
+                          &n, &narrow, &c1, &beta2, &c2, &bc2_sqrt, &eps, &neg_step_size, &weight_decay))
         return NULL;
     if (rows > WG_MAX_ROWS) {
         PyErr_Format(PyExc_ValueError, "weight_grad_adam takes at most %d rows, not %ld", WG_MAX_ROWS, rows);
         return NULL;
     }
-    long tiles = (out + WG_ROWS - 1) / WG_ROWS;
+    long tile_rows = narrow ? 6 : 4, tiles = (out + tile_rows - 1) / tile_rows;
 #pragma omp parallel if (parallel && tiles > 1 && rows * out * in >= PARALLEL_MIN)
     {
         long begin, end;
         my_share(tiles, &begin, &end);
-        end = end * WG_ROWS < out ? end * WG_ROWS : out;
-        weight_grad_adam((const float *)(uintptr_t)d, (const float *)(uintptr_t)x, rows, out, in, begin * WG_ROWS,
-                         end, (float *)(uintptr_t)w, (float *)(uintptr_t)mw, (float *)(uintptr_t)vw, c1, beta2, c2,
-                         bc2_sqrt, eps, neg_step_size, weight_decay);
+        end = end * tile_rows < out ? end * tile_rows : out;
+        (narrow ? weight_grad_adam_narrow : weight_grad_adam_wide)(
+            (const float *)(uintptr_t)d, (const float *)(uintptr_t)x, rows, out, in, begin * tile_rows, end,
+            (float *)(uintptr_t)w, (float *)(uintptr_t)mw, (float *)(uintptr_t)vw, c1, beta2, c2, bc2_sqrt, eps,
+            neg_step_size, weight_decay);
     }
     adam((float *)(uintptr_t)b, (const float *)(uintptr_t)gb, NULL, NULL, (float *)(uintptr_t)mb,
          (float *)(uintptr_t)vb, n, c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay);
@@ -1034,7 +1108,8 @@ static PyMethodDef methods[] = {
      "importance_gaussian_backward(gaussian, eps, std, z, z_cols, d_z, weights, kl_weight, scale, dreg, d_gaussian, "
      "images, k, dim_z)"},
     {"weight_grad_adam", py_weight_grad_adam, METH_VARARGS,
-     "weight_grad_adam(d, x, rows, weight, exp_avg, exp_avg_sq, out, in, bias, grad_bias, exp_avg, exp_avg_sq, n, *scalars)"},
+     "weight_grad_adam(d, x, rows, weight, exp_avg, exp_avg_sq, out, in, bias, grad_bias, exp_avg, exp_avg_sq, n, narrow, "
+     "*scalars)"},
     {"adam", py_adam, METH_VARARGS,
      "adam(weight, grad, exp_avg, exp_avg_sq, n, bfloat16 copy or 0, bias, grad, exp_avg, exp_avg_sq, n, 1 - beta1, "
      "beta2, 1 - beta2, "

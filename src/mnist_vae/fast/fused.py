@@ -43,12 +43,16 @@ from torch import nn
 from .. import layers
 from ..model import GRADIENTS, LIKELIHOODS, VAE, ConditionalVAE, continuous_bernoulli_log_norm
 from . import kernels
-from .products import Products, has_avx512
+from .products import Products, has_avx2, has_avx512
 
 # The hidden layers' activations the step computes, by module type: ELU with alpha 1, ReLU, and tanh
 # as layers.Tanh rounds it (PyTorch's nn.Tanh rounds otherwise, so a model with it goes to autograd).
 ACTIVATIONS = {nn.ELU: "elu", nn.ReLU: "relu", layers.Tanh: "tanh"}
 OBJECTIVES = ("elbo", "iwae")
+# The most rows whose weight gradients go into Adam's update in AVX2's tiles (kernels.weight_grad_adam): up to the
+# 100 rows of Burda et al.'s IWAE's decoder they took less time than the product and Adam, at the default batch
+# of 128 no less (docs/speed.md, product routines).
+NARROW_TILE_ROWS = 100
 
 
 def mlp_layers(modules):
@@ -180,9 +184,12 @@ class FusedTrainStep:
             # where a copy into the buffer would move every weight's size once more a step.
             # So does the bfloat16 one, which Adam's C loop reads as it is.
             self.weight_grads_into_buffer = not (self.products.onednn or self.products.bf16)
-            # Where the CPU has AVX-512 (the C loop's tile of sixteen vectors needs its 32 vector registers), a
-            # small batch's weight gradients go tile by tile into Adam's update (kernels.weight_grad_adam).
-            self.weight_grads_into_adam = self.weight_grads_into_buffer and has_avx512()
+            # A small batch's weight gradients go tile by tile into Adam's update (kernels.weight_grad_adam), in
+            # the tiles that fit the CPU's vector registers: on AVX2 up to NARROW_TILE_ROWS rows (docs/speed.md).
+            self.narrow_tiles = not has_avx512()
+            self.weight_grad_adam_rows = 0  # the most rows (of the batch, or of its k draws) that go so
+            if self.weight_grads_into_buffer and (has_avx512() or has_avx2()):
+                self.weight_grad_adam_rows = NARROW_TILE_ROWS if self.narrow_tiles else kernels.WEIGHT_GRAD_ADAM_ROWS
             self.counts, self.steps = None, None  # Adam's step counts: one tensor and its 0-d views
         else:  # optimizer.step() after the backward pass, from the parameters' .grad
             for layer in self.layers:
@@ -321,10 +328,10 @@ class FusedTrainStep:
             d_operand = kernels.factor_bias_grad(d_out, factor, grad_bias)
         d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
         # The input gradient first: kernels.weight_grad_adam changes W as it sums W's gradient.
-        if self.adam_by_layer and self.weight_grads_into_adam and self.adam_in_c:
+        if self.adam_by_layer and d_operand.shape[0] <= self.weight_grad_adam_rows and self.adam_in_c:
             parameters, exp_avgs, exp_avg_sqs, _ = self.adam_tensors[index]
             if kernels.weight_grad_adam(d_operand, inputs, parameters, grad_bias, exp_avgs, exp_avg_sqs,
-                                        self.adam_scalars):
+                                        self.adam_scalars, narrow=self.narrow_tiles):
                 return d_inputs
         into = grad_weight if not self.adam_by_layer or self.weight_grads_into_buffer else None
         grad_weight = self.products.weight_grad(d_operand, inputs, out=into, d_y_t=d_transposed)

@@ -332,19 +332,20 @@ def adam(parameters, grads, exp_avgs, exp_avg_sqs, scalars, weight_copy=None):
 WEIGHT_GRAD_ADAM_ROWS = getattr(_kernels, "weight_grad_adam_rows", 0)  # 0: not built
 
 
-def weight_grad_adam(d_y, x, parameters, grad_bias, exp_avgs, exp_avg_sqs, scalars):
+def weight_grad_adam(d_y, x, parameters, grad_bias, exp_avgs, exp_avg_sqs, scalars, narrow=False):
     """The weight gradient d_y' x of a layer y = x W' + b, and adam's update of W and b from it and from grad_bias,
     in place, in one pass over W: each tile of the gradient goes to Adam while it is in the cache, never written
     out. Adam's arithmetic is adam's; the gradient's is a sum over the rows in their order, whatever the
-    threads, where the product routines sum in their own order. False where the tensors do not suit the C loop
-    or have more than WEIGHT_GRAD_ADAM_ROWS rows; nothing was updated then."""
+    threads, where the product routines sum in their own order. `narrow` takes the tiles that fit AVX2's vector
+    registers, else AVX-512's (either runs on any CPU, each fast only on its own). False where the tensors do
+    not suit the C loop or have more than WEIGHT_GRAD_ADAM_ROWS rows; nothing was updated then."""
     (weight, bias), (exp_avg_w, exp_avg_b), (exp_avg_sq_w, exp_avg_sq_b) = parameters, exp_avgs, exp_avg_sqs
     if d_y.shape[0] > WEIGHT_GRAD_ADAM_ROWS or not _use_c(d_y, x, grad_bias):
         return False
     out, in_features = weight.shape
     _kernels.weight_grad_adam(d_y.data_ptr(), x.data_ptr(), d_y.shape[0], weight.data_ptr(), exp_avg_w.data_ptr(),
                               exp_avg_sq_w.data_ptr(), out, in_features, bias.data_ptr(), grad_bias.data_ptr(),
-                              exp_avg_b.data_ptr(), exp_avg_sq_b.data_ptr(), bias.numel(), *scalars)
+                              exp_avg_b.data_ptr(), exp_avg_sq_b.data_ptr(), bias.numel(), narrow, *scalars)
     return True
 
 

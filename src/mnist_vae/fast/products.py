@@ -94,6 +94,11 @@ def has_avx512(cpuinfo="/proc/cpuinfo"):
     return "avx512f" in _cpu_flags(cpuinfo)
 
 
+def has_avx2(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU has AVX2 and FMA, as Linux lists its flags (elsewhere it is taken not to)."""
+    return {"avx2", "fma"} <= _cpu_flags(cpuinfo)
+
+
 def _amd_with_avx512(cpuinfo="/proc/cpuinfo"):
     return "AuthenticAMD" in _cpuinfo(cpuinfo) and has_avx512(cpuinfo)
 
