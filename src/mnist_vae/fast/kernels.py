@@ -337,8 +337,9 @@ def weight_grad_adam(d_y, x, parameters, grad_bias, exp_avgs, exp_avg_sqs, scala
     in place, in one pass over W: each tile of the gradient goes to Adam while it is in the cache, never written
     out. Adam's arithmetic is adam's; the gradient's is a sum over the rows in their order, whatever the
     threads, where the product routines sum in their own order. `narrow` takes the tiles that fit AVX2's vector
-    registers, else AVX-512's (either runs on any CPU, each fast only on its own). False where the tensors do
-    not suit the C loop or have more than WEIGHT_GRAD_ADAM_ROWS rows; nothing was updated then."""
+    registers, built for AVX2 and FMA (products.has_avx2() must hold), else AVX-512's, built for any x86-64 CPU
+    and fast where it has AVX-512. False where the tensors do not suit the C loop or have more than
+    WEIGHT_GRAD_ADAM_ROWS rows; nothing was updated then."""
     (weight, bias), (exp_avg_w, exp_avg_b), (exp_avg_sq_w, exp_avg_sq_b) = parameters, exp_avgs, exp_avg_sqs
     if d_y.shape[0] > WEIGHT_GRAD_ADAM_ROWS or not _use_c(d_y, x, grad_bias):
         return False
