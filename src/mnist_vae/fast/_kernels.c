@@ -575,6 +575,7 @@ VECTOR_CLONES static void adam(float *restrict p, const float *restrict g, const
 typedef float v16sf __attribute__((vector_size(64)));
 typedef float v8sf __attribute__((vector_size(32)));
 #define WG_MAX_ROWS 128 /* of d and x; the module's weight_grad_adam_rows, which kernels.py reads */
+#define WG_TILE_ROWS(narrow) ((narrow) ? 6 : 4) /* the weight's rows in a tile, which threads share out whole */
 #define WG_MAX_BAND (6 * 512) /* the most elements of a band of tiles, either shape */
 
 /* g = the tile of d' x at d (rows x its n_o columns, the tile's rows) and x (rows x its columns, the tile's),
@@ -662,10 +663,11 @@ static inline __attribute__((always_inline)) void weight_grad_adam_tiles(
         int narrow, const float *restrict d, const float *restrict x, long rows, long out, long in, long o0, long o1,
         float *restrict p, float *restrict m, float *restrict v, float c1, float beta2, float c2, float bc2_sqrt,
         float eps, float neg_step_size, float weight_decay) {
-    const long tile_rows = narrow ? 6 : 4, tile_cols = narrow ? 16 : 64, vector = narrow ? 8 : 16,
+    const long tile_rows = WG_TILE_ROWS(narrow), tile_cols = narrow ? 16 : 64, vector = narrow ? 8 : 16,
                band = narrow ? 512 : 64;
     float g[WG_MAX_BAND] __attribute__((aligned(64)));
-    float d_edge[WG_MAX_ROWS * 6] __attribute__((aligned(64))), x_edge[WG_MAX_ROWS * 16] __attribute__((aligned(64)));
+    float d_edge[WG_MAX_ROWS * WG_TILE_ROWS(1)] __attribute__((aligned(64))),
+          x_edge[WG_MAX_ROWS * 16] __attribute__((aligned(64)));
     long in_vectors = in / vector * vector;
     if (in_vectors < in) {
         memset(x_edge, 0, (size_t)(rows * vector) * sizeof(float));
@@ -967,7 +969,7 @@ static PyObject *py_weight_grad_adam(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "weight_grad_adam takes at most %d rows, not %ld", WG_MAX_ROWS, rows);
         return NULL;
     }
-    long tile_rows = narrow ? 6 : 4, tiles = (out + tile_rows - 1) / tile_rows;
+    long tile_rows = WG_TILE_ROWS(narrow), tiles = (out + tile_rows - 1) / tile_rows;
 #pragma omp parallel if (parallel && tiles > 1 && rows * out * in >= PARALLEL_MIN)
     {
         long begin, end;
