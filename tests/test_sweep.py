@@ -1,6 +1,6 @@
-"""`mnist-vae sweep` on Ray Tune: a 2 x 2 grid x 2 seeds on a local Ray and its table; a sweep stopped by
-SIGINT and run again, which ends with the same table; a sweep on a two-node Ray cluster started with
-`ray start` on 127.0.0.1; its bad flags, the TOML file, and the missing extra.
+"""`mnist-vae sweep` on Ray Tune: a 2 x 2 grid x 2 seeds on a local Ray, stopped by SIGINT and run again, its
+table, and its runs' numbers those of runs trained without a stop; a sweep on a two-node Ray cluster started
+with `ray start` on 127.0.0.1; its bad flags, the TOML file, and the missing extra.
 
 The sweeps train tiny runs (a few hundred images of a made-up dataset, one epoch, 8 hidden units), so
 their time is Ray's start and the workers' imports. Without Ray Tune installed the tests that need it
@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -71,20 +72,46 @@ def tiny(data):
 GRID = ["--grid", "dim_z=2,3", "--grid", "conditional=false,true", "--seeds", "2"]
 
 
+def sweep_until_the_third_start(args, env):
+    """Run `mnist-vae sweep ARGS` and send it SIGINT as a third trial starts (one is done, that one runs, five
+    are to come); its exit status, stdout and stderr."""
+    command = [str(VENV_BIN / "mnist-vae"), "sweep", *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                               env={**os.environ, **env})
+    watchdog = threading.Timer(TIMEOUT, process.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if sum(line.startswith("start ") for line in lines) == 3:
+                process.send_signal(signal.SIGINT)
+                break
+        rest, err = process.communicate()
+    finally:
+        watchdog.cancel()
+    return SimpleNamespace(returncode=process.returncode, stdout="".join(lines) + rest, stderr=err)
+
+
 @pytest.fixture(scope="module")
 def swept(data, ray_env, tmp_path_factory):
+    """A sweep stopped by SIGINT, then the same command again, which goes on to the end: the two Ray sessions of
+    this file's local sweeps (each start of Ray is most of a tiny sweep's time)."""
     if not HAVE_RAY:
         pytest.skip("Ray Tune is not installed")
     out = tmp_path_factory.mktemp("sweep") / "out"
-    result = run_command("sweep", *GRID, *tiny(data), "--out", out, timeout=TIMEOUT, env=ray_env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out, result
+    stopped = sweep_until_the_third_start([*GRID, *tiny(data), "--out", out], ray_env)
+    left = sorted(path.name for path in out.rglob("*.tmp"))
+    table_after_stop = (out / "sweep.md").exists()
+    again = run_command("sweep", *GRID, *tiny(data), "--out", out, timeout=TIMEOUT, env=ray_env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    return SimpleNamespace(out=out, stopped=stopped, left=left, table_after_stop=table_after_stop, again=again)
 
 
 # ---------------------------------------------------------------- a local sweep
 
 def test_sweep_trains_every_trial_as_a_run_folder_and_tables_them(needs_ray, swept):
-    out, result = swept
+    out = swept.out
     results = json.loads((out / "sweep.json").read_text())
     names = sorted(p.name for p in (out / "runs").iterdir())
     assert names == sorted(f"dim_z={d},conditional={c},seed={s}" for d in (2, 3) for c in (False, True)
@@ -93,7 +120,7 @@ def test_sweep_trains_every_trial_as_a_run_folder_and_tables_them(needs_ray, swe
         config = json.loads((out / "runs" / trial["run"] / "config.json").read_text())
         assert (config["seed"], config["dim_z"], config["conditional"], config["threads"]) == \
                (trial["seed"], trial["setting"]["dim_z"], trial["setting"]["conditional"], 1)
-        assert trial["status"] == "finished" and trial["trained"] and trial["node"] == "127.0.0.1"
+        assert trial["status"] == "finished" and trial["node"] == "127.0.0.1"
     # The numbers are the runs' own, mean and sample standard deviation over the two seeds.
     assert len(results["results"]) == 4
     for row in results["results"]:
@@ -120,46 +147,41 @@ def test_sweep_trains_every_trial_as_a_run_folder_and_tables_them(needs_ray, swe
 
 
 def test_sweep_prints_a_line_for_each_start_and_end_with_the_counts(needs_ray, swept):
-    _, result = swept
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("sweep: 8 trials (2 dim_z × 2 conditional × 2 seeds)") and "127.0.0.1" in lines[0]
-    assert sum(line.startswith("start ") for line in lines) == 8
-    assert sum(line.startswith("done ") and ": trained, test −ELBO" in line for line in lines) == 8
-    assert "[8 done, 0 running, 0 failed, of 8]" in result.stdout
-    assert "Traceback" not in result.stderr and "Configuration for experiment" not in result.stdout
+    first, again = swept.stopped.stdout.splitlines(), swept.again.stdout.splitlines()
+    for lines in (first, again):
+        assert lines[0].startswith("sweep: 8 trials (2 dim_z × 2 conditional × 2 seeds)") and "127.0.0.1" in lines[0]
+    assert sum(line.startswith("start ") for line in first) == 3
+    # Run again, every trial starts; those done before say so, the others train.
+    earlier = sum(line.startswith("done ") and ": finished earlier, test −ELBO" in line for line in again)
+    trained = sum(line.startswith("done ") and ": trained, test −ELBO" in line for line in again)
+    assert sum(line.startswith("start ") for line in again) == 8
+    assert earlier >= 1 and earlier + trained == 8, swept.again.stdout
+    assert earlier == sum(line.startswith("done ") for line in first)
+    assert "[8 done, 0 running, 0 failed, of 8]" in swept.again.stdout
+    for result in (swept.stopped, swept.again):
+        assert "Configuration for experiment" not in result.stdout
+    assert "Traceback" not in swept.again.stderr
 
 
-def test_sweep_stopped_by_sigint_and_run_again_ends_with_the_same_table(needs_ray, swept, data, ray_env,
-                                                                        tmp_path):
-    out = tmp_path / "out"
-    command = [str(VENV_BIN / "mnist-vae"), "sweep", *GRID, *tiny(data), "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                               env={**os.environ, **ray_env})
-    watchdog = threading.Timer(TIMEOUT, process.kill)
-    watchdog.start()
-    try:
-        lines = []
-        for line in process.stdout:  # stop it as a third trial starts: one is done, that one runs, five are to come
-            lines.append(line)
-            if sum(line.startswith("start ") for line in lines) == 3:
-                process.send_signal(signal.SIGINT)
-                break
-        rest, err = process.communicate()
-    finally:
-        watchdog.cancel()
-    stdout = "".join(lines) + rest
-    assert process.returncode == 130, stdout + err
-    assert "Traceback" not in err and "interrupted" in err and "run the same command again" in err
-    assert "stopped " in stdout and not (out / "sweep.md").exists()
-    assert not list(out.rglob("*.tmp"))
-    again = run_command("sweep", *GRID, *tiny(data), "--out", out, timeout=TIMEOUT, env=ray_env)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "finished earlier" in again.stdout
-    # The same numbers as the sweep that ran through, for every setting and seed.
-    assert json.loads((out / "sweep.json").read_text())["results"] == \
-        json.loads((swept[0] / "sweep.json").read_text())["results"]
-    table = lambda path: [line for line in path.read_text().splitlines() if line.startswith("|")]  # noqa: E731
-    assert table(out / "sweep.md") == table(swept[0] / "sweep.md")
+def test_sweep_stopped_by_sigint_and_run_again_ends_as_uninterrupted_runs_do(needs_ray, swept, data, tmp_path):
+    stopped = swept.stopped
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "Traceback" not in stopped.stderr and "interrupted" in stopped.stderr
+    assert "run the same command again" in stopped.stderr
+    assert "stopped " in stopped.stdout and not swept.table_after_stop and swept.left == []
+    # Every trial's numbers, the stopped one's and those never begun before the stop among them, are those of
+    # the same run trained from start to end without a stop.
+    from mnist_vae import api
+
+    def numbers(folder):  # all but the seconds each part took
+        rows = [{key: value for key, value in row.items() if key != "seconds"} for row in read_metrics(folder)]
+        evaluation = json.loads((folder / "evaluation.json").read_text())
+        return rows, {key: value for key, value in evaluation.items() if key != "seconds"}
+
+    for trial in plan(*GRID, *tiny(data), "--out", swept.out).trials:
+        folder = tmp_path / trial["name"]
+        api.train(folder, log=lambda line: None, **trial["settings"])
+        assert numbers(Path(trial["output"])) == numbers(folder), trial["name"]
 
 
 # ---------------------------------------------------------------- on a Ray cluster
