@@ -24,6 +24,18 @@ import torch
 from mnist_vae import layers
 from mnist_vae.fast import kernels, products
 
+# The files that take longest, longest first; the rest follow in their own order. pytest-xdist hands whole files
+# to the two workers in this order (--no-loadscope-reorder in pyproject.toml, where it would otherwise put the
+# files with most tests first), so that neither worker waits at the end while the other runs a long file begun
+# late. The order comes from `--durations=0`, each file's tests summed.
+LONGEST_FILES = ("test_sweep.py", "test_tools.py", "test_fused.py", "test_precision.py", "test_new_user.py",
+                 "test_export.py", "test_robustness.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # a stable sort
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
