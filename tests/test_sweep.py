@@ -113,6 +113,8 @@ def swept(data, ray_env, tmp_path_factory):
 def test_sweep_trains_every_trial_as_a_run_folder_and_tables_them(needs_ray, swept):
     out = swept.out
     results = json.loads((out / "sweep.json").read_text())
+    done_before = {line.split()[1].rstrip(":") for line in swept.stopped.stdout.splitlines()
+                   if line.startswith("done ")}
     names = sorted(p.name for p in (out / "runs").iterdir())
     assert names == sorted(f"dim_z={d},conditional={c},seed={s}" for d in (2, 3) for c in (False, True)
                            for s in (0, 1))
@@ -121,6 +123,7 @@ def test_sweep_trains_every_trial_as_a_run_folder_and_tables_them(needs_ray, swe
         assert (config["seed"], config["dim_z"], config["conditional"], config["threads"]) == \
                (trial["seed"], trial["setting"]["dim_z"], trial["setting"]["conditional"], 1)
         assert trial["status"] == "finished" and trial["node"] == "127.0.0.1"
+        assert trial["trained"] == (trial["run"] not in done_before)  # those done before the stop were not again
     # The numbers are the runs' own, mean and sample standard deviation over the two seeds.
     assert len(results["results"]) == 4
     for row in results["results"]:
