@@ -18,6 +18,11 @@ import pytest
 # while they wait for work, as libgomp's do by default, would hold both cores and starve the other worker's
 # threads. Set before torch loads libgomp, which reads it then; the command line's processes inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The tests stop runs with Ctrl-C as a terminal does. A pytest that a shell without job control started in the
+# background begins with SIGINT ignored, and so would every command it starts (errors.catch_signals): catch it
+# again, here and in each worker, whose commands then begin with SIGINT's default action.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import torch
 

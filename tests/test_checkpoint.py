@@ -400,6 +400,44 @@ def signal_data(tmp_path_factory):
     return make_idx_dataset(tmp_path_factory.mktemp("signal-data"), n_train=1024, n_test=64, seed=2)
 
 
+def test_a_run_started_ignoring_ctrl_c_goes_on_through_it_and_still_stops_on_sigterm(signal_data, tmp_path):
+    """As a shell without job control starts `mnist-vae ... &`: SIGINT ignored from the start, which the run
+    keeps ignoring (the terminal's Ctrl-C is meant for the foreground), while SIGTERM still stops it cleanly."""
+    out = tmp_path / "run"
+    args = [*RUN_ARGS, "--num_epochs", "99", "--data_dir", signal_data, "--output", out]
+
+    def epochs():
+        return sum(line.startswith("epoch ") for line in (tmp_path / "stdout").read_text().splitlines())
+
+    def wait_for(condition, what):
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert process.poll() is None, (tmp_path / "stderr").read_text()
+            assert time.monotonic() < deadline, f"{what} not within 60 s"
+            time.sleep(0.02)
+
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, args)], stdout=stdout,
+                                   stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            wait_for(lambda: (out / checkpoint.FILENAME).exists(), "a checkpoint")
+            process.send_signal(signal.SIGINT)
+            seen = epochs()
+            wait_for(lambda: epochs() >= seen + 2, "two more epochs after SIGINT")
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    output = (tmp_path / "stdout").read_text() + (tmp_path / "stderr").read_text()
+    assert returncode == 143, output
+    assert "Traceback" not in output and f"--resume {out}" in output
+    _, state, _ = checkpoint.load(out)
+    assert seen + 2 <= state["epoch"] < 99
+
+
 @pytest.mark.parametrize("sig, code", [pytest.param(signal.SIGINT, 130, id="SIGINT"),
                                        pytest.param(signal.SIGTERM, 143, id="SIGTERM")])
 def test_signal_writes_a_checkpoint_and_says_how_to_resume(signal_data, tmp_path, capsys, sig, code):

@@ -1,4 +1,7 @@
-"""The errors a user can fix, each reported as one line: the command line prints it, the API raises it."""
+"""The errors a user can fix, each reported as one line: the command line prints it, the API raises it; and
+the signals that stop work part-way, caught where the work can end cleanly."""
+
+import signal
 
 
 class UserError(Exception):
@@ -13,6 +16,20 @@ class Interrupted(Exception):
     def __init__(self, exit_code):
         super().__init__(exit_code)
         self.exit_code = exit_code
+
+
+def catch_signals(handler, signals=(signal.SIGINT, signal.SIGTERM)):
+    """Send each of `signals` to `handler`, but for one this process started out ignoring: a command that a shell
+    without job control runs in the background (`mnist-vae ... &` in a script) ignores Ctrl-C, which the
+    terminal sends to the script's whole process group, and goes on, as Unix programs keep an ignored SIGINT
+    ignored. Returns {signal: its handler before} of those caught, for restore_signals."""
+    return {sig: signal.signal(sig, handler) for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN}
+
+
+def restore_signals(previous):
+    """Put back the handlers catch_signals replaced."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 class DataError(UserError):

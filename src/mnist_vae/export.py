@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import files, runs
-from .errors import UserError
+from .errors import UserError, catch_signals, restore_signals
 from .version import __version__
 
 FILES = ("encoder.onnx", "decoder.onnx", "model.json")  # what an export writes
@@ -211,11 +211,11 @@ def _deferred_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = catch_signals(handle, [signal.SIGINT])
     try:
         yield lambda: bool(received)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore_signals(previous)
 
 
 def _modules():

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import math
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from . import checkpoint, files, limits, runs
 from .config import Config, fixed_length
 from .data import Tensors, add_noise, load_tensors
-from .errors import ArgumentError, Interrupted, UserError
+from .errors import ArgumentError, Interrupted, UserError, catch_signals, restore_signals
 from .evaluation import TERMS, elbo_name, epoch_row, log_likelihood_estimate, term
 from .fast import memory, products
 from .fast.fused import FusedTrainStep, unsupported
@@ -573,7 +572,7 @@ class StopSignal:
         self.received = None
 
     def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = catch_signals(self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -582,5 +581,4 @@ class StopSignal:
         self.received = signum
 
     def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        restore_signals(self.previous)

@@ -33,7 +33,7 @@ from pathlib import Path
 from . import api, files, runs
 from .arguments import Parser, train_parser
 from .config import SETTINGS, integer, text
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, catch_signals, restore_signals
 
 INSTALL = "pip install 'mnist-vae[sweep]'"
 CHECKPOINT = "checkpoint.safetensors"  # checkpoint.FILENAME, without importing torch in the driver
@@ -345,12 +345,11 @@ def _tune(sweep, args, ray, tune, workers):
             name="sweep", storage_path=str(storage), verbose=0, callbacks=[callback], stop=stopper,
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
             failure_config=tune.FailureConfig(max_failures=0)))
-    previous = {sig: signal.signal(sig, progress.interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = catch_signals(progress.interrupt)
     try:
         tuner.fit()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)
         shutil.rmtree(storage, ignore_errors=True)
     return progress
 
