@@ -400,65 +400,74 @@ def signal_data(tmp_path_factory):
     return make_idx_dataset(tmp_path_factory.mktemp("signal-data"), n_train=1024, n_test=64, seed=2)
 
 
-def test_a_run_started_ignoring_ctrl_c_goes_on_through_it_and_still_stops_on_sigterm(signal_data, tmp_path):
-    """As a shell without job control starts `mnist-vae ... &`: SIGINT ignored from the start, which the run
-    keeps ignoring (the terminal's Ctrl-C is meant for the foreground), while SIGTERM still stops it cleanly."""
-    out = tmp_path / "run"
-    args = [*RUN_ARGS, "--num_epochs", "99", "--data_dir", signal_data, "--output", out]
+class RunProcess:
+    """A 99-epoch training of `signal_data` into tmp_path/run, run by main.py in a process of its own (a context
+    manager that kills it where the test did not end it), with `preexec_fn` before it starts."""
 
-    def epochs():
-        return sum(line.startswith("epoch ") for line in (tmp_path / "stdout").read_text().splitlines())
+    def __init__(self, data, tmp_path, preexec_fn=None):
+        self.tmp_path, self.out = tmp_path, tmp_path / "run"
+        self.args = [*RUN_ARGS, "--num_epochs", "99", "--data_dir", data, "--output", self.out]
+        self.preexec_fn = preexec_fn
 
-    def wait_for(condition, what):
+    def __enter__(self):
+        tmp_path = self.tmp_path
+        with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "main.py"), *map(str, self.args)], stdout=stdout, stderr=stderr,
+                env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}, preexec_fn=self.preexec_fn)
+        return self
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def output(self):
+        return (self.tmp_path / "stdout").read_text() + (self.tmp_path / "stderr").read_text()
+
+    def epochs(self):
+        """The epochs it has printed so far."""
+        return sum(line.startswith("epoch ") for line in (self.tmp_path / "stdout").read_text().splitlines())
+
+    def wait_for(self, condition, what):
         deadline = time.monotonic() + 60
         while not condition():
-            assert process.poll() is None, (tmp_path / "stderr").read_text()
+            assert self.process.poll() is None, (self.tmp_path / "stderr").read_text()
             assert time.monotonic() < deadline, f"{what} not within 60 s"
             time.sleep(0.02)
 
-    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-        process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, args)], stdout=stdout,
-                                   stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-        try:
-            wait_for(lambda: (out / checkpoint.FILENAME).exists(), "a checkpoint")
-            process.send_signal(signal.SIGINT)
-            seen = epochs()
-            wait_for(lambda: epochs() >= seen + 2, "two more epochs after SIGINT")
-            process.send_signal(signal.SIGTERM)
-            returncode = process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    output = (tmp_path / "stdout").read_text() + (tmp_path / "stderr").read_text()
+    def wait_for_checkpoint(self):
+        self.wait_for(lambda: (self.out / checkpoint.FILENAME).exists(), "a checkpoint")
+
+    def stop(self, sig):
+        """Send `sig`; the exit status."""
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=30)
+
+
+def test_a_run_started_ignoring_ctrl_c_goes_on_through_it_and_still_stops_on_sigterm(signal_data, tmp_path):
+    """As a shell without job control starts `mnist-vae ... &`: SIGINT ignored from the start, which the run
+    keeps ignoring (the terminal's Ctrl-C is meant for the foreground), while SIGTERM still stops it cleanly."""
+    with RunProcess(signal_data, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) as run:
+        run.wait_for_checkpoint()
+        run.process.send_signal(signal.SIGINT)
+        seen = run.epochs()
+        run.wait_for(lambda: run.epochs() >= seen + 2, "two more epochs after SIGINT")
+        returncode = run.stop(signal.SIGTERM)
+    output = run.output()
     assert returncode == 143, output
-    assert "Traceback" not in output and f"--resume {out}" in output
-    _, state, _ = checkpoint.load(out)
+    assert "Traceback" not in output and f"--resume {run.out}" in output
+    _, state, _ = checkpoint.load(run.out)
     assert seen + 2 <= state["epoch"] < 99
 
 
 @pytest.mark.parametrize("sig, code", [pytest.param(signal.SIGINT, 130, id="SIGINT"),
                                        pytest.param(signal.SIGTERM, 143, id="SIGTERM")])
 def test_signal_writes_a_checkpoint_and_says_how_to_resume(signal_data, tmp_path, capsys, sig, code):
-    out = tmp_path / "run"
-    args = [*RUN_ARGS, "--num_epochs", "99", "--data_dir", signal_data, "--output", out]
-    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-        process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, args)], stdout=stdout,
-                                   stderr=stderr, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
-        try:
-            deadline = time.monotonic() + 60
-            while not (out / checkpoint.FILENAME).exists():
-                assert process.poll() is None, (tmp_path / "stderr").read_text()
-                assert time.monotonic() < deadline, "no checkpoint after 60 s"
-                time.sleep(0.02)
-            process.send_signal(sig)
-            returncode = process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    output = (tmp_path / "stdout").read_text() + (tmp_path / "stderr").read_text()
+    with RunProcess(signal_data, tmp_path) as run:
+        run.wait_for_checkpoint()
+        returncode = run.stop(sig)
+    output, out = run.output(), run.out
     assert returncode == code, output
     assert "Traceback" not in output
     assert f"--resume {out}" in output
