@@ -179,6 +179,40 @@ def test_fused_step_matches_autograd_for_the_conditional_model(mnist_batches, im
     assert_weights_close(fast, reference, weight_atol(routine))
 
 
+@pytest.mark.skipif(not kernels.sgemm_gives_torch_mm(), reason="no sgemm of torch's for the C loops here")
+@pytest.mark.parametrize("setting", [
+    dict(n_hidden=64, activation="tanh", dropout=0.0, batch_size=20),  # Burda et al.'s shape, AVX's tiles
+    dict(n_hidden=64, activation="relu", n_layers=3, dropout=0.1, batch_size=128),
+    dict(n_hidden=64, conditional=True, likelihood="continuous_bernoulli", batch_size=64),
+    dict(n_hidden=64, objective="iwae", k_train=5, batch_size=64),  # the logits' d too large for the C sums alone
+], ids=["tanh b20", "relu 3 layers", "conditional, continuous Bernoulli", "iwae k=5"])
+def test_the_products_called_from_c_train_to_the_bits_of_torch_mm(mnist_batches, monkeypatch, setting):
+    """A hidden layer's product with its activation, and a layer's backward loop with its input gradient, each one
+    call into C (sgemm_in_c), train to the same bits as torch.mm and the loops called one by one."""
+    config = Config(**setting)
+    x_all, labels_all = small_data(mnist_batches)
+    trained = []
+    for sgemm_in_c in (True, False):
+        torch.manual_seed(0)
+        model = build(config)
+        step = make_step(model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True), config)
+        assert isinstance(step, FusedTrainStep) and step.sgemm_in_c
+        step.sgemm_in_c = sgemm_in_c
+        calls = []
+        for name in ("linear_activation", "linear_backward"):
+            monkeypatch.setattr(kernels, name, lambda *a, f=getattr(kernels, name): calls.append(1) or f(*a))
+        torch.manual_seed(1)
+        starts = [i * config.batch_size % (len(x_all) - config.batch_size) for i in range(30)]
+        terms = torch.stack([step(x_all[i:i + config.batch_size], None, labels_all[i:i + config.batch_size])
+                             for i in starts])
+        monkeypatch.undo()
+        assert bool(calls) == sgemm_in_c
+        trained.append((terms, [p.detach().clone() for p in model.parameters()]))
+    (terms, parameters), (terms_ref, parameters_ref) = trained
+    assert torch.equal(terms, terms_ref)
+    assert all(torch.equal(p, q) for p, q in zip(parameters, parameters_ref))
+
+
 # Every family of models and losses the settings build, beyond the seed's: (model class, its options, the
 # likelihood, the steps' loss options, the steps the 300-step test trains). Small MLPs (64 units) on 512
 # images, so that each trains in seconds. Fewer steps where: ReLU's derivative jumps at 0, so a unit

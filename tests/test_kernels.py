@@ -20,6 +20,8 @@ def test_the_c_extension_is_built_in_ci():
         pytest.skip("checked in CI only; without a C compiler the torch ops are used")
     assert kernels._kernels is not None, "src/mnist_vae/_kernels.c was not compiled: is a C compiler installed?"
     assert kernels._kernels.openmp or not sys.platform.startswith("linux"), "built without OpenMP on Linux"
+    if sys.platform.startswith("linux") and torch.backends.mkl.is_available():
+        assert kernels.sgemm_gives_torch_mm(), "the C loops found no sgemm in torch's library that gives torch.mm's bits"
 
 
 @needs_c
@@ -587,3 +589,40 @@ def test_the_label_columns_of_a_conditional_models_input(implementation, draws):
     for wrong in (labels[:4], labels[:0]):  # rows that are not whole draws of the labels
         with pytest.raises(ValueError, match="not whole draws"):
             kernels.with_labels(v, wrong, 10)
+
+
+needs_sgemm = pytest.mark.skipif(not kernels.sgemm_gives_torch_mm(),
+                                 reason="no sgemm of torch's for the C loops here (CI on Linux has one)")
+
+
+@needs_sgemm
+@pytest.mark.parametrize("activation", ["elu", "tanh", "relu"])
+@pytest.mark.parametrize("rows, n_in, n_out, p", [(20, 200, 200, 0.0), (3, 17, 9, 0.5), (128, 784, 500, 0.1)])
+def test_a_layer_in_one_call_gives_the_bits_of_torch_mm_and_its_loops(activation, rows, n_in, n_out, p):
+    """linear_activation is torch.mm then the activation's loop, and linear_backward factor_bias_grad then
+    torch.mm for the input gradient, to the bit, dropout masks and all."""
+    torch.manual_seed(3)
+    x, weight, bias = torch.randn(rows, n_in), torch.randn(n_out, n_in) / n_in ** 0.5, torch.randn(n_out)
+    key = None if p == 0 else layers.dropout_key()
+    h, factor = kernels.linear_activation(activation, x, weight, bias, key, p)
+    h_ref, factor_ref = kernels.ACTIVATION_DROPOUT[activation](torch.mm(x, weight.t()), bias, key, p)
+    assert torch.equal(h, h_ref) and torch.equal(factor, factor_ref)
+    d_out = torch.randn(rows, n_out)
+    for d_factor in (factor, None):  # a hidden layer's, and a last layer's
+        grad_bias, grad_bias_ref = torch.empty(n_out), torch.empty(n_out)
+        d, d_inputs = kernels.linear_backward(d_out.clone(), d_factor, grad_bias, weight, True)
+        d_ref = kernels.factor_bias_grad(d_out.clone(), d_factor, grad_bias_ref)
+        assert torch.equal(d, d_ref) and torch.equal(grad_bias, grad_bias_ref)
+        assert torch.equal(d_inputs, torch.mm(d_ref, weight))
+    assert kernels.linear_backward(d_out.clone(), factor, grad_bias, weight, False)[1] is None
+
+
+@needs_sgemm
+def test_a_layer_in_one_call_takes_only_what_suits_it():
+    """Tensors the C loops cannot read, or a last layer's d too large for its column sums alone, go the other way."""
+    x, weight, bias = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5)
+    assert kernels.linear_activation("tanh", x, weight.t().contiguous().t(), bias, None, 0.0) is None
+    assert kernels.linear_activation("tanh", x.double(), weight.double(), bias.double(), None, 0.0) is None
+    big = torch.randn(kernels.SUM_IN_C // 100 + 1, 100)
+    assert kernels.linear_backward(big, None, torch.empty(100), torch.randn(100, 3), True) is None
+    assert kernels.linear_backward(big, torch.ones_like(big), torch.empty(100), torch.randn(100, 3), True) is not None

@@ -730,20 +730,37 @@ static void weight_grad_adam_narrow(const float *restrict d, const float *restri
 
 /* ---- Python bindings: addresses come as integers from Tensor.data_ptr(). */
 
-/* With `masked`, the mask's bits are SplitMix64's outputs from `key`, as layers.dropout_bits draws them,
- * written into a buffer here: one call instead of two, and no tensor for them in Python. */
-static PyObject *py_activation(PyObject *args, int kind) {
-    unsigned long long a, a16, h16, bias, factor, key;
-    int masked, threshold;
-    float scale;
-    long rows, cols;
-    if (!PyArg_ParseTuple(args, "KKKKKpKifll", &a, &a16, &h16, &bias, &factor, &masked, &key, &threshold, &scale,
-                          &rows, &cols))
-        return NULL;
+/* The BLAS's sgemm that torch.mm calls for float32 on the CPU (MKL's, in torch's own library), set by set_sgemm
+ * where kernels.py found it and checked that it gives torch.mm's bits: a product by it here costs the call alone,
+ * where torch.mm adds its dispatch, a tenth of a small layer's time. Column-major, as the BLAS takes its operands. */
+typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
+static sgemm_fn sgemm = NULL;
+
+/* y = x W' for row-major x (rows x in), W (out x in) and y (rows x out): in the BLAS's column-major terms
+ * y' = W x', the operands as torch.mm(x, W.t()) hands them over. */
+static void linear(const float *x, const float *w, float *y, int rows, int in, int out) {
+    const float one = 1.0f, zero = 0.0f;
+    sgemm("T", "N", &out, &rows, &in, &one, w, &in, x, &in, &zero, y, &out);
+}
+
+/* dx = d W for row-major d (rows x out), W (out x in) and dx (rows x in), as torch.mm(d, W) asks for it. */
+static void input_grad(const float *d, const float *w, float *dx, int rows, int in, int out) {
+    const float one = 1.0f, zero = 0.0f;
+    sgemm("N", "N", &in, &rows, &out, &one, w, &in, d, &out, &zero, dx, &in);
+}
+
+/* A hidden layer's activation (and dropout) on a, in place; 0, or -1 where memory ran out. With `masked`, the
+ * mask's bits are SplitMix64's outputs from `key`, as layers.dropout_bits draws them, written into a buffer
+ * here: one call instead of two, and no tensor for them in Python. */
+static int activation_layer(int kind, unsigned long long a, unsigned long long a16, unsigned long long h16,
+                            unsigned long long bias, unsigned long long factor, int masked, unsigned long long key,
+                            int threshold, float scale, long rows, long cols) {
     uint64_t *bits = NULL;
     long n_bits = (rows * cols + 3) / 4;
     if (masked && !(bits = malloc((n_bits > 0 ? n_bits : 1) * sizeof(uint64_t))))
-        return PyErr_NoMemory();
+        return -1;
     /* factor 0: not written; a16 0: float32 in and out, in a; else bfloat16 in a16 and out in h16, and a 0 or
      * where to write h in float32 too */
     float *h = (float *)(uintptr_t)a, *f = (float *)(uintptr_t)factor;
@@ -764,6 +781,38 @@ static PyObject *py_activation(PyObject *args, int kind) {
                            (int16_t)threshold, scale, end - begin, cols);
     }
     free(bits);
+    return 0;
+}
+
+static PyObject *py_activation(PyObject *args, int kind) {
+    unsigned long long a, a16, h16, bias, factor, key;
+    int masked, threshold;
+    float scale;
+    long rows, cols;
+    if (!PyArg_ParseTuple(args, "KKKKKpKifll", &a, &a16, &h16, &bias, &factor, &masked, &key, &threshold, &scale,
+                          &rows, &cols))
+        return NULL;
+    if (activation_layer(kind, a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* linear_activation(kind, x, w, a, bias, factor, masked, key, threshold, scale, rows, in, out): a = x W' by sgemm,
+ * then the activation layer `kind` (ELU, TANH, RELU) on it, as py_activation in float32: one call. */
+static PyObject *py_linear_activation(PyObject *self, PyObject *args) {
+    unsigned long long x, w, a, bias, factor, key;
+    int kind, masked, threshold, rows, in, out;
+    float scale;
+    if (!PyArg_ParseTuple(args, "iKKKKKpKifiii", &kind, &x, &w, &a, &bias, &factor, &masked, &key, &threshold, &scale,
+                          &rows, &in, &out))
+        return NULL;
+    if (!sgemm)
+        return PyErr_Format(PyExc_RuntimeError, "linear_activation: no sgemm was set");
+    if (kind != ELU && kind != TANH && kind != RELU)
+        return PyErr_Format(PyExc_ValueError, "linear_activation: no activation %d", kind);
+    linear((const float *)(uintptr_t)x, (const float *)(uintptr_t)w, (float *)(uintptr_t)a, rows, in, out);
+    if (activation_layer(kind, a, 0, 0, bias, factor, masked, key, threshold, scale, rows, out))
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -814,11 +863,11 @@ static void backward_rows(const Backward *a, float *sums, long r0, long r1, long
                          rows);
 }
 
-static PyObject *backward_in_blocks(const Backward *a, float *grad_bias, long rows, long cols) {
+static int backward_in_blocks(const Backward *a, float *grad_bias, long rows, long cols) {
     long blocks = rows > SUM_ROWS ? (rows + SUM_ROWS - 1) / SUM_ROWS : 1;
     float *sums = blocks > 1 ? malloc(blocks * cols * sizeof(float)) : grad_bias;
     if (!sums)
-        return PyErr_NoMemory();
+        return -1;
 #pragma omp parallel if (parallel && blocks > 1 && rows * cols >= PARALLEL_MIN_BACKWARD)
     {
         long begin, end;
@@ -837,7 +886,7 @@ static PyObject *backward_in_blocks(const Backward *a, float *grad_bias, long ro
         }
         free(sums);
     }
-    Py_RETURN_NONE;
+    return 0;
 }
 
 static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
@@ -847,7 +896,26 @@ static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
         return NULL;
     Backward a = {.bf16 = 0, .d = (float *)(uintptr_t)d, .factor = (const float *)(uintptr_t)factor,
                   .dt = (float *)(uintptr_t)dt};
-    return backward_in_blocks(&a, (float *)(uintptr_t)grad_bias, rows, cols);
+    if (backward_in_blocks(&a, (float *)(uintptr_t)grad_bias, rows, cols))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* linear_backward(d, factor, grad_bias, w, dx, rows, in, out): factor_bias_grad (d *= factor where it is not 0, d
+ * summed over the rows into grad_bias), then dx = d W by sgemm where dx is not 0: one call. */
+static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
+    unsigned long long d, factor, grad_bias, w, dx;
+    int rows, in, out;
+    if (!PyArg_ParseTuple(args, "KKKKKiii", &d, &factor, &grad_bias, &w, &dx, &rows, &in, &out))
+        return NULL;
+    if (!sgemm)
+        return PyErr_Format(PyExc_RuntimeError, "linear_backward: no sgemm was set");
+    Backward a = {.bf16 = 0, .d = (float *)(uintptr_t)d, .factor = (const float *)(uintptr_t)factor, .dt = NULL};
+    if (backward_in_blocks(&a, (float *)(uintptr_t)grad_bias, rows, out))
+        return PyErr_NoMemory();
+    if (dx)
+        input_grad((const float *)(uintptr_t)d, (const float *)(uintptr_t)w, (float *)(uintptr_t)dx, rows, in, out);
+    Py_RETURN_NONE;
 }
 
 static PyObject *py_bernoulli_log_p(PyObject *self, PyObject *args) {
@@ -992,7 +1060,9 @@ static PyObject *py_factor_bias_grad_bf16(PyObject *self, PyObject *args) {
         return NULL;
     Backward a = {.bf16 = 1, .d16 = (const uint16_t *)(uintptr_t)d16, .d32 = (const float *)(uintptr_t)d32,
                   .factor = (const float *)(uintptr_t)factor, .out = (uint16_t *)(uintptr_t)out};
-    return backward_in_blocks(&a, (float *)(uintptr_t)grad_bias, rows, cols);
+    if (backward_in_blocks(&a, (float *)(uintptr_t)grad_bias, rows, cols))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
 }
 
 /* The ELBO's terms of a batch from each image's log p(x|z) and KL, as kernels.elbo_terms says: [-ELBO,
@@ -1082,6 +1152,14 @@ static PyObject *py_core_distance(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(ns);
 }
 
+static PyObject *py_set_sgemm(PyObject *self, PyObject *args) {
+    unsigned long long address;
+    if (!PyArg_ParseTuple(args, "K", &address))
+        return NULL;
+    sgemm = (sgemm_fn)(uintptr_t)address;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "p", &parallel))
         return NULL;
@@ -1091,6 +1169,10 @@ static PyObject *py_set_parallel(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"core_distance", py_core_distance, METH_VARARGS, "core_distance(trips): ns for a write to pass between two threads"},
     {"set_parallel", py_set_parallel, METH_VARARGS, "set_parallel(flag): whether big loops may use several threads"},
+    {"set_sgemm", py_set_sgemm, METH_VARARGS, "set_sgemm(address): the BLAS sgemm_ that torch.mm calls, or 0"},
+    {"linear_activation", py_linear_activation, METH_VARARGS,
+     "linear_activation(kind, x, w, a, bias, factor, masked, key, threshold, scale, rows, in, out)"},
+    {"linear_backward", py_linear_backward, METH_VARARGS, "linear_backward(d, factor, grad_bias, w, dx, rows, in, out)"},
     {"elu_dropout", py_elu_dropout, METH_VARARGS, "elu_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"tanh_dropout", py_tanh_dropout, METH_VARARGS, "tanh_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},
     {"relu_dropout", py_relu_dropout, METH_VARARGS, "relu_dropout(a, a16, h16, bias, factor, masked, key, threshold, scale, rows, cols)"},

@@ -11,7 +11,9 @@ with or without dropout; the conditional VAE has the one-hot label as more input
 both first layers), under the ELBO with any weight on its KL (beta, KL warm-up) or the
 importance-weighted bound (its standard or DReG gradient), and either likelihood; every other
 model goes through the autograd step (step.py). The elementwise work of each layer (bias, activation, dropout, and
-the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built;
+the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built,
+with the layer's product where that goes through torch.mm in float32 (and going back, a layer's loop
+with its input gradient);
 so are the draws of z with the KL, the loss, the importance weights, and the gradient back to [mu, s].
 
 Notation, for a batch of B images; each hidden layer i of the encoder or the decoder is
@@ -167,6 +169,11 @@ class FusedTrainStep:
             for index, layer in enumerate(self.layers))
         self.products = Products(self.layers[0].weight.device, precision, multiply_adds=multiply_adds)
         self.n_classes = model.n_classes if model.conditional else 0
+        # Through torch.mm in float32 on the CPU, a hidden layer's product and its activation are one call into C, and
+        # so are a layer's backward loop and its input gradient (kernels.linear_activation, linear_backward): the
+        # products by the sgemm that torch.mm calls, where it gives torch.mm's bits, without torch's dispatch.
+        self.sgemm_in_c = (self.products.name == "torch.mm" and self.layers[0].weight.is_cpu
+                           and kernels.sgemm_gives_torch_mm())
         group = optimizer.param_groups[0]
         self.adam_by_layer = bool(group.get("fused") and hasattr(torch, "_fused_adam_") and not group["amsgrad"]
                                   and not group["maximize"] and len(optimizer.param_groups) == 1)
@@ -295,12 +302,19 @@ class FusedTrainStep:
         `keep_float` (the encoder's, whose last layer multiplies in float32)."""
         inputs, factors = [self.products.operand(v)], []
         for j, (index, activation, p) in enumerate(mlp[:-1]):
-            a = self.products.linear(inputs[-1], self._weight_operand(index))
-            if self.products.bf16:
-                h, factor, v = kernels.activation_bf16(activation, a, self.biases[index], self._key(p), p,
+            weight, key = self._weight_operand(index), self._key(p)
+            done = self.sgemm_in_c and kernels.linear_activation(activation, inputs[-1], weight, self.biases[index],
+                                                                 key, p)
+            if done:
+                v, factor = done
+                h = v
+            elif self.products.bf16:
+                a = self.products.linear(inputs[-1], weight)
+                h, factor, v = kernels.activation_bf16(activation, a, self.biases[index], key, p,
                                                        keep_float=keep_float and j == len(mlp) - 2)
             else:
-                v, factor = kernels.ACTIVATION_DROPOUT[activation](a, self.biases[index], self._key(p), p)
+                a = self.products.linear(inputs[-1], weight)
+                v, factor = kernels.ACTIVATION_DROPOUT[activation](a, self.biases[index], key, p)
                 h = v
             inputs.append(h)
             factors.append(factor)
@@ -319,14 +333,17 @@ class FusedTrainStep:
         """The gradients of layer `index`, y = inputs W' + b, from d(loss)/dy times `factor` (None: d(loss)/dy
         itself), and with adam_by_layer its Adam update (after W's last use in this step); return d(inputs)."""
         grad_weight, grad_bias = self.grads[index]
-        d_transposed = None
+        weight, d_transposed, done = self.weight_operands[index], None, None
         if self.products.bf16:  # d_out in bfloat16 from the product before, or float32 from the loss
             d_operand = kernels.factor_bias_grad_bf16(d_out, factor, grad_bias)
         elif self.products.onednn:  # which reads the weight gradient's first operand, d', contiguous
             d_operand, d_transposed = kernels.factor_bias_grad(d_out, factor, grad_bias, transposed=True)
+        elif self.sgemm_in_c and (done := kernels.linear_backward(d_out, factor, grad_bias, weight, need_input_grad)):
+            d_operand, d_inputs = done
         else:
             d_operand = kernels.factor_bias_grad(d_out, factor, grad_bias)
-        d_inputs = self.products.input_grad(d_operand, self.weight_operands[index]) if need_input_grad else None
+        if not done:
+            d_inputs = self.products.input_grad(d_operand, weight) if need_input_grad else None
         # The input gradient first: kernels.weight_grad_adam changes W as it sums W's gradient.
         if self.adam_by_layer and d_operand.shape[0] <= self.weight_grad_adam_rows and self.adam_in_c:
             parameters, exp_avgs, exp_avg_sqs, _ = self.adam_tensors[index]

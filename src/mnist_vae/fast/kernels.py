@@ -1,7 +1,9 @@
 """The elementwise work of the fused training step, in C when the extension is built, else in torch ops.
 
 `_kernels.c` does each activation layer, the loss and Adam's update in one vectorised loop (with
---precision bf16 reading and writing the products' bfloat16 operands themselves); the functions here
+--precision bf16 reading and writing the products' bfloat16 operands themselves), and where the step's
+products go through torch.mm in float32, a layer's product with its loop in one call, by the sgemm that
+torch.mm itself calls (linear_activation, linear_backward); the functions here
 call it for contiguous float32 (and bfloat16) CPU tensors and otherwise compute the same thing in torch
 ops (CUDA, MPS, or an install without a C compiler). Set MNIST_VAE_NO_KERNELS=1 before starting to use
 torch ops everywhere, e.g. to compare the two; `use(False)` does it within a process.
@@ -10,8 +12,12 @@ The dropout bits are layers.py's SplitMix64 bits; the C loops draw the same bits
 this module hands layers.py the C version of the generator, so both paths give the same masks.
 """
 
+import ctypes
+import functools
 import math
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +161,84 @@ def _activation_in_c(name, a, bias, key, p, backward):
     getattr(_kernels, name)(a.data_ptr(), 0, 0, bias.data_ptr(), factor.data_ptr() if backward else 0,
                             key is not None, key or 0, keep_threshold(p), 1 / (1 - p), *a.shape)
     return a, factor
+
+
+# ---------------------------------------------------------------- a layer's product with its elementwise work
+
+
+def _torch_sgemm():
+    """The address of the sgemm_ in torch's own library (MKL's, which torch.mm calls for float32 on the CPU), for
+    _kernels.c to call; None where the C loops were not built or this torch has no such library (another BLAS,
+    macOS, Windows)."""
+    if _kernels is None or not sys.platform.startswith("linux") or not torch.backends.mkl.is_available():
+        return None
+    try:  # torch has loaded it: RTLD_NOLOAD finds it, never loads a second copy
+        library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"),
+                              mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        return ctypes.cast(library.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+_SGEMM = _torch_sgemm()
+if _SGEMM is not None:
+    _kernels.set_sgemm(_SGEMM)
+# The C loops' activations, as _kernels.c numbers them.
+_KINDS = {"elu": 0, "tanh": 1, "relu": 2}
+# Shapes (rows, inputs, outputs) on which sgemm_gives_torch_mm checks the bits: small and odd ones, a small
+# batch's, and the default model's first layer.
+_CHECKED_SHAPES = ((3, 5, 7), (20, 200, 200), (37, 784, 65), (128, 784, 500))
+
+
+def sgemm_gives_torch_mm():
+    """Whether linear_activation and linear_backward may stand in for torch.mm: the C loops call torch's own
+    sgemm, and its products give torch.mm's bits, forward (x W') and back (d W), under this process's
+    torch.get_float32_matmul_precision() (which may send torch.mm's products elsewhere). The fused step asks
+    when it is built."""
+    return _enabled and _SGEMM is not None and _sgemm_checked(torch.get_float32_matmul_precision())
+
+
+@functools.lru_cache(maxsize=None)
+def _sgemm_checked(precision):
+    generator = torch.Generator().manual_seed(0)
+    for rows, n_in, n_out in _CHECKED_SHAPES:
+        x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((rows, n_in), (n_out, n_in),
+                                                                                  (n_out,)))
+        h, _ = linear_activation("tanh", x, weight, bias, None, 0.0)
+        if not torch.equal(h, tanh_dropout(torch.mm(x, weight.t()), bias, None, 0.0)[0]):
+            return False
+        d = torch.randn(rows, n_out, generator=generator)
+        if not torch.equal(linear_backward(d, None, torch.empty(n_out), weight, True)[1], torch.mm(d, weight)):
+            return False
+    return True
+
+
+def linear_activation(activation, x, weight, bias, key, p):
+    """ACTIVATION_DROPOUT[activation] on the product x weight', in one call into C (the product by torch's sgemm,
+    which must give torch.mm's bits: sgemm_gives_torch_mm): (h, factor) as it gives them; None where the tensors
+    do not suit the C loops."""
+    if not (_enabled and _SGEMM is not None and _use_c(x, weight, bias)):
+        return None
+    (rows, n_in), n_out = x.shape, weight.shape[0]
+    h, factor = torch.empty(rows, n_out), torch.empty(rows, n_out)
+    _kernels.linear_activation(_KINDS[activation], x.data_ptr(), weight.data_ptr(), h.data_ptr(), bias.data_ptr(),
+                               factor.data_ptr(), key is not None, key or 0, keep_threshold(p), 1 / (1 - p), rows,
+                               n_in, n_out)
+    return h, factor
+
+
+def linear_backward(d, factor, grad_bias, weight, need_input_grad):
+    """factor_bias_grad(d, factor, grad_bias), then d(loss)/d(inputs) = d weight where `need_input_grad` (else None),
+    in one call into C (the product as linear_activation's): (d, d_inputs); None where the tensors do not suit the
+    C loops, or d has no factor and is larger than the sums the C loop takes alone (SUM_IN_C)."""
+    if not (_enabled and _SGEMM is not None and (factor is not None or d.numel() <= SUM_IN_C)
+            and _use_c(d, grad_bias, weight) and (factor is None or _use_c(factor))):
+        return None
+    (rows, n_out), n_in = d.shape, weight.shape[1]
+    d_inputs = torch.empty(rows, n_in) if need_input_grad else None
+    _kernels.linear_backward(d.data_ptr(), 0 if factor is None else factor.data_ptr(), grad_bias.data_ptr(),
+                             weight.data_ptr(), 0 if d_inputs is None else d_inputs.data_ptr(), rows, n_in, n_out)
+    return d, d_inputs
 
 
 def _check_draws(rows, what, n, per):
