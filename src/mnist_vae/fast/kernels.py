@@ -231,8 +231,7 @@ def linear_backward(d, factor, grad_bias, weight, need_input_grad):
     """factor_bias_grad(d, factor, grad_bias), then d(loss)/d(inputs) = d weight where `need_input_grad` (else None),
     in one call into C (the product as linear_activation's): (d, d_inputs); None where the tensors do not suit the
     C loops, or d has no factor and is larger than the sums the C loop takes alone (SUM_IN_C)."""
-    if not (_enabled and _SGEMM is not None and (factor is not None or d.numel() <= SUM_IN_C)
-            and _use_c(d, grad_bias, weight) and (factor is None or _use_c(factor))):
+    if not (_SGEMM is not None and _backward_in_c(d, factor, grad_bias) and _use_c(weight)):
         return None
     (rows, n_out), n_in = d.shape, weight.shape[1]
     d_inputs = torch.empty(rows, n_in) if need_input_grad else None
@@ -273,6 +272,13 @@ def bernoulli_loss(logits, bias, target, scale, by_row=False):
 SUM_IN_C = 1 << 17
 
 
+def _backward_in_c(d, factor, grad_bias, transposed=False):
+    """Whether the C loop does factor_bias_grad's work: tensors it can read, and a d with a factor, or to be
+    transposed, or no larger than SUM_IN_C."""
+    return ((factor is not None or transposed or d.numel() <= SUM_IN_C) and _use_c(d, grad_bias)
+            and (factor is None or _use_c(factor)))
+
+
 def factor_bias_grad(d, factor, grad_bias, transposed=False):
     """The backward pass through a layer's activation and bias: d *= factor in place, where a factor is given
     (None: the last layer, which has no activation), and d summed over the rows into grad_bias; return d, and
@@ -281,8 +287,7 @@ def factor_bias_grad(d, factor, grad_bias, transposed=False):
     In C one pass does it all, the rows in blocks of 32 shared among the threads, each column summed in row order
     within a block and the blocks' sums in block order (the same bits on any number of threads); torch's sum is
     faster only on a d larger than SUM_IN_C where there is nothing else to do (the last layers')."""
-    if ((factor is not None or transposed or d.numel() <= SUM_IN_C) and _use_c(d, grad_bias)
-            and (factor is None or _use_c(factor))):
+    if _backward_in_c(d, factor, grad_bias, transposed):
         d_t = torch.empty(d.shape[1], d.shape[0]) if transposed else None
         _kernels.factor_bias_grad(d.data_ptr(), 0 if factor is None else factor.data_ptr(), grad_bias.data_ptr(),
                                   0 if d_t is None else d_t.data_ptr(), *d.shape)
