@@ -188,29 +188,39 @@ def test_fused_step_matches_autograd_for_the_conditional_model(mnist_batches, im
 ], ids=["tanh b20", "relu 3 layers", "conditional, continuous Bernoulli", "iwae k=5"])
 def test_the_products_called_from_c_train_to_the_bits_of_torch_mm(mnist_batches, monkeypatch, setting):
     """A hidden layer's product with its activation, and a layer's backward loop with its input gradient, each one
-    call into C (sgemm_in_c), train to the same bits as torch.mm and the loops called one by one."""
+    call into C (sgemm_in_c), and each pass through an MLP one call where the batch suits (in_one_call), train to
+    the same bits as torch.mm and the loops called one by one."""
     config = Config(**setting)
     x_all, labels_all = small_data(mnist_batches)
     trained = []
-    for sgemm_in_c in (True, False):
+    for sgemm_in_c, in_one_call in ((True, True), (True, False), (False, False)):
         torch.manual_seed(0)
         model = build(config)
         step = make_step(model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True), config)
         assert isinstance(step, FusedTrainStep) and step.sgemm_in_c
-        step.sgemm_in_c = sgemm_in_c
-        calls = []
-        for name in ("linear_activation", "linear_backward"):
-            monkeypatch.setattr(kernels, name, lambda *a, f=getattr(kernels, name): calls.append(1) or f(*a))
+        # an MLP in one call where its rows' weight gradients go into Adam in C: Burda et al.'s batch, on AVX2 too
+        takes_one_call = step.in_one_call and config.batch_size <= step.weight_grad_adam_rows
+        assert takes_one_call or setting["batch_size"] > 20
+        step.sgemm_in_c, step.in_one_call = sgemm_in_c, in_one_call
+        calls = {name: 0 for name in ("linear_activation", "linear_backward", "mlp_forward", "mlp_backward")}
+        for name in calls:
+            def counted(*args, f=getattr(kernels._kernels, name), name=name):
+                calls[name] += 1
+                return f(*args)
+            monkeypatch.setattr(kernels._kernels, name, counted, raising=False)
         torch.manual_seed(1)
         starts = [i * config.batch_size % (len(x_all) - config.batch_size) for i in range(30)]
         terms = torch.stack([step(x_all[i:i + config.batch_size], None, labels_all[i:i + config.batch_size])
                              for i in starts])
         monkeypatch.undo()
-        assert bool(calls) == sgemm_in_c
+        assert bool(calls["mlp_forward"]) == bool(calls["mlp_backward"]) == (in_one_call and takes_one_call)
+        assert bool(calls["linear_activation"] + calls["linear_backward"]) == (
+            sgemm_in_c and not (in_one_call and takes_one_call and config.objective == "elbo"))
         trained.append((terms, [p.detach().clone() for p in model.parameters()]))
-    (terms, parameters), (terms_ref, parameters_ref) = trained
-    assert torch.equal(terms, terms_ref)
-    assert all(torch.equal(p, q) for p, q in zip(parameters, parameters_ref))
+    (terms, parameters), *others = trained
+    for terms_ref, parameters_ref in others:
+        assert torch.equal(terms, terms_ref)
+        assert all(torch.equal(p, q) for p, q in zip(parameters, parameters_ref))
 
 
 # Every family of models and losses the settings build, beyond the seed's: (model class, its options, the
@@ -288,7 +298,7 @@ def test_fused_step_matches_autograd_at_a_small_batch(mnist_batches, routine, mo
     and in AVX2's: 300 steps as autograd trains them, through each product routine; the IWAE's 100: at about step
     115 of these batches its terms jump ten times further apart through either routine, past the tolerance through
     oneDNN on an AMD EPYC with AVX2 only."""
-    weight_grad_adam = kernels.weight_grad_adam
+    weight_grad_adam, mlp_backward = kernels.weight_grad_adam, kernels.MLPInOneCall.backward
     # Either shape of tile wherever it runs (AVX2's where the CPU has AVX2), whichever the step would take here;
     # oneDNN's weight gradients go to Adam as it gives them, whatever the vector registers.
     for avx512 in ([True, False] if routine == "torch.mm" and fused.has_avx2() else [True]):
@@ -296,6 +306,12 @@ def test_fused_step_matches_autograd_at_a_small_batch(mnist_batches, routine, mo
         summed = []  # (rows, whether weight_grad_adam took them, in which tiles)
         monkeypatch.setattr(kernels, "weight_grad_adam", lambda d_y, *args, narrow: summed.append(
             (d_y.shape[0], weight_grad_adam(d_y, *args, narrow=narrow), narrow)) or summed[-1][1])
+
+        def backward_in_one_call(plan, *args):  # a whole MLP's layers in one call (kernels.MLPInOneCall)
+            done = mlp_backward(plan, *args)
+            summed.append((plan.rows, done is not False, args[-1]))
+            return done
+        monkeypatch.setattr(kernels.MLPInOneCall, "backward", backward_in_one_call)
         model_options = dict(n_hidden=64, activation="tanh", dropout=0.0)
         reference, fast, reference_terms, fast_terms = train_both(
             small_data(mnist_batches), steps=100 if loss_options else 300, batch_size=20, dim_z=8,

@@ -626,3 +626,79 @@ def test_a_layer_in_one_call_takes_only_what_suits_it():
     big = torch.randn(kernels.SUM_IN_C // 100 + 1, 100)
     assert kernels.linear_backward(big, None, torch.empty(100), torch.randn(100, 3), True) is None
     assert kernels.linear_backward(big, torch.ones_like(big), torch.empty(100), torch.randn(100, 3), True) is not None
+
+
+def _mlp(sizes, generator):
+    weights = [torch.randn(n_out, n_in, generator=generator) / n_in ** 0.5 for n_in, n_out in zip(sizes, sizes[1:])]
+    return weights, [torch.randn(w.shape[0], generator=generator) for w in weights]
+
+
+@needs_sgemm
+@pytest.mark.parametrize("activations, p, need_input_grad, narrow", [
+    (["tanh", "tanh"], 0.0, True, False), (["relu", "elu"], 0.3, False, False), ([], 0.0, True, False),
+    (["tanh", "tanh"], 0.0, True, True)])
+def test_an_mlp_in_one_call_gives_the_bits_of_its_layers_one_by_one(activations, p, need_input_grad, narrow):
+    """MLPInOneCall's forward pass is linear_activation layer by layer, and its backward pass linear_backward then
+    weight_grad_adam layer by layer from the last, to the bit: outputs, factors, input gradients, and the
+    parameters and Adam's moments after the update."""
+    if narrow and not products.has_avx2():
+        pytest.skip("the narrow tiles are AVX2's")
+    generator = torch.Generator().manual_seed(5)
+    rows, sizes = 20, [13, 40, 24, 7][-len(activations) - 2:]
+    weights, biases = _mlp(sizes, generator)
+    copies = [[t.clone() for t in weights + biases] for _ in range(2)]
+    first_weight = weights[0].clone()
+    moments = [[[torch.rand(t.shape, generator=generator) for t in (w, b)] for w, b in zip(weights, biases)]
+               for _ in range(2)]  # exp_avg and exp_avg_sq of each layer's weight and bias
+    x, d_out = torch.randn(rows, sizes[0], generator=generator), torch.randn(rows, sizes[-1], generator=generator)
+    keys = [None if p == 0 else layers.dropout_key() for _ in activations]
+    scalars = kernels.adam_scalars(3, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    results = []
+    for in_one_call, parameters in zip((True, False), copies):
+        weights, biases = parameters[:len(parameters) // 2], parameters[len(parameters) // 2:]
+        exp_avgs, exp_avg_sqs = ([[t.clone() for t in layer] for layer in kind] for kind in moments)
+        grad_biases = [torch.empty_like(b) for b in biases]
+        if in_one_call:
+            plan = kernels.MLPInOneCall(weights, biases, activations, [p] * len(activations), rows, need_input_grad)
+            inputs, factors, _ = plan.forward(x, keys)
+            inputs, factors = [t.clone() for t in inputs], [t.clone() for t in factors]
+            dx = plan.backward(d_out.clone(), x, grad_biases, exp_avgs, exp_avg_sqs, scalars, narrow)
+            dx = None if dx is None else dx.clone()
+        else:
+            inputs, factors = [x], []
+            for w, b, activation, key in zip(weights, biases, activations, keys):
+                h, factor = kernels.linear_activation(activation, inputs[-1], w, b, key, p)
+                inputs.append(h)
+                factors.append(factor)
+            d = d_out.clone()
+            for j in reversed(range(len(weights))):
+                d, d_inputs = kernels.linear_backward(d, factors[j] if j < len(factors) else None, grad_biases[j],
+                                                      weights[j], j > 0 or need_input_grad)
+                assert kernels.weight_grad_adam(d, inputs[j], [weights[j], biases[j]], grad_biases[j], exp_avgs[j],
+                                                exp_avg_sqs[j], scalars, narrow)
+                d = d_inputs
+            dx = d
+        results.append((inputs, factors, dx, parameters + grad_biases + sum(exp_avgs + exp_avg_sqs, [])))
+    (inputs, factors, dx, tensors), (inputs_ref, factors_ref, dx_ref, tensors_ref) = results
+    assert len(inputs) == len(inputs_ref) and all(torch.equal(a, b) for a, b in zip(inputs, inputs_ref))
+    assert all(torch.equal(a, b) for a, b in zip(factors, factors_ref))
+    assert (dx is None) == (not need_input_grad) and (dx is None or torch.equal(dx, dx_ref))
+    assert all(torch.equal(a, b) for a, b in zip(tensors, tensors_ref))
+    assert not torch.equal(tensors[0], first_weight)  # Adam moved the weights
+
+
+@needs_sgemm
+def test_an_mlp_in_one_call_takes_only_what_suits_it():
+    """Weights the C loops cannot read, more rows than the weight gradients' tiles take, or a batch of another shape
+    than the plan's go the other way, and nothing changes."""
+    weights, biases = _mlp([6, 5, 3], torch.Generator().manual_seed(0))
+    assert not kernels.MLPInOneCall.suits([weights[0].t().contiguous().t(), weights[1]], biases, 4)
+    assert not kernels.MLPInOneCall.suits(weights, biases, kernels.WEIGHT_GRAD_ADAM_ROWS + 1)
+    assert not kernels.MLPInOneCall.suits(weights, biases, 4, x=torch.randn(4, 6).double())
+    plan = kernels.MLPInOneCall(weights, biases, ["tanh"], [0.0], 4, need_input_grad=True)
+    assert plan.forward(torch.randn(5, 6), [None]) is None
+    before = [t.clone() for t in weights + biases]
+    moments = [[torch.zeros_like(w), torch.zeros_like(b)] for w, b in zip(weights, biases)]
+    assert plan.backward(torch.randn(4, 2), torch.randn(4, 6), [torch.empty_like(b) for b in biases], moments,
+                         moments, kernels.adam_scalars(1, 1e-3, 0.9, 0.999, 1e-8, 0.0), narrow=False) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, weights + biases))

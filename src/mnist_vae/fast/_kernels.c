@@ -901,8 +901,19 @@ static PyObject *py_factor_bias_grad(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* linear_backward(d, factor, grad_bias, w, dx, rows, in, out): factor_bias_grad (d *= factor where it is not 0, d
- * summed over the rows into grad_bias), then dx = d W by sgemm where dx is not 0: one call. */
+/* factor_bias_grad (d *= factor where factor is not NULL, d summed over the rows into grad_bias), then dx = d W by
+ * sgemm where dx is not NULL; 0, or -1 where memory ran out. */
+static int linear_backward(float *d, const float *factor, float *grad_bias, const float *w, float *dx, int rows,
+                           int in, int out) {
+    Backward a = {.bf16 = 0, .d = d, .factor = factor, .dt = NULL};
+    if (backward_in_blocks(&a, grad_bias, rows, out))
+        return -1;
+    if (dx)
+        input_grad(d, w, dx, rows, in, out);
+    return 0;
+}
+
+/* linear_backward(d, factor, grad_bias, w, dx, rows, in, out): linear_backward above, factor and dx 0 for none. */
 static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
     unsigned long long d, factor, grad_bias, w, dx;
     int rows, in, out;
@@ -910,11 +921,9 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
         return NULL;
     if (!sgemm)
         return PyErr_Format(PyExc_RuntimeError, "linear_backward: no sgemm was set");
-    Backward a = {.bf16 = 0, .d = (float *)(uintptr_t)d, .factor = (const float *)(uintptr_t)factor, .dt = NULL};
-    if (backward_in_blocks(&a, (float *)(uintptr_t)grad_bias, rows, out))
+    if (linear_backward((float *)(uintptr_t)d, (const float *)(uintptr_t)factor, (float *)(uintptr_t)grad_bias,
+                        (const float *)(uintptr_t)w, (float *)(uintptr_t)dx, rows, in, out))
         return PyErr_NoMemory();
-    if (dx)
-        input_grad((const float *)(uintptr_t)d, (const float *)(uintptr_t)w, (float *)(uintptr_t)dx, rows, in, out);
     Py_RETURN_NONE;
 }
 
@@ -1021,35 +1030,144 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Adam's scalars for one step, as kernels.adam_scalars computes them. */
+typedef struct {
+    float c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay;
+} AdamScalars;
+
 /* The weight gradient of one layer, d' x, and Adam's update of its weight and bias (the bias's gradient already
  * summed), as weight_grad_adam_tiles above: (d, x, rows, weight, exp_avg, exp_avg_sq, out, in) and (bias, grad_bias,
- * exp_avg, exp_avg_sq, n) with Adam's scalars, and whether to take the narrow tiles (AVX2's) or the wide
- * (AVX-512's). Threads take whole tiles of the weight's rows. */
-static PyObject *py_weight_grad_adam(PyObject *self, PyObject *args) {
-    unsigned long long d, x, w, mw, vw, b, gb, mb, vb;
-    long rows, out, in, n;
-    float c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay;
-    int narrow;
-    if (!PyArg_ParseTuple(args, "KKlKKKllKKKKlpfffffff", &d, &x, &rows, &w, &mw, &vw, &out, &in, &b, &gb, &mb, &vb,
-                          &n, &narrow, &c1, &beta2, &c2, &bc2_sqrt, &eps, &neg_step_size, &weight_decay))
-        return NULL;
-    if (rows > WG_MAX_ROWS) {
-        PyErr_Format(PyExc_ValueError, "weight_grad_adam takes at most %d rows, not %ld", WG_MAX_ROWS, rows);
-        return NULL;
-    }
+ * exp_avg, exp_avg_sq) of `out` elements, and whether to take the narrow tiles (AVX2's) or the wide (AVX-512's).
+ * Threads take whole tiles of the weight's rows. */
+static void weight_grad_adam(const float *d, const float *x, long rows, float *w, float *mw, float *vw, long out,
+                             long in, float *b, const float *gb, float *mb, float *vb, int narrow,
+                             const AdamScalars *s) {
     long tile_rows = WG_TILE_ROWS(narrow), tiles = (out + tile_rows - 1) / tile_rows;
 #pragma omp parallel if (parallel && tiles > 1 && rows * out * in >= PARALLEL_MIN)
     {
         long begin, end;
         my_share(tiles, &begin, &end);
         end = end * tile_rows < out ? end * tile_rows : out;
-        (narrow ? weight_grad_adam_narrow : weight_grad_adam_wide)(
-            (const float *)(uintptr_t)d, (const float *)(uintptr_t)x, rows, out, in, begin * tile_rows, end,
-            (float *)(uintptr_t)w, (float *)(uintptr_t)mw, (float *)(uintptr_t)vw, c1, beta2, c2, bc2_sqrt, eps,
-            neg_step_size, weight_decay);
+        (narrow ? weight_grad_adam_narrow : weight_grad_adam_wide)(d, x, rows, out, in, begin * tile_rows, end, w, mw,
+                                                                   vw, s->c1, s->beta2, s->c2, s->bc2_sqrt, s->eps,
+                                                                   s->neg_step_size, s->weight_decay);
     }
-    adam((float *)(uintptr_t)b, (const float *)(uintptr_t)gb, NULL, NULL, (float *)(uintptr_t)mb,
-         (float *)(uintptr_t)vb, n, c1, beta2, c2, bc2_sqrt, eps, neg_step_size, weight_decay);
+    adam(b, gb, NULL, NULL, mb, vb, out, s->c1, s->beta2, s->c2, s->bc2_sqrt, s->eps, s->neg_step_size,
+         s->weight_decay);
+}
+
+/* weight_grad_adam(d, x, rows, weight, exp_avg, exp_avg_sq, out, in, bias, grad_bias, exp_avg, exp_avg_sq, narrow,
+ * *scalars): weight_grad_adam above. */
+static PyObject *py_weight_grad_adam(PyObject *self, PyObject *args) {
+    unsigned long long d, x, w, mw, vw, b, gb, mb, vb;
+    long rows, out, in;
+    AdamScalars s;
+    int narrow;
+    if (!PyArg_ParseTuple(args, "KKlKKKllKKKKpfffffff", &d, &x, &rows, &w, &mw, &vw, &out, &in, &b, &gb, &mb, &vb,
+                          &narrow, &s.c1, &s.beta2, &s.c2, &s.bc2_sqrt, &s.eps, &s.neg_step_size, &s.weight_decay))
+        return NULL;
+    if (rows > WG_MAX_ROWS) {
+        PyErr_Format(PyExc_ValueError, "weight_grad_adam takes at most %d rows, not %ld", WG_MAX_ROWS, rows);
+        return NULL;
+    }
+    weight_grad_adam((const float *)(uintptr_t)d, (const float *)(uintptr_t)x, rows, (float *)(uintptr_t)w,
+                     (float *)(uintptr_t)mw, (float *)(uintptr_t)vw, out, in, (float *)(uintptr_t)b,
+                     (const float *)(uintptr_t)gb, (float *)(uintptr_t)mb, (float *)(uintptr_t)vb, narrow, &s);
+    Py_RETURN_NONE;
+}
+
+/* ---- A whole MLP in one call: a small batch's step is then a few calls from Python, where a call for each layer
+ * cost about as much as the layers' own loops. Each layer comes as a tuple of addresses (and sizes) that
+ * kernels.MLPPlan gathers once for a run's buffers and checks; the work is the layer-by-layer calls', in their order,
+ * so the bits are theirs. */
+
+/* mlp_forward(layers, x, keys): for each hidden layer (kind, w, bias, h, factor, threshold, scale, rows, in, out),
+ * h = x W' by sgemm, then its activation (and dropout, from its key in `keys`, None for none) in place, as
+ * py_linear_activation does; x is the first layer's input, each layer's h the next's. */
+static PyObject *py_mlp_forward(PyObject *self, PyObject *args) {
+    PyObject *layers, *keys;
+    unsigned long long x;
+    if (!PyArg_ParseTuple(args, "O!KO!", &PyTuple_Type, &layers, &x, &PyTuple_Type, &keys))
+        return NULL;
+    if (!sgemm)
+        return PyErr_Format(PyExc_RuntimeError, "mlp_forward: no sgemm was set");
+    if (PyTuple_GET_SIZE(keys) != PyTuple_GET_SIZE(layers))
+        return PyErr_Format(PyExc_ValueError, "mlp_forward: a key for each layer, or None");
+    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(layers); j++) {
+        unsigned long long w, bias, h, factor, key = 0;
+        int kind, threshold, rows, in, out;
+        float scale;
+        PyObject *layer = PyTuple_GET_ITEM(layers, j), *key_object = PyTuple_GET_ITEM(keys, j);
+        if (!PyArg_ParseTuple(layer, "iKKKKifiii", &kind, &w, &bias, &h, &factor, &threshold, &scale, &rows, &in, &out))
+            return NULL;
+        if (kind != ELU && kind != TANH && kind != RELU)
+            return PyErr_Format(PyExc_ValueError, "mlp_forward: no activation %d", kind);
+        if (key_object != Py_None && (key = PyLong_AsUnsignedLongLong(key_object)) == (unsigned long long)-1
+            && PyErr_Occurred())
+            return NULL;
+        linear((const float *)(uintptr_t)x, (const float *)(uintptr_t)w, (float *)(uintptr_t)h, rows, in, out);
+        if (activation_layer(kind, h, 0, 0, bias, factor, key_object != Py_None, key, threshold, scale, rows, out))
+            return PyErr_NoMemory();
+        x = h;
+    }
+    Py_RETURN_NONE;
+}
+
+/* One layer of mlp_backward: its parameters, gradient buffer and Adam's moments, its factor (0: the last layer's, none),
+ * its input (0: the first layer's, given apart), and its d, the input gradient of the layer after it (0: the last's). */
+typedef struct {
+    unsigned long long w, b, gb, mw, vw, mb, vb, factor, input, d;
+    int rows, in, out;
+} MLPLayer;
+
+/* mlp_backward(layers, d, x, dx, narrow, *scalars): back through an MLP from d, d(loss)/d(its output), each layer of
+ * `layers` a tuple (w, bias, grad_bias, exp_avg_w, exp_avg_sq_w, exp_avg_b, exp_avg_sq_b, factor, input, d, rows,
+ * in, out) as MLPLayer, from the last: linear_backward, whose input gradient goes to the d of the layer before (or
+ * to `dx`, where not 0, from the first), then weight_grad_adam on the layer's input (`x` for the first). */
+static PyObject *py_mlp_backward(PyObject *self, PyObject *args) {
+    PyObject *layers;
+    unsigned long long d_out, x, dx;
+    int narrow;
+    AdamScalars s;
+    if (!PyArg_ParseTuple(args, "O!KKKpfffffff", &PyTuple_Type, &layers, &d_out, &x, &dx, &narrow, &s.c1, &s.beta2,
+                          &s.c2, &s.bc2_sqrt, &s.eps, &s.neg_step_size, &s.weight_decay))
+        return NULL;
+    if (!sgemm)
+        return PyErr_Format(PyExc_RuntimeError, "mlp_backward: no sgemm was set");
+    Py_ssize_t n = PyTuple_GET_SIZE(layers);
+    MLPLayer *l = PyMem_Calloc(n > 0 ? n : 1, sizeof(MLPLayer));
+    if (!l)
+        return PyErr_NoMemory();
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(layers, j), "KKKKKKKKKKiii", &l[j].w, &l[j].b, &l[j].gb, &l[j].mw,
+                              &l[j].vw, &l[j].mb, &l[j].vb, &l[j].factor, &l[j].input, &l[j].d, &l[j].rows, &l[j].in,
+                              &l[j].out)) {
+            PyMem_Free(l);
+            return NULL;
+        }
+        if (l[j].rows > WG_MAX_ROWS) {
+            PyMem_Free(l);
+            return PyErr_Format(PyExc_ValueError, "mlp_backward takes at most %d rows, not %d", WG_MAX_ROWS,
+                                l[j].rows);
+        }
+    }
+    if (n > 0) {
+        l[n - 1].d = d_out;
+        l[0].input = x;
+    }
+    for (Py_ssize_t j = n - 1; j >= 0; j--) {
+        if (linear_backward((float *)(uintptr_t)l[j].d, (const float *)(uintptr_t)l[j].factor, (float *)(uintptr_t)l[j].gb,
+                            (const float *)(uintptr_t)l[j].w, (float *)(uintptr_t)(j > 0 ? l[j - 1].d : dx), l[j].rows,
+                            l[j].in, l[j].out)) {
+            PyMem_Free(l);
+            return PyErr_NoMemory();
+        }
+        weight_grad_adam((const float *)(uintptr_t)l[j].d, (const float *)(uintptr_t)l[j].input, l[j].rows,
+                         (float *)(uintptr_t)l[j].w, (float *)(uintptr_t)l[j].mw, (float *)(uintptr_t)l[j].vw, l[j].out,
+                         l[j].in, (float *)(uintptr_t)l[j].b, (const float *)(uintptr_t)l[j].gb,
+                         (float *)(uintptr_t)l[j].mb, (float *)(uintptr_t)l[j].vb, narrow, &s);
+    }
+    PyMem_Free(l);
     Py_RETURN_NONE;
 }
 
@@ -1192,8 +1310,11 @@ static PyMethodDef methods[] = {
      "importance_gaussian_backward(gaussian, eps, std, z, z_cols, d_z, weights, kl_weight, scale, dreg, d_gaussian, "
      "images, k, dim_z)"},
     {"weight_grad_adam", py_weight_grad_adam, METH_VARARGS,
-     "weight_grad_adam(d, x, rows, weight, exp_avg, exp_avg_sq, out, in, bias, grad_bias, exp_avg, exp_avg_sq, n, narrow, "
+     "weight_grad_adam(d, x, rows, weight, exp_avg, exp_avg_sq, out, in, bias, grad_bias, exp_avg, exp_avg_sq, narrow, "
      "*scalars)"},
+    {"mlp_forward", py_mlp_forward, METH_VARARGS, "mlp_forward(layers, x, keys): an MLP's hidden layers"},
+    {"mlp_backward", py_mlp_backward, METH_VARARGS, "mlp_backward(layers, d, x, dx, narrow, *scalars): back through an "
+     "MLP, with Adam's update"},
     {"adam", py_adam, METH_VARARGS,
      "adam(weight, grad, exp_avg, exp_avg_sq, n, bfloat16 copy or 0, bias, grad, exp_avg, exp_avg_sq, n, 1 - beta1, "
      "beta2, 1 - beta2, "

@@ -13,8 +13,8 @@ importance-weighted bound (its standard or DReG gradient), and either likelihood
 model goes through the autograd step (step.py). The elementwise work of each layer (bias, activation, dropout, and
 the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built,
 with the layer's product where that goes through torch.mm in float32 (and going back, a layer's loop
-with its input gradient);
-so are the draws of z with the KL, the loss, the importance weights, and the gradient back to [mu, s].
+with its input gradient), and at a small batch each pass through the encoder or the decoder is one
+call (kernels.MLPInOneCall); so are the draws of z with the KL, the loss, the importance weights, and the gradient back to [mu, s].
 
 Notation, for a batch of B images; each hidden layer i of the encoder or the decoder is
   a_i = h_(i-1) W_i' + b_i     h_i = act_i(a_i) m_i     (m: dropout mask, 0 or 1/(1-p); act: elu, relu, tanh)
@@ -175,6 +175,7 @@ class FusedTrainStep:
         self.sgemm_in_c = (self.products.name == "torch.mm" and self.layers[0].weight.is_cpu
                            and kernels.sgemm_gives_torch_mm())
         group = optimizer.param_groups[0]
+        self.weight_grad_adam_rows = 0  # the most rows (a batch or its k draws) whose weight gradients Adam takes in C
         self.adam_by_layer = bool(group.get("fused") and hasattr(torch, "_fused_adam_") and not group["amsgrad"]
                                   and not group["maximize"] and len(optimizer.param_groups) == 1)
         if self.adam_by_layer:
@@ -194,7 +195,6 @@ class FusedTrainStep:
             # A small batch's weight gradients go tile by tile into Adam's update (kernels.weight_grad_adam), in
             # the tiles that fit the CPU's vector registers: on AVX2 up to NARROW_TILE_ROWS rows (docs/speed.md).
             self.narrow_tiles = not has_avx512()
-            self.weight_grad_adam_rows = 0  # the most rows (of the batch, or of its k draws) that go so
             if self.weight_grads_into_buffer and (has_avx512() or has_avx2()):
                 self.weight_grad_adam_rows = NARROW_TILE_ROWS if self.narrow_tiles else kernels.WEIGHT_GRAD_ADAM_ROWS
             self.counts, self.steps = None, None  # Adam's step counts: one tensor and its 0-d views
@@ -204,6 +204,10 @@ class FusedTrainStep:
                     if parameter.grad is None:
                         parameter.grad = torch.zeros_like(parameter)
             self.grads = [(layer.weight.grad, layer.bias.grad) for layer in self.layers]
+        # Where a batch's weight gradients go into Adam's update in C, and its products through torch's sgemm, each
+        # pass through an MLP is one call into C (kernels.MLPInOneCall), kept for each MLP and number of rows.
+        self.in_one_call = self.adam_by_layer and self.weight_grad_adam_rows > 0 and not self.products.bf16
+        self.plans = {}
 
     def _key(self, p):
         """The key of one layer's dropout mask, drawn where model.VAE.forward draws that mask's bits."""
@@ -281,6 +285,21 @@ class FusedTrainStep:
             self.optimizer.step()
         return terms  # [-ELBO, -log p(x|z), KL, loss], as model.VAE.loss
 
+    def _in_one_call(self, mlp, rows):
+        """The kernels.MLPInOneCall of `mlp` on batches of `rows` rows, where the step takes its passes in one call;
+        else None."""
+        if not (self.in_one_call and self.sgemm_in_c and rows <= self.weight_grad_adam_rows):
+            return None
+        key = (mlp[0][0], rows)
+        if key not in self.plans:
+            if len(self.plans) >= 8:  # batches of many sizes: keep the buffers of the latest few
+                self.plans.clear()
+            weights, biases = [self.weights[i] for i, _, _ in mlp], [self.biases[i] for i, _, _ in mlp]
+            self.plans[key] = kernels.MLPInOneCall(
+                weights, biases, [activation for _, activation, _ in mlp[:-1]], [p for _, _, p in mlp[:-1]], rows,
+                need_input_grad=mlp is self.decoder) if kernels.MLPInOneCall.suits(weights, biases, rows) else None
+        return self.plans[key]
+
     def _weight_operand(self, index):
         """Layer `index`'s weight as the products take it, kept for its input gradient in the backward pass,
         before Adam changes the weight (with bf16, Adam's C loop writes the next step's copy after that)."""
@@ -300,9 +319,15 @@ class FusedTrainStep:
         With --precision bf16 the activation loops read their products and write the next operand in
         bfloat16, used by the forward product and the weight gradient's; the output in float32 too only where
         `keep_float` (the encoder's, whose last layer multiplies in float32)."""
+        keys = [self._key(p) for _, _, p in mlp[:-1]]
+        plan = self._in_one_call(mlp, v.shape[0])
+        if plan is not None and (done := plan.forward(v, keys)):
+            for index, _, _ in mlp[:-1]:
+                self._weight_operand(index)
+            return done
         inputs, factors = [self.products.operand(v)], []
-        for j, (index, activation, p) in enumerate(mlp[:-1]):
-            weight, key = self._weight_operand(index), self._key(p)
+        for j, ((index, activation, p), key) in enumerate(zip(mlp[:-1], keys)):
+            weight = self._weight_operand(index)
             done = self.sgemm_in_c and kernels.linear_activation(activation, inputs[-1], weight, self.biases[index],
                                                                  key, p)
             if done:
@@ -323,6 +348,14 @@ class FusedTrainStep:
     def _backward(self, mlp, d_out, inputs, factors, need_input_grad=True):
         """Back through `mlp` from d(loss)/d(its output): every layer's gradients (and Adam's update);
         d(loss)/d(its input) where `need_input_grad`."""
+        plan = self.plans.get((mlp[0][0], d_out.shape[0]))
+        if plan is not None and inputs is plan.inputs and self.adam_in_c:
+            indices = [index for index, _, _ in mlp]
+            done = plan.backward(d_out, inputs[0], [self.grads[i][1] for i in indices],
+                                 [self.adam_tensors[i][1] for i in indices], [self.adam_tensors[i][2] for i in indices],
+                                 self.adam_scalars, self.narrow_tiles)
+            if done is not False:
+                return done
         last = len(mlp) - 1
         d = self._linear_backward(mlp[last][0], d_out, None, inputs[last], need_input_grad or last > 0)
         for j in reversed(range(last)):  # d(loss)/dh_j times the factor is d(loss)/da_j

@@ -3,7 +3,8 @@
 `_kernels.c` does each activation layer, the loss and Adam's update in one vectorised loop (with
 --precision bf16 reading and writing the products' bfloat16 operands themselves), and where the step's
 products go through torch.mm in float32, a layer's product with its loop in one call, by the sgemm that
-torch.mm itself calls (linear_activation, linear_backward); the functions here
+torch.mm itself calls (linear_activation, linear_backward), and at a small batch a whole MLP's pass
+(MLPInOneCall); the functions here
 call it for contiguous float32 (and bfloat16) CPU tensors and otherwise compute the same thing in torch
 ops (CUDA, MPS, or an install without a C compiler). Set MNIST_VAE_NO_KERNELS=1 before starting to use
 torch ops everywhere, e.g. to compare the two; `use(False)` does it within a process.
@@ -240,6 +241,77 @@ def linear_backward(d, factor, grad_bias, weight, need_input_grad):
     return d, d_inputs
 
 
+class MLPInOneCall:
+    """One MLP's layers on batches of `rows` rows, each pass through them one call into C (mlp_forward, mlp_backward)
+    where the step's products go through torch's sgemm (sgemm_gives_torch_mm): the layers' calls one by one, in
+    their order, and so their bits, without the Python of a call for each layer, which at a small batch cost about
+    as much as the layers' own loops (docs/speed.md). It keeps the buffers of the hidden layers' outputs, factors
+    and gradients for every pass of that many rows, and the addresses the C loops take, gathered again where a
+    parameter or one of Adam's moments moved (a checkpoint loaded, a tensor's .data set)."""
+
+    def __init__(self, weights, biases, activations, ps, rows, need_input_grad):
+        self.weights, self.biases, self.activations, self.ps, self.rows = weights, biases, activations, ps, rows
+        self.h = [torch.empty(rows, w.shape[0]) for w in weights[:-1]]  # each hidden layer's output
+        self.factors = [torch.empty_like(h) for h in self.h]
+        self.d = [torch.empty_like(h) for h in self.h]  # d(loss)/d(each hidden layer's output)
+        self.dx = torch.empty(rows, weights[0].shape[1]) if need_input_grad else None
+        self.forward_addresses, self.backward_addresses = None, None
+        self.inputs = None  # the last forward pass's inputs of each layer, which the backward pass reads
+
+    @staticmethod
+    def suits(weights, biases, rows, x=None):
+        """Whether the C loops take these layers (and input x) on batches of `rows` rows."""
+        return (_enabled and _SGEMM is not None and rows <= WEIGHT_GRAD_ADAM_ROWS and _use_c(*weights, *biases)
+                and (x is None or _use_c(x)))
+
+    def forward(self, x, keys):
+        """The hidden layers on x (rows of the first layer's inputs), their dropout masks from `keys` (None for
+        none): (each layer's input, the first x; each hidden layer's factor; the last hidden layer's output), as
+        the step's _hidden_layers gives them; None where x or a parameter does not suit the C loops."""
+        addresses = [t.data_ptr() for t in self.weights + self.biases]
+        if addresses != self.forward_addresses:
+            if not self.suits(self.weights, self.biases, self.rows):
+                return None
+            self.layers_forward = tuple(
+                (_KINDS[activation], w.data_ptr(), b.data_ptr(), h.data_ptr(), f.data_ptr(), keep_threshold(p),
+                 1 / (1 - p), self.rows, w.shape[1], w.shape[0])
+                for w, b, activation, p, h, f in zip(self.weights, self.biases, self.activations, self.ps, self.h,
+                                                     self.factors))
+            self.forward_addresses = addresses
+        if x.shape != (self.rows, self.weights[0].shape[1]) or not _use_c(x):
+            return None
+        _kernels.mlp_forward(self.layers_forward, x.data_ptr(), tuple(keys))
+        self.inputs = [x, *self.h]
+        return self.inputs, self.factors, self.h[-1] if self.h else x
+
+    def backward(self, d, x, grad_biases, exp_avgs, exp_avg_sqs, scalars, narrow):
+        """Back through the layers from d(loss)/d(their output), d, after a forward pass on x: each layer's
+        factor_bias_grad and input gradient (linear_backward), then the weight gradient and Adam's update of its
+        weight and bias (weight_grad_adam, with `exp_avgs` and `exp_avg_sqs` each layer's [weight's, bias's] and
+        Adam's `scalars`); return d(loss)/dx where the plan was made with need_input_grad, else None; False, having
+        changed nothing, where the tensors do not suit the C loops."""
+        moments = [t for pair in zip(exp_avgs, exp_avg_sqs) for m in pair for t in m]
+        tensors = self.weights + self.biases + grad_biases + moments
+        addresses = [t.data_ptr() for t in tensors]
+        if addresses != self.backward_addresses:
+            if not _use_c(*tensors):
+                return False
+            inputs = [None, *self.h]
+            self.layers_backward = tuple(
+                (w.data_ptr(), b.data_ptr(), gb.data_ptr(), m[0].data_ptr(), v[0].data_ptr(), m[1].data_ptr(),
+                 v[1].data_ptr(), self.factors[j].data_ptr() if j < len(self.h) else 0,
+                 0 if inputs[j] is None else inputs[j].data_ptr(), self.d[j].data_ptr() if j < len(self.d) else 0,
+                 self.rows, w.shape[1], w.shape[0])
+                for j, (w, b, gb, m, v) in enumerate(zip(self.weights, self.biases, grad_biases, exp_avgs,
+                                                           exp_avg_sqs)))
+            self.backward_addresses = addresses
+        if d.shape != (self.rows, self.weights[-1].shape[0]) or not _use_c(d, x):
+            return False
+        _kernels.mlp_backward(self.layers_backward, d.data_ptr(), x.data_ptr(),
+                              0 if self.dx is None else self.dx.data_ptr(), narrow, *scalars)
+        return self.dx
+
+
 def _check_draws(rows, what, n, per):
     """Refuse `rows` rows of `what` that are not whole draws of the n `per` (row r belongs to r % n): the C loops
     would divide by zero or misread the layout."""
@@ -435,7 +507,7 @@ def weight_grad_adam(d_y, x, parameters, grad_bias, exp_avgs, exp_avg_sqs, scala
     out, in_features = weight.shape
     _kernels.weight_grad_adam(d_y.data_ptr(), x.data_ptr(), d_y.shape[0], weight.data_ptr(), exp_avg_w.data_ptr(),
                               exp_avg_sq_w.data_ptr(), out, in_features, bias.data_ptr(), grad_bias.data_ptr(),
-                              exp_avg_b.data_ptr(), exp_avg_sq_b.data_ptr(), bias.numel(), narrow, *scalars)
+                              exp_avg_b.data_ptr(), exp_avg_sq_b.data_ptr(), narrow, *scalars)
     return True
 
 
