@@ -699,6 +699,7 @@ def test_an_mlp_in_one_call_takes_only_what_suits_it():
     assert plan.forward(torch.randn(5, 6), [None]) is None
     before = [t.clone() for t in weights + biases]
     moments = [[torch.zeros_like(w), torch.zeros_like(b)] for w, b in zip(weights, biases)]
-    assert plan.backward(torch.randn(4, 2), torch.randn(4, 6), [torch.empty_like(b) for b in biases], moments,
-                         moments, kernels.adam_scalars(1, 1e-3, 0.9, 0.999, 1e-8, 0.0), narrow=False) is False
+    scalars = kernels.adam_scalars(1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    for d, x in ((torch.randn(4, 2), torch.randn(4, 6)), (torch.randn(4, 3), torch.randn(5, 6))):
+        assert plan.backward(d, x, [torch.empty_like(b) for b in biases], moments, moments, scalars, False) is False
     assert all(torch.equal(a, b) for a, b in zip(before, weights + biases))

@@ -1113,8 +1113,9 @@ static PyObject *py_mlp_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* One layer of mlp_backward: its parameters, gradient buffer and Adam's moments, its factor (0: the last layer's, none),
- * its input (0: the first layer's, given apart), and its d, the input gradient of the layer after it (0: the last's). */
+/* One layer of mlp_backward: its parameters, gradient buffer and Adam's moments, its factor (0: the last layer's,
+ * none), its input (0: the first layer's, given apart), and its d, the input gradient of the layer after it (0: the
+ * last's). */
 typedef struct {
     unsigned long long w, b, gb, mw, vw, mb, vb, factor, input, d;
     int rows, in, out;
@@ -1156,9 +1157,9 @@ static PyObject *py_mlp_backward(PyObject *self, PyObject *args) {
         l[0].input = x;
     }
     for (Py_ssize_t j = n - 1; j >= 0; j--) {
-        if (linear_backward((float *)(uintptr_t)l[j].d, (const float *)(uintptr_t)l[j].factor, (float *)(uintptr_t)l[j].gb,
-                            (const float *)(uintptr_t)l[j].w, (float *)(uintptr_t)(j > 0 ? l[j - 1].d : dx), l[j].rows,
-                            l[j].in, l[j].out)) {
+        if (linear_backward((float *)(uintptr_t)l[j].d, (const float *)(uintptr_t)l[j].factor,
+                            (float *)(uintptr_t)l[j].gb, (const float *)(uintptr_t)l[j].w,
+                            (float *)(uintptr_t)(j > 0 ? l[j - 1].d : dx), l[j].rows, l[j].in, l[j].out)) {
             PyMem_Free(l);
             return PyErr_NoMemory();
         }

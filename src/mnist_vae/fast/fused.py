@@ -14,7 +14,8 @@ model goes through the autograd step (step.py). The elementwise work of each lay
 the factor its backward pass needs) is one call into kernels.py, one loop in C where it is built,
 with the layer's product where that goes through torch.mm in float32 (and going back, a layer's loop
 with its input gradient), and at a small batch each pass through the encoder or the decoder is one
-call (kernels.MLPInOneCall); so are the draws of z with the KL, the loss, the importance weights, and the gradient back to [mu, s].
+call (kernels.MLPInOneCall); so are the draws of z with the KL, the loss, the importance weights,
+and the gradient back to [mu, s].
 
 Notation, for a batch of B images; each hidden layer i of the encoder or the decoder is
   a_i = h_(i-1) W_i' + b_i     h_i = act_i(a_i) m_i     (m: dropout mask, 0 or 1/(1-p); act: elu, relu, tanh)

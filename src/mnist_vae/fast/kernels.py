@@ -305,7 +305,8 @@ class MLPInOneCall:
                 for j, (w, b, gb, m, v) in enumerate(zip(self.weights, self.biases, grad_biases, exp_avgs,
                                                            exp_avg_sqs)))
             self.backward_addresses = addresses
-        if d.shape != (self.rows, self.weights[-1].shape[0]) or not _use_c(d, x):
+        if (d.shape != (self.rows, self.weights[-1].shape[0]) or x.shape != (self.rows, self.weights[0].shape[1])
+                or not _use_c(d, x)):
             return False
         _kernels.mlp_backward(self.layers_backward, d.data_ptr(), x.data_ptr(),
                               0 if self.dx is None else self.dx.data_ptr(), narrow, *scalars)
