@@ -694,8 +694,8 @@ def test_an_mlp_in_one_call_takes_only_what_suits_it():
     weights, biases = _mlp([6, 5, 3], torch.Generator().manual_seed(0))
     assert not kernels.MLPInOneCall.suits([weights[0].t().contiguous().t(), weights[1]], biases, 4)
     assert not kernels.MLPInOneCall.suits(weights, biases, kernels.WEIGHT_GRAD_ADAM_ROWS + 1)
-    assert not kernels.MLPInOneCall.suits(weights, biases, 4, x=torch.randn(4, 6).double())
     plan = kernels.MLPInOneCall(weights, biases, ["tanh"], [0.0], 4, need_input_grad=True)
+    assert plan.forward(torch.randn(4, 6).double(), [None]) is None
     assert plan.forward(torch.randn(5, 6), [None]) is None
     before = [t.clone() for t in weights + biases]
     moments = [[torch.zeros_like(w), torch.zeros_like(b)] for w, b in zip(weights, biases)]

@@ -797,8 +797,17 @@ static PyObject *py_activation(PyObject *args, int kind) {
     Py_RETURN_NONE;
 }
 
-/* linear_activation(kind, x, w, a, bias, factor, masked, key, threshold, scale, rows, in, out): a = x W' by sgemm,
- * then the activation layer `kind` (ELU, TANH, RELU) on it, as py_activation in float32: one call. */
+/* A hidden layer: a = x W' by sgemm, then the activation layer `kind` (ELU, TANH, RELU) on it, as activation_layer in
+ * float32; 0, or -1 where memory ran out. */
+static int linear_activation(int kind, unsigned long long x, unsigned long long w, unsigned long long a,
+                             unsigned long long bias, unsigned long long factor, int masked, unsigned long long key,
+                             int threshold, float scale, int rows, int in, int out) {
+    linear((const float *)(uintptr_t)x, (const float *)(uintptr_t)w, (float *)(uintptr_t)a, rows, in, out);
+    return activation_layer(kind, a, 0, 0, bias, factor, masked, key, threshold, scale, rows, out);
+}
+
+/* linear_activation(kind, x, w, a, bias, factor, masked, key, threshold, scale, rows, in, out): linear_activation
+ * above, one call. */
 static PyObject *py_linear_activation(PyObject *self, PyObject *args) {
     unsigned long long x, w, a, bias, factor, key;
     int kind, masked, threshold, rows, in, out;
@@ -810,8 +819,7 @@ static PyObject *py_linear_activation(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_RuntimeError, "linear_activation: no sgemm was set");
     if (kind != ELU && kind != TANH && kind != RELU)
         return PyErr_Format(PyExc_ValueError, "linear_activation: no activation %d", kind);
-    linear((const float *)(uintptr_t)x, (const float *)(uintptr_t)w, (float *)(uintptr_t)a, rows, in, out);
-    if (activation_layer(kind, a, 0, 0, bias, factor, masked, key, threshold, scale, rows, out))
+    if (linear_activation(kind, x, w, a, bias, factor, masked, key, threshold, scale, rows, in, out))
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -1078,12 +1086,12 @@ static PyObject *py_weight_grad_adam(PyObject *self, PyObject *args) {
 
 /* ---- A whole MLP in one call: a small batch's step is then a few calls from Python, where a call for each layer
  * cost about as much as the layers' own loops. Each layer comes as a tuple of addresses (and sizes) that
- * kernels.MLPPlan gathers once for a run's buffers and checks; the work is the layer-by-layer calls', in their order,
- * so the bits are theirs. */
+ * kernels.MLPInOneCall gathers once for a run's buffers and checks; the work is the layer-by-layer calls', in their
+ * order, so the bits are theirs. */
 
 /* mlp_forward(layers, x, keys): for each hidden layer (kind, w, bias, h, factor, threshold, scale, rows, in, out),
- * h = x W' by sgemm, then its activation (and dropout, from its key in `keys`, None for none) in place, as
- * py_linear_activation does; x is the first layer's input, each layer's h the next's. */
+ * linear_activation (its dropout from its key in `keys`, None for none); x is the first layer's input, each
+ * layer's h the next's. */
 static PyObject *py_mlp_forward(PyObject *self, PyObject *args) {
     PyObject *layers, *keys;
     unsigned long long x;
@@ -1105,8 +1113,7 @@ static PyObject *py_mlp_forward(PyObject *self, PyObject *args) {
         if (key_object != Py_None && (key = PyLong_AsUnsignedLongLong(key_object)) == (unsigned long long)-1
             && PyErr_Occurred())
             return NULL;
-        linear((const float *)(uintptr_t)x, (const float *)(uintptr_t)w, (float *)(uintptr_t)h, rows, in, out);
-        if (activation_layer(kind, h, 0, 0, bias, factor, key_object != Py_None, key, threshold, scale, rows, out))
+        if (linear_activation(kind, x, w, h, bias, factor, key_object != Py_None, key, threshold, scale, rows, in, out))
             return PyErr_NoMemory();
         x = h;
     }

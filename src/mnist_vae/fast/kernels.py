@@ -259,10 +259,9 @@ class MLPInOneCall:
         self.inputs = None  # the last forward pass's inputs of each layer, which the backward pass reads
 
     @staticmethod
-    def suits(weights, biases, rows, x=None):
-        """Whether the C loops take these layers (and input x) on batches of `rows` rows."""
-        return (_enabled and _SGEMM is not None and rows <= WEIGHT_GRAD_ADAM_ROWS and _use_c(*weights, *biases)
-                and (x is None or _use_c(x)))
+    def suits(weights, biases, rows):
+        """Whether the C loops take these layers on batches of `rows` rows."""
+        return _enabled and _SGEMM is not None and rows <= WEIGHT_GRAD_ADAM_ROWS and _use_c(*weights, *biases)
 
     def forward(self, x, keys):
         """The hidden layers on x (rows of the first layer's inputs), their dropout masks from `keys` (None for
